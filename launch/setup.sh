@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Idempotent setup: Debian packages, the project-local LibTorch virtualenv, and a Release build in
+# build/. Safe to run again; each step is skipped when already satisfied.
+#   SEDD_VENV      virtualenv folder (default: <repo>/.venv)
+#   SEDD_BUILD     build folder      (default: <repo>/build)
+#   SEDD_SKIP_BUILD=1   install only
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${SEDD_VENV:-$repo/.venv}
+build=${SEDD_BUILD:-$repo/build}
+
+say() { printf '[setup] %s\n' "$*"; }
+
+# --- Debian packages ------------------------------------------------------------------------
+apt_pkgs=(build-essential cmake ninja-build ccache pkg-config
+          libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libboost-program-options-dev
+          libgtest-dev nlohmann-json3-dev libpcre2-dev
+          fortune-mod fortunes python3-venv)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing Debian packages: ${missing[*]}"
+  sudo_cmd=(); [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# --- Python virtualenv with LibTorch (the PyPI torch wheel) and the interop/test helpers -----
+py=${PYTHON:-python3}
+if [[ ! -x $venv/bin/python ]]; then
+  say "creating virtualenv $venv"
+  "$py" -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import torch, numpy, h5py, tokenizers, safetensors, matplotlib" 2>/dev/null; then
+  say "installing torch, numpy, h5py, tokenizers, safetensors, matplotlib into $venv"
+  "$venv/bin/pip" install -q torch numpy h5py tokenizers safetensors matplotlib
+fi
+
+[[ ${SEDD_SKIP_BUILD:-0} == 1 ]] && exit 0
+
+# --- Configure and build ---------------------------------------------------------------------
+prefix=$("$venv/bin/python" -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
+if [[ ! -f $build/build.ninja ]]; then
+  say "configuring $build"
+  cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$prefix" -DSEDD_PYTHON="$venv/bin/python" >/dev/null
+fi
+say "building (2 cores: the first build takes a while, later ones are incremental)"
+start=$(date +%s)
+cmake --build "$build" -j "$(nproc)"
+say "build done in $(( $(date +%s) - start )) s"

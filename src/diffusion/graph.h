@@ -1,0 +1,99 @@
+// Forward graphs of the discrete diffusion (DESIGN.md §3): the rate matrix Q, its exponential,
+// forward corruption, the score-entropy loss and the pieces of the reverse process.
+//
+// Shapes: x is an int64 index tensor of any batch shape [...]; per-position vectors are
+// [..., dim]. sigma/dsigma broadcast against x (e.g. [B, 1] for x [B, L]). Outputs take the dtype
+// of sigma or score (float32 or float64) and the device of x.
+#pragma once
+#include <torch/torch.h>
+#include <memory>
+#include <string>
+
+namespace sedd {
+
+class Graph {
+ public:
+  virtual ~Graph() = default;
+  virtual std::string name() const = 0;
+  virtual bool absorbing() const = 0;
+  int64_t tokens() const { return tokens_; }
+  virtual int64_t dim() const = 0;
+
+  // Column x of Q (forward rate out of ... into x) and row x of Q.
+  virtual torch::Tensor rate(const torch::Tensor& x, torch::Dtype dtype = torch::kFloat) const = 0;
+  virtual torch::Tensor transp_rate(const torch::Tensor& x, torch::Dtype dtype = torch::kFloat) const = 0;
+  // Column x of exp(sigma Q) and row x of exp(sigma Q).
+  virtual torch::Tensor transition(const torch::Tensor& x, const torch::Tensor& sigma) const = 0;
+  virtual torch::Tensor transp_transition(const torch::Tensor& x, const torch::Tensor& sigma) const = 0;
+
+  // x0 -> x_sigma, each position independently. Randomness from `gen` (CPU, keyed by the caller).
+  virtual torch::Tensor sample_transition(const torch::Tensor& x0, const torch::Tensor& sigma,
+                                          torch::Generator& gen) const = 0;
+  // A draw from the limiting distribution, shape `shape`.
+  virtual torch::Tensor sample_limit(torch::IntArrayRef shape, torch::Generator& gen,
+                                     torch::Device device = torch::kCPU) const = 0;
+
+  // transp_rate(x) * score with the diagonal entry set to minus the sum of the others.
+  torch::Tensor reverse_rate(const torch::Tensor& x, const torch::Tensor& score) const;
+  // One Euler step: Cat(onehot(x) + rate).
+  torch::Tensor sample_rate(const torch::Tensor& x, const torch::Tensor& rate, torch::Generator& gen) const;
+  // p_{sigma-dsigma}(z) / p_sigma(x) approximated by exp(-dsigma Q) applied to the score.
+  virtual torch::Tensor staggered_score(const torch::Tensor& score, const torch::Tensor& dsigma) const = 0;
+  // Denoising score entropy per position [...], given log_score [..., dim].
+  virtual torch::Tensor score_entropy(const torch::Tensor& log_score, const torch::Tensor& sigma,
+                                      const torch::Tensor& x, const torch::Tensor& x0) const = 0;
+
+ protected:
+  explicit Graph(int64_t tokens) : tokens_(tokens) {}
+  torch::Tensor one_hot(const torch::Tensor& x, torch::Dtype dtype) const;
+  int64_t tokens_;
+};
+
+// Absorbing ("masked") graph: dim = tokens + 1, the mask is the last state.
+class AbsorbingGraph final : public Graph {
+ public:
+  explicit AbsorbingGraph(int64_t tokens);
+  std::string name() const override { return "absorb"; }
+  bool absorbing() const override { return true; }
+  int64_t dim() const override { return tokens_ + 1; }
+  int64_t mask_id() const { return tokens_; }
+  torch::Tensor rate(const torch::Tensor& x, torch::Dtype dtype) const override;
+  torch::Tensor transp_rate(const torch::Tensor& x, torch::Dtype dtype) const override;
+  torch::Tensor transition(const torch::Tensor& x, const torch::Tensor& sigma) const override;
+  torch::Tensor transp_transition(const torch::Tensor& x, const torch::Tensor& sigma) const override;
+  torch::Tensor sample_transition(const torch::Tensor& x0, const torch::Tensor& sigma,
+                                  torch::Generator& gen) const override;
+  torch::Tensor sample_limit(torch::IntArrayRef shape, torch::Generator& gen,
+                             torch::Device device) const override;
+  torch::Tensor staggered_score(const torch::Tensor& score, const torch::Tensor& dsigma) const override;
+  torch::Tensor score_entropy(const torch::Tensor& log_score, const torch::Tensor& sigma,
+                              const torch::Tensor& x, const torch::Tensor& x0) const override;
+};
+
+// Uniform graph: Q = 11^T / N - I, dim = tokens.
+class UniformGraph final : public Graph {
+ public:
+  explicit UniformGraph(int64_t tokens);
+  std::string name() const override { return "uniform"; }
+  bool absorbing() const override { return false; }
+  int64_t dim() const override { return tokens_; }
+  torch::Tensor rate(const torch::Tensor& x, torch::Dtype dtype) const override;
+  torch::Tensor transp_rate(const torch::Tensor& x, torch::Dtype dtype) const override;
+  torch::Tensor transition(const torch::Tensor& x, const torch::Tensor& sigma) const override;
+  torch::Tensor transp_transition(const torch::Tensor& x, const torch::Tensor& sigma) const override;
+  torch::Tensor sample_transition(const torch::Tensor& x0, const torch::Tensor& sigma,
+                                  torch::Generator& gen) const override;
+  torch::Tensor sample_limit(torch::IntArrayRef shape, torch::Generator& gen,
+                             torch::Device device) const override;
+  torch::Tensor staggered_score(const torch::Tensor& score, const torch::Tensor& dsigma) const override;
+  torch::Tensor score_entropy(const torch::Tensor& log_score, const torch::Tensor& sigma,
+                              const torch::Tensor& x, const torch::Tensor& x0) const override;
+};
+
+// "absorb" | "uniform"; tokens = vocabulary size N without the mask.
+std::unique_ptr<Graph> make_graph(const std::string& kind, int64_t tokens);
+
+// e^sigma - 1, with expm1 below 0.5 where exp(sigma) - 1 would lose digits.
+torch::Tensor exp_minus_one(const torch::Tensor& sigma);
+
+}  // namespace sedd

@@ -1,0 +1,39 @@
+// Runtime: the process's place in the MPI job (rank, world size, local rank, device) and its
+// CPU thread budget. Owns MPI_Init/MPI_Finalize. Executables create exactly one.
+#pragma once
+#include <torch/torch.h>
+#include <mpi.h>
+#include <string>
+
+namespace sedd {
+
+struct Runtime {
+  int rank = 0;
+  int world = 1;
+  int local_rank = 0;
+  int local_world = 1;
+  int threads = 1;             // intra-op threads given to torch: cores / local ranks
+  std::string host;
+  torch::Device device = torch::kCPU;
+
+  // Initialises MPI (or adopts an initialised one), sets torch's thread count, picks the
+  // device: "cpu", "cuda" (GPU = local rank) or "auto" (cuda when available).
+  static Runtime& init(int* argc, char*** argv, const std::string& device = "auto");
+  static Runtime& get();  // after init
+  bool is_root() const { return rank == 0; }
+  // Kills the whole job (every rank) with `message` printed once by the caller's rank.
+  [[noreturn]] void abort(const std::string& message, int code = 1) const;
+  ~Runtime();
+
+ private:
+  bool owns_mpi_ = false;
+};
+
+// [begin, end) of the slice of n elements that rank r of w owns: chunks of ceil(n/w).
+struct ShardRange {
+  int64_t begin, end;
+  int64_t size() const { return end - begin; }
+};
+ShardRange shard_range(int64_t n, int world, int rank);
+
+}  // namespace sedd

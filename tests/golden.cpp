@@ -1,0 +1,96 @@
+#include "golden.h"
+
+#include <fmt/format.h>
+
+#include <functional>
+#include <map>
+#include <set>
+
+#include "diffusion/graph.h"
+#include "diffusion/noise.h"
+#include "io/hdf5.h"
+#include "test_util.h"
+
+namespace sedd::test {
+
+namespace {
+
+void compare(GoldenReport& rep, const std::string& name, const torch::Tensor& ours,
+             const torch::Tensor& ref, double rtol) {
+  rep.compared++;
+  if (ours.sizes() != ref.sizes()) {
+    rep.mismatches.push_back(fmt::format("{}: shape {} != stored {}", name, c10::str(ours.sizes()),
+                                         c10::str(ref.sizes())));
+    return;
+  }
+  // Relative error against the stored value; a tiny absolute floor keeps exact zeros exact.
+  double err = max_rel_error(ours, ref, 1e-12);
+  if (!(err <= rtol)) rep.mismatches.push_back(fmt::format("{}: max rel err {:.3g} > {:.1g}", name, err, rtol));
+}
+
+NoiseConfig noise_config_from(const h5::File& f, const std::string& group, const std::string& kind) {
+  NoiseConfig c;
+  c.kind = kind;
+  if (f.has_attr(group, "eps")) c.eps = f.attr_double(group, "eps");
+  if (f.has_attr(group, "sigma_min")) c.sigma_min = f.attr_double(group, "sigma_min");
+  if (f.has_attr(group, "sigma_max")) c.sigma_max = f.attr_double(group, "sigma_max");
+  return c;
+}
+
+}  // namespace
+
+GoldenReport check_golden_diffusion(const std::string& path, double rtol) {
+  GoldenReport rep;
+  h5::File f(path, h5::Mode::Read);
+
+  if (f.is_group("/noise")) {
+    for (const auto& kind : f.children("/noise")) {
+      std::string g = "/noise/" + kind;
+      auto noise = make_noise(noise_config_from(f, g, kind));
+      torch::Tensor t = f.read(g + "/t");
+      for (const auto& ds : f.children(g)) {
+        if (ds == "t") continue;
+        torch::Tensor ref = f.read(g + "/" + ds);
+        if (ds == "sigma") compare(rep, g + "/sigma", noise->total(t), ref, rtol);
+        else if (ds == "dsigma") compare(rep, g + "/dsigma", noise->rate(t), ref, rtol);
+        else rep.mismatches.push_back(g + "/" + ds + ": unknown output (no rule to check it)");
+      }
+    }
+  }
+
+  if (f.is_group("/graph")) {
+    const std::set<std::string> inputs = {"x0", "x", "sigma", "dsigma", "log_score"};
+    for (const auto& kind : f.children("/graph")) {
+      std::string g = "/graph/" + kind;
+      auto graph = make_graph(kind, f.attr_int(g, "tokens"));
+      if (f.has_attr(g, "dim") && f.attr_int(g, "dim") != graph->dim())
+        rep.mismatches.push_back(fmt::format("{}: dim attribute {} != graph dim {}", g, f.attr_int(g, "dim"),
+                                             graph->dim()));
+      torch::Tensor x0 = f.read(g + "/x0"), x = f.read(g + "/x");
+      torch::Tensor sigma = f.read(g + "/sigma", torch::kDouble).unsqueeze(-1);   // [B, 1]
+      torch::Tensor dsigma = f.read(g + "/dsigma", torch::kDouble).unsqueeze(-1); // [B, 1]
+      torch::Tensor log_score = f.read(g + "/log_score", torch::kDouble);
+      std::map<std::string, std::function<torch::Tensor()>> rules = {
+          {"score_entropy", [&] { return graph->score_entropy(log_score, sigma, x, x0); }},
+          {"transp_transition", [&] { return graph->transp_transition(x, sigma); }},
+          {"transition", [&] { return graph->transition(x, sigma); }},
+          {"staggered_score", [&] { return graph->staggered_score(log_score.exp(), dsigma); }},
+          {"reverse_rate", [&] { return graph->reverse_rate(x, log_score.exp()); }},
+          {"rate", [&] { return graph->rate(x, torch::kDouble); }},
+          {"transp_rate", [&] { return graph->transp_rate(x, torch::kDouble); }},
+      };
+      for (const auto& ds : f.children(g)) {
+        if (inputs.count(ds)) continue;
+        auto rule = rules.find(ds);
+        if (rule == rules.end()) {
+          rep.mismatches.push_back(g + "/" + ds + ": unknown output (no rule to check it)");
+          continue;
+        }
+        compare(rep, g + "/" + ds, rule->second(), f.read(g + "/" + ds, torch::kDouble), rtol);
+      }
+    }
+  }
+  return rep;
+}
+
+}  // namespace sedd::test

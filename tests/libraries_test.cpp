@@ -1,0 +1,43 @@
+// One copy of the CUDA runtime and NCCL per process: the ones LibTorch itself loads.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <set>
+
+#include "dist/communicator.h"
+
+namespace {
+std::set<std::string> mapped_libraries(const std::string& needle) {
+  std::ifstream maps("/proc/self/maps");
+  std::set<std::string> paths;
+  std::string line;
+  while (std::getline(maps, line)) {
+    auto slash = line.find('/');
+    if (slash == std::string::npos) continue;
+    std::string path = line.substr(slash);
+    auto base = path.substr(path.rfind('/') + 1);
+    if (base.rfind(needle, 0) == 0) paths.insert(path);
+  }
+  return paths;
+}
+}  // namespace
+
+TEST(Libraries, OneCudaRuntimeAndOneNcclFromTheTorchWheel) {
+  torch::Tensor warm = torch::ones({2});  // make sure torch's libraries are loaded
+  auto torch_libs = mapped_libraries("libtorch_cpu.so");
+  ASSERT_EQ(torch_libs.size(), 1u);
+  std::string torch_dir = *torch_libs.begin();
+  std::string site = torch_dir.substr(0, torch_dir.find("/torch/lib/"));
+#ifdef SEDD_HAVE_CUDA
+  for (const char* lib : {"libcudart.so", "libnccl.so"}) {
+    auto found = mapped_libraries(lib);
+    ASSERT_EQ(found.size(), 1u) << lib << " is mapped " << found.size() << " times";
+    EXPECT_EQ(found.begin()->rfind(site, 0), 0u) << lib << " comes from " << *found.begin()
+                                                 << ", not from the torch wheel in " << site;
+  }
+  EXPECT_EQ(sedd::nccl_available(), torch::cuda::is_available());
+#else
+  EXPECT_TRUE(mapped_libraries("libnccl.so").empty());
+  EXPECT_FALSE(sedd::nccl_available());
+#endif
+}

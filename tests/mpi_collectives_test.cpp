@@ -1,0 +1,104 @@
+// Multi-rank tests of the MPI communicator, run under mpirun with 2 and 3 ranks.
+#include <gtest/gtest.h>
+
+#include "dist/communicator.h"
+#include "dist/runtime.h"
+#include <thread>
+
+using namespace sedd;
+
+namespace {
+Communicator& comm() {
+  static auto c = make_mpi_communicator();
+  return *c;
+}
+}  // namespace
+
+TEST(MpiCollectives, AllReduceSumMeanMax) {
+  const int r = comm().rank(), w = comm().size();
+  ASSERT_GE(w, 2) << "run under mpirun with at least 2 ranks";
+  for (auto dtype : {torch::kFloat, torch::kDouble, torch::kLong}) {
+    auto t = torch::arange(7, dtype) * (r + 1);
+    comm().all_reduce(t, ReduceOp::Sum);
+    EXPECT_TRUE(torch::equal(t, torch::arange(7, dtype) * (w * (w + 1) / 2))) << c10::toString(dtype);
+    auto m = torch::full({5}, r, dtype);
+    comm().all_reduce(m, ReduceOp::Max);
+    EXPECT_TRUE(torch::equal(m, torch::full({5}, w - 1, dtype)));
+  }
+  auto mean = torch::full({3}, static_cast<double>(r), torch::kDouble);
+  comm().all_reduce(mean, ReduceOp::Mean);
+  EXPECT_DOUBLE_EQ(mean[0].item<double>(), (w - 1) / 2.0);
+}
+
+TEST(MpiCollectives, ReduceScatterAnySize) {
+  const int r = comm().rank(), w = comm().size();
+  for (int64_t n : {1, 2, 5, 7, 12, 13, 100, 1001}) {
+    auto full = torch::arange(n, torch::kDouble) * (r + 1) + r;
+    auto range = shard_range(n, w, r);
+    auto mine = torch::empty({range.size()}, torch::kDouble);
+    comm().reduce_scatter(full, mine, ReduceOp::Sum);
+    auto expect = (torch::arange(n, torch::kDouble) * (w * (w + 1) / 2) + (w * (w - 1) / 2))
+                      .narrow(0, range.begin, range.size());
+    EXPECT_TRUE(torch::allclose(mine, expect)) << "n=" << n;
+    auto mean_mine = torch::empty({range.size()}, torch::kDouble);
+    comm().reduce_scatter(full, mean_mine, ReduceOp::Mean);
+    EXPECT_TRUE(torch::allclose(mean_mine, expect / w)) << "n=" << n;
+  }
+}
+
+TEST(MpiCollectives, AllGatherAnySize) {
+  const int r = comm().rank(), w = comm().size();
+  for (int64_t n : {1, 3, 7, 13, 64, 1001}) {
+    auto range = shard_range(n, w, r);
+    auto mine = torch::arange(range.begin, range.end, torch::kFloat) * 2;
+    auto full = torch::full({n}, -1.0f);
+    comm().all_gather(mine, full);
+    EXPECT_TRUE(torch::equal(full, torch::arange(n, torch::kFloat) * 2)) << "n=" << n;
+  }
+}
+
+TEST(MpiCollectives, ShardRangesTileWithoutGaps) {
+  const int w = comm().size();
+  for (int64_t n : {0, 1, 7, 13, 100}) {
+    int64_t next = 0;
+    for (int k = 0; k < w; ++k) {
+      auto s = shard_range(n, w, k);
+      EXPECT_EQ(s.begin, next);
+      EXPECT_GE(s.size(), 0);
+      next = s.end;
+    }
+    EXPECT_EQ(next, n);
+  }
+}
+
+TEST(MpiCollectives, BroadcastFromLastRank) {
+  const int r = comm().rank(), w = comm().size();
+  auto t = torch::full({4}, static_cast<int64_t>(r), torch::kLong);
+  comm().broadcast(t, w - 1);
+  EXPECT_TRUE(torch::equal(t, torch::full({4}, static_cast<int64_t>(w - 1), torch::kLong)));
+  comm().barrier();
+}
+
+TEST(MpiCollectives, RuntimeKnowsItsPlace) {
+  auto& rt = Runtime::get();
+  EXPECT_EQ(rt.rank, comm().rank());
+  EXPECT_EQ(rt.world, comm().size());
+  EXPECT_EQ(rt.local_world, comm().size());  // one node here
+  EXPECT_GE(rt.threads, 1);
+  EXPECT_LE(rt.threads * rt.local_world, std::max<int>(rt.local_world, std::thread::hardware_concurrency()));
+}
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  auto& rt = Runtime::init(&argc, &argv, "cpu");
+  if (!rt.is_root()) {  // only rank 0 prints progress; failures still fail the rank's exit code
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  int rc = RUN_ALL_TESTS();
+  // Every rank must agree on success, so mpirun reports a failure seen on any rank.
+  int any_failed = rc != 0;
+  MPI_Allreduce(MPI_IN_PLACE, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (rt.is_root() && any_failed && rc == 0) std::fprintf(stderr, "a test failed on another rank\n");
+  return any_failed;
+}

@@ -1,0 +1,56 @@
+#include "test_util.h"
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+
+namespace sedd::test {
+
+namespace fs = std::filesystem;
+
+TempDir::TempDir() {
+  std::random_device rd;
+  fs::path base = fs::temp_directory_path();
+  for (;;) {
+    fs::path p = base / ("sedd-test-" + std::to_string(rd()));
+    if (fs::create_directory(p)) {
+      path = p.string();
+      break;
+    }
+  }
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  if (!std::getenv("SEDD_KEEP_TMP")) fs::remove_all(path, ec);
+}
+
+std::string golden_path() {
+  if (const char* p = std::getenv("SEDD_GOLDEN")) return p;
+  return SEDD_GOLDEN_DEFAULT;
+}
+std::string source_dir() { return SEDD_SOURCE_DIR; }
+std::string bin_dir() { return SEDD_BIN_DIR; }
+std::string python() { return SEDD_PYTHON; }
+
+int run(const std::string& cmd, std::string* output) {
+  std::string full = cmd + " 2>&1";
+  FILE* pipe = popen(full.c_str(), "r");
+  if (!pipe) return -1;
+  std::array<char, 4096> buf;
+  std::string out;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) out.append(buf.data(), n);
+  int status = pclose(pipe);
+  if (output) *output = out;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale) {
+  auto ad = a.to(torch::kDouble), bd = b.to(torch::kDouble);
+  return ((ad - bd).abs() / (bd.abs() + atol_scale)).max().item<double>();
+}
+
+}  // namespace sedd::test

@@ -1,0 +1,27 @@
+// Helpers shared by the test suites: scratch folders, the golden file's path, running tools.
+#pragma once
+#include <torch/torch.h>
+#include <string>
+
+namespace sedd::test {
+
+// A fresh folder under $TMPDIR, removed when the object goes away.
+struct TempDir {
+  TempDir();
+  ~TempDir();
+  std::string path;
+  std::string operator/(const std::string& name) const { return path + "/" + name; }
+};
+
+std::string golden_path();      // $SEDD_GOLDEN or ../shared/golden/sedd_reference.h5
+std::string source_dir();
+std::string bin_dir();
+std::string python();           // the virtualenv's python (may be empty)
+
+// Runs a shell command; returns its exit status and fills `output` with stdout+stderr.
+int run(const std::string& cmd, std::string* output = nullptr);
+
+// Largest elementwise |a-b| / (|b| + atol_scale) over two tensors of equal shape.
+double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale = 1e-12);
+
+}  // namespace sedd::test
