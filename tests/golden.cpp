@@ -7,7 +7,9 @@
 #include <set>
 
 #include "diffusion/graph.h"
+#include "diffusion/loss.h"
 #include "diffusion/noise.h"
+#include "model/weights.h"
 #include "io/hdf5.h"
 #include "test_util.h"
 
@@ -88,6 +90,47 @@ GoldenReport check_golden_diffusion(const std::string& path, double rtol) {
         }
         compare(rep, g + "/" + ds, rule->second(), f.read(g + "/" + ds, torch::kDouble), rtol);
       }
+    }
+  }
+  return rep;
+}
+
+double model_rel_error(const torch::Tensor& ours, const torch::Tensor& ref) {
+  auto a = ours.to(torch::kDouble), b = ref.to(torch::kDouble);
+  double floor = 1e-2 * b.abs().max().item<double>() + 1e-30;
+  return ((a - b).abs() / (b.abs() + floor)).max().item<double>();
+}
+
+GoldenReport check_golden_models(const std::string& path, double rtol) {
+  GoldenReport rep;
+  h5::File f(path, h5::Mode::Read);
+  if (!f.is_group("/model")) return rep;
+  for (const auto& name : f.children("/model")) {
+    std::string g = "/model/" + name;
+    ModelConfig cfg = read_model_config(f, g);
+    DDiT model(cfg);
+    model->eval();
+    load_state_dict(*model, read_state_dict(f, g + "/params"), path + ":" + g + "/params");
+    torch::NoGradGuard no_grad;
+    auto check = [&](const std::string& ds, const torch::Tensor& ours) {
+      rep.compared++;
+      torch::Tensor ref = f.read(ds, torch::kFloat);
+      if (ours.sizes() != ref.sizes()) {
+        rep.mismatches.push_back(fmt::format("{}: shape {} != stored {}", ds, c10::str(ours.sizes()), c10::str(ref.sizes())));
+        return;
+      }
+      double err = model_rel_error(ours, ref);
+      if (!(err <= rtol)) rep.mismatches.push_back(fmt::format("{}: max rel err {:.3g} > {:.1g}", ds, err, rtol));
+    };
+    if (f.exists(g + "/output/log_score"))
+      check(g + "/output/log_score", model->forward(f.read(g + "/input/indices"), f.read(g + "/input/sigma", torch::kFloat)));
+    if (f.exists(g + "/loss/loss")) {
+      auto graph = make_graph(cfg.graph, cfg.tokens);
+      auto noise = make_noise(cfg.noise);
+      auto t = f.read(g + "/loss/t", torch::kFloat);
+      auto xt = f.read(g + "/loss/xt"), x0 = f.read(g + "/loss/x0");
+      auto log_score = model->forward(xt, noise->total(t));
+      check(g + "/loss/loss", sequence_loss(*graph, *noise, log_score, t, xt, x0));
     }
   }
   return rep;

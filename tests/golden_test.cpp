@@ -54,3 +54,46 @@ TEST(GoldenDiffusion, DetectsOnePercentError) {
     f.overwrite(ds, orig);
   }
 }
+
+TEST(GoldenModel, MatchesLogScoreAndLoss) {
+  auto rep = check_golden_models(golden_path());
+  for (const auto& m : rep.mismatches) ADD_FAILURE() << m;
+  EXPECT_GE(rep.compared, 1) << "no /model groups in " << golden_path();
+}
+
+// 2% off at any one stored model output (the largest entry, and a mid-sized one) is caught.
+TEST(GoldenModel, DetectsTwoPercentError) {
+  TempDir tmp;
+  std::string copy = tmp / "golden.h5";
+  std::filesystem::copy_file(golden_path(), copy);
+  std::vector<std::string> outputs;
+  {
+    h5::File f(copy, h5::Mode::Read);
+    for (const auto& g : f.children("/model"))
+      for (const char* ds : {"/output/log_score", "/loss/loss"})
+        if (f.exists("/model/" + g + ds)) outputs.push_back("/model/" + g + ds);
+  }
+  ASSERT_FALSE(outputs.empty());
+  for (const auto& ds : outputs) {
+    for (bool largest : {true, false}) {
+      torch::Tensor orig;
+      {
+        h5::File f(copy, h5::Mode::ReadWrite);
+        orig = f.read(ds, torch::kFloat);
+        torch::Tensor bad = orig.clone().flatten();
+        auto mag = bad.abs();
+        // the largest entry, or the median-sized non-zero one
+        int64_t at = largest ? mag.argmax().item<int64_t>()
+                             : (mag - mag.masked_select(mag > 0).median()).abs().argmin().item<int64_t>();
+        bad[at] = bad[at].item<float>() * 1.02f;
+        f.overwrite(ds, bad.view(orig.sizes()));
+      }
+      auto rep = check_golden_models(copy);
+      bool named = false;
+      for (const auto& m : rep.mismatches) named |= m.rfind(ds + ":", 0) == 0;
+      EXPECT_TRUE(named) << "a 2% error in " << ds << (largest ? " (largest)" : " (median)") << " went unnoticed";
+      h5::File f(copy, h5::Mode::ReadWrite);
+      f.overwrite(ds, orig);
+    }
+  }
+}

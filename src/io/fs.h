@@ -1,0 +1,15 @@
+// File-system helpers for crash-safe writes: a file counts only once it is complete on disk.
+#pragma once
+#include <string>
+
+namespace sedd::fs {
+
+void fsync_path(const std::string& path);               // file or directory
+// fsync `tmp`, rename it to `final`, fsync the folder: readers see the old or the new file,
+// never a partial one.
+void commit_file(const std::string& tmp, const std::string& final);
+std::string temp_name(const std::string& final);        // "<final>.tmp.<pid>"
+std::string read_text(const std::string& path);
+void write_text_atomic(const std::string& path, const std::string& text);
+
+}  // namespace sedd::fs

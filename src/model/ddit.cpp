@@ -1,0 +1,184 @@
+// DDiT score network; see ddit.h. Math follows the SEDD reference: adaLN-modulated blocks,
+// modulate(x) = x (1 + scale) + shift, residual + gate * dropout(branch).
+#include "model/ddit.h"
+
+#include <ATen/autocast_mode.h>
+
+#include <cmath>
+
+namespace sedd {
+
+namespace F = torch::nn::functional;
+
+namespace {
+
+torch::Tensor modulate(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale) {
+  return x * (1 + scale) + shift;
+}
+
+// Reduced-precision tensors go up to float32; float32/float64 stay (float64 serves gradient checks).
+torch::Tensor at_least_float(const torch::Tensor& x) {
+  return (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf) ? x.to(torch::kFloat) : x;
+}
+
+torch::Tensor rotate_half(const torch::Tensor& x) {
+  auto halves = x.chunk(2, -1);
+  return torch::cat({-halves[1], halves[0]}, -1);
+}
+
+// bf16 autocast on CUDA for the transformer body; LayerNorm and the log-score stay in fp32.
+struct CudaAutocast {
+  explicit CudaAutocast(bool on) : on_(on) {
+    if (!on_) return;
+    prev_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~CudaAutocast() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCUDA, prev_);
+  }
+  bool on_, prev_ = false;
+};
+
+}  // namespace
+
+BiasFreeLayerNormImpl::BiasFreeLayerNormImpl(int64_t d) : dim(d) {
+  weight = register_parameter("weight", torch::ones({d}));
+}
+
+torch::Tensor BiasFreeLayerNormImpl::forward(const torch::Tensor& x) {
+  auto y = F::layer_norm(at_least_float(x), F::LayerNormFuncOptions({dim}));
+  return y * weight;
+}
+
+SigmaEmbedderImpl::SigmaEmbedderImpl(int64_t cond_dim, int64_t freqs) : frequencies(freqs) {
+  mlp = register_module("mlp", torch::nn::Sequential(torch::nn::Linear(freqs, cond_dim), torch::nn::SiLU(),
+                                                     torch::nn::Linear(cond_dim, cond_dim)));
+}
+
+torch::Tensor SigmaEmbedderImpl::forward(const torch::Tensor& sigma) {
+  const int64_t half = frequencies / 2;
+  auto dtype = mlp->parameters()[0].scalar_type();
+  auto opts = torch::TensorOptions().dtype(dtype).device(sigma.device());
+  auto freqs = torch::exp(-std::log(10000.0) * torch::arange(half, opts) / static_cast<double>(half));
+  auto args = sigma.to(dtype).unsqueeze(1) * freqs.unsqueeze(0);
+  auto emb = torch::cat({torch::cos(args), torch::sin(args)}, -1);
+  if (frequencies % 2) emb = torch::cat({emb, torch::zeros_like(emb.narrow(1, 0, 1))}, -1);
+  return mlp->forward(emb);
+}
+
+RotaryImpl::RotaryImpl(int64_t head_dim, double base) {
+  auto exps = torch::arange(0, head_dim, 2, torch::kFloat) / static_cast<double>(head_dim);
+  inv_freq = register_buffer("inv_freq", 1.0 / torch::pow(base, exps));
+}
+
+torch::Tensor RotaryImpl::apply(const torch::Tensor& x) const {
+  const int64_t L = x.size(1);
+  auto t = torch::arange(L, inv_freq.options());
+  auto freqs = torch::outer(t, inv_freq);                         // [L, Dh/2]
+  auto emb = torch::cat({freqs, freqs}, -1).view({1, L, 1, -1});  // [1, L, 1, Dh]
+  auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
+  return x * cos + rotate_half(x) * sin;
+}
+
+DDiTBlockImpl::DDiTBlockImpl(int64_t dim, int64_t heads, int64_t cond_dim, double p)
+    : n_heads(heads), dropout(p) {
+  norm1 = register_module("norm1", BiasFreeLayerNorm(dim));
+  attn_qkv = register_module("attn_qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, 3 * dim).bias(false)));
+  attn_out = register_module("attn_out", torch::nn::Linear(torch::nn::LinearOptions(dim, dim).bias(false)));
+  norm2 = register_module("norm2", BiasFreeLayerNorm(dim));
+  mlp = register_module("mlp", torch::nn::Sequential(torch::nn::Linear(dim, 4 * dim),
+                                                     torch::nn::GELU(torch::nn::GELUOptions().approximate("tanh")),
+                                                     torch::nn::Linear(4 * dim, dim)));
+  adaLN_modulation = register_module("adaLN_modulation", torch::nn::Linear(cond_dim, 6 * dim));
+  torch::NoGradGuard no_grad;
+  adaLN_modulation->weight.zero_();
+  adaLN_modulation->bias.zero_();
+}
+
+torch::Tensor DDiTBlockImpl::forward(const torch::Tensor& x_in, const Rotary& rotary, const torch::Tensor& c) {
+  const int64_t B = x_in.size(0), L = x_in.size(1), D = x_in.size(2);
+  auto mod = adaLN_modulation->forward(c).unsqueeze(1).chunk(6, 2);  // 6 x [B, 1, D]
+  auto &shift_msa = mod[0], &scale_msa = mod[1], &gate_msa = mod[2];
+  auto &shift_mlp = mod[3], &scale_mlp = mod[4], &gate_mlp = mod[5];
+
+  torch::Tensor x = modulate(norm1->forward(x_in), shift_msa, scale_msa);
+  auto qkv = attn_qkv->forward(x).view({B, L, 3, n_heads, D / n_heads});  // [B, L, 3, H, Dh]
+  auto q = rotary->apply(qkv.select(2, 0)), k = rotary->apply(qkv.select(2, 1)), v = qkv.select(2, 2);
+  // [B, H, L, Dh]; non-causal attention over the whole sequence.
+  auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+  attn = attn.transpose(1, 2).reshape({B, L, D});
+  torch::Tensor h = x_in + gate_msa * F::dropout(attn_out->forward(attn), F::DropoutFuncOptions().p(dropout).training(is_training()));
+  auto branch = mlp->forward(modulate(norm2->forward(h), shift_mlp, scale_mlp));
+  return h + gate_mlp * F::dropout(branch, F::DropoutFuncOptions().p(dropout).training(is_training()));
+}
+
+FinalLayerImpl::FinalLayerImpl(int64_t hidden, int64_t out, int64_t cond_dim) {
+  norm_final = register_module("norm_final", BiasFreeLayerNorm(hidden));
+  linear = register_module("linear", torch::nn::Linear(hidden, out));
+  adaLN_modulation = register_module("adaLN_modulation", torch::nn::Linear(cond_dim, 2 * hidden));
+  torch::NoGradGuard no_grad;
+  for (auto* lin : {&linear, &adaLN_modulation}) {
+    (*lin)->weight.zero_();
+    (*lin)->bias.zero_();
+  }
+}
+
+torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& c) {
+  auto mod = adaLN_modulation->forward(c).unsqueeze(1).chunk(2, 2);
+  return linear->forward(modulate(norm_final->forward(x), mod[0], mod[1]));
+}
+
+TokenEmbeddingImpl::TokenEmbeddingImpl(int64_t vocab_dim, int64_t dim) {
+  embedding = register_parameter("embedding", torch::empty({vocab_dim, dim}));
+  torch::nn::init::kaiming_uniform_(embedding, std::sqrt(5.0));
+}
+
+DDiTImpl::DDiTImpl(ModelConfig c) : cfg(std::move(c)) {
+  cfg.validate();
+  vocab_embed = register_module("vocab_embed", TokenEmbedding(cfg.vocab_dim(), cfg.hidden_size));
+  sigma_map = register_module("sigma_map", SigmaEmbedder(cfg.cond_dim));
+  rotary_emb = register_module("rotary_emb", Rotary(cfg.head_dim()));
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < cfg.n_blocks; ++i)
+    blocks->push_back(DDiTBlock(cfg.hidden_size, cfg.n_heads, cfg.cond_dim, cfg.dropout));
+  output_layer = register_module("output_layer", FinalLayer(cfg.hidden_size, cfg.vocab_dim(), cfg.cond_dim));
+}
+
+torch::Tensor DDiTImpl::forward(const torch::Tensor& indices, const torch::Tensor& sigma) {
+  torch::Tensor x = vocab_embed->forward(indices);
+  // Without time conditioning the network sees sigma = 0; the absorbing score's dependence on
+  // sigma is then the analytic scale_by_sigma shift alone (exact caching while sampling).
+  torch::Tensor sigma_in = cfg.time_conditioning ? sigma : torch::zeros_like(sigma);
+  torch::Tensor c = F::silu(sigma_map->forward(sigma_in));
+  {
+    CudaAutocast autocast(bf16 && x.is_cuda());
+    for (const auto& block : *blocks) x = block->as<DDiTBlock>()->forward(x, rotary_emb, c);
+    x = output_layer->forward(x, c);
+  }
+  x = at_least_float(x);
+  if (cfg.scale_by_sigma) {
+    // Shift by -log(e^sigma - 1) - log(dim - 1): the log-score of a uniform guess over the mask.
+    auto s = sigma.to(x.scalar_type());
+    auto esigm1 = torch::where(s < 0.5, torch::expm1(s), s.exp() - 1);
+    x = x - esigm1.log().view({-1, 1, 1}) - std::log(static_cast<double>(x.size(-1) - 1));
+  }
+  return torch::scatter(x, -1, indices.unsqueeze(-1), torch::zeros_like(x.narrow(-1, 0, 1)));
+}
+
+int64_t DDiTImpl::parameter_count() const {
+  int64_t n = 0;
+  for (const auto& p : parameters()) n += p.numel();
+  return n;
+}
+
+double DDiTImpl::flops_per_token(int64_t seq_len) const {
+  // 6 N for the matmuls (forward + backward) plus attention scores/values: 12 * blocks * L * D.
+  double n = static_cast<double>(parameter_count() - vocab_embed->embedding.numel());
+  return 6.0 * n + 12.0 * cfg.n_blocks * seq_len * cfg.hidden_size;
+}
+
+}  // namespace sedd

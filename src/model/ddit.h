@@ -1,0 +1,86 @@
+// DDiT: the score network of SEDD (a diffusion transformer with adaLN conditioning on sigma).
+// Parameter names equal the PyTorch state-dict names of the reference implementation
+// (vocab_embed.embedding, sigma_map.mlp.{0,2}, blocks.N.{norm1,attn_qkv,attn_out,norm2,mlp.{0,2},
+// adaLN_modulation}, output_layer.{norm_final,linear,adaLN_modulation}, rotary_emb.inv_freq), so
+// weights move to and from PyTorch by name. The module knows nothing of ranks or devices' count.
+#pragma once
+#include <torch/torch.h>
+
+#include "model/config.h"
+
+namespace sedd {
+
+// LayerNorm without bias, computed in float32 whatever the autocast dtype.
+struct BiasFreeLayerNormImpl : torch::nn::Module {
+  explicit BiasFreeLayerNormImpl(int64_t dim);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;
+  int64_t dim;
+};
+TORCH_MODULE(BiasFreeLayerNorm);
+
+// Sinusoidal embedding of sigma followed by an MLP (names: mlp.0, mlp.2).
+struct SigmaEmbedderImpl : torch::nn::Module {
+  explicit SigmaEmbedderImpl(int64_t cond_dim, int64_t frequencies = 256);
+  torch::Tensor forward(const torch::Tensor& sigma);  // [B] -> [B, cond_dim]
+  torch::nn::Sequential mlp{nullptr};
+  int64_t frequencies;
+};
+TORCH_MODULE(SigmaEmbedder);
+
+// Rotary position embedding; inv_freq is a buffer (saved with the weights, as in PyTorch).
+struct RotaryImpl : torch::nn::Module {
+  explicit RotaryImpl(int64_t head_dim, double base = 10000.0);
+  // q or k: [B, L, H, Dh]
+  torch::Tensor apply(const torch::Tensor& x) const;
+  torch::Tensor inv_freq;
+};
+TORCH_MODULE(Rotary);
+
+struct DDiTBlockImpl : torch::nn::Module {
+  DDiTBlockImpl(int64_t dim, int64_t n_heads, int64_t cond_dim, double dropout);
+  torch::Tensor forward(const torch::Tensor& x, const Rotary& rotary, const torch::Tensor& c);
+  int64_t n_heads;
+  double dropout;
+  BiasFreeLayerNorm norm1{nullptr}, norm2{nullptr};
+  torch::nn::Linear attn_qkv{nullptr}, attn_out{nullptr}, adaLN_modulation{nullptr};
+  torch::nn::Sequential mlp{nullptr};
+};
+TORCH_MODULE(DDiTBlock);
+
+struct FinalLayerImpl : torch::nn::Module {
+  FinalLayerImpl(int64_t hidden, int64_t out, int64_t cond_dim);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c);
+  BiasFreeLayerNorm norm_final{nullptr};
+  torch::nn::Linear linear{nullptr}, adaLN_modulation{nullptr};
+};
+TORCH_MODULE(FinalLayer);
+
+struct TokenEmbeddingImpl : torch::nn::Module {
+  TokenEmbeddingImpl(int64_t vocab_dim, int64_t dim);
+  torch::Tensor forward(const torch::Tensor& idx) { return embedding.index({idx}); }
+  torch::Tensor embedding;  // [vocab_dim, dim]
+};
+TORCH_MODULE(TokenEmbedding);
+
+struct DDiTImpl : torch::nn::Module {
+  explicit DDiTImpl(ModelConfig cfg);
+  // indices [B, L] int64, sigma [B] -> log-score [B, L, vocab_dim] (float32; the entry of the
+  // current token is 0). bf16 autocast for the blocks when the module lives on CUDA and
+  // `bf16` is set.
+  torch::Tensor forward(const torch::Tensor& indices, const torch::Tensor& sigma);
+  int64_t parameter_count() const;
+  // Approximate training FLOPs per token (forward + backward) for MFU reports.
+  double flops_per_token(int64_t seq_len) const;
+
+  ModelConfig cfg;
+  bool bf16 = false;
+  TokenEmbedding vocab_embed{nullptr};
+  SigmaEmbedder sigma_map{nullptr};
+  Rotary rotary_emb{nullptr};
+  torch::nn::ModuleList blocks{nullptr};
+  FinalLayer output_layer{nullptr};
+};
+TORCH_MODULE(DDiT);
+
+}  // namespace sedd

@@ -1,0 +1,216 @@
+// The DDiT score network: config validation, strict weight files, PyTorch interop, gradients.
+#include <gtest/gtest.h>
+
+#include "diffusion/loss.h"
+#include "golden.h"
+#include "io/error.h"
+#include "model/weights.h"
+#include "test_util.h"
+
+using namespace sedd;
+using namespace sedd::test;
+
+namespace {
+
+ModelConfig tiny_config(const std::string& graph = "absorb") {
+  ModelConfig c;
+  c.tokens = 11;
+  c.graph = graph;
+  c.hidden_size = 16;
+  c.n_heads = 2;
+  c.n_blocks = 2;
+  c.cond_dim = 8;
+  c.length = 6;
+  c.scale_by_sigma = graph == "absorb";
+  return c;
+}
+
+// Random values everywhere (the zero-initialised adaLN layers would hide most of the network).
+void randomize(DDiT& m, uint64_t seed) {
+  torch::manual_seed(seed);
+  torch::NoGradGuard ng;
+  for (auto& p : m->parameters()) p.normal_(0, 0.3);
+}
+
+std::string expect_error(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const sedd::Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected a sedd::Error";
+  return "";
+}
+
+}  // namespace
+
+TEST(ModelConfig, RejectsImpossibleShapesWithAClearMessage) {
+  auto c = tiny_config();
+  c.n_heads = 3;
+  EXPECT_NE(expect_error([&] { c.validate(); }).find("divisible by model.n_heads"), std::string::npos);
+  c = tiny_config();
+  c.hidden_size = 18;
+  c.n_heads = 6;  // head dim 3: odd
+  EXPECT_NE(expect_error([&] { c.validate(); }).find("even for rotary"), std::string::npos);
+  c = tiny_config("uniform");
+  c.scale_by_sigma = true;
+  EXPECT_NE(expect_error([&] { c.validate(); }).find("scale_by_sigma"), std::string::npos);
+  c = tiny_config("uniform");
+  c.time_conditioning = false;
+  EXPECT_NE(expect_error([&] { c.validate(); }).find("time_conditioning"), std::string::npos);
+}
+
+TEST(ModelOutput, CurrentTokenEntryIsZeroAndShapesFollowTheGraph) {
+  for (const char* graph : {"absorb", "uniform"}) {
+    DDiT m(tiny_config(graph));
+    randomize(m, 1);
+    auto x = torch::randint(m->cfg.vocab_dim(), {3, 6}, torch::kLong);
+    auto out = m->forward(x, torch::rand({3}));
+    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{3, 6, m->cfg.vocab_dim()}));
+    EXPECT_EQ(out.gather(-1, x.unsqueeze(-1)).abs().max().item<float>(), 0.0f);
+    EXPECT_GT(out.abs().max().item<float>(), 0.0f);
+  }
+}
+
+TEST(ModelOutput, WithoutTimeConditioningSigmaOnlyShiftsTheScore) {
+  auto c = tiny_config();
+  c.time_conditioning = false;
+  DDiT m(c);
+  randomize(m, 2);
+  m->eval();
+  auto x = torch::randint(c.vocab_dim(), {2, 6}, torch::kLong);
+  auto a = m->forward(x, torch::full({2}, 0.3)), b = m->forward(x, torch::full({2}, 2.0));
+  // scale_by_sigma shift: -log(e^sigma - 1), the same for every non-current entry.
+  double shift = std::log(std::expm1(2.0)) - std::log(std::expm1(0.3));
+  auto diff = (a - b).masked_select(a != 0);
+  EXPECT_LT((diff - shift).abs().max().item<float>(), 1e-4);
+  // With time conditioning on, sigma changes more than a constant shift.
+  DDiT mt(tiny_config());
+  randomize(mt, 2);
+  mt->eval();
+  auto d2 = (mt->forward(x, torch::full({2}, 0.3)) - mt->forward(x, torch::full({2}, 2.0)));
+  EXPECT_GT((d2 - d2.masked_select(d2 != 0).mean()).masked_select(d2 != 0).abs().max().item<float>(), 1e-3);
+}
+
+TEST(Weights, RoundTripAndStrictLoading) {
+  TempDir tmp;
+  auto cfg = tiny_config();
+  DDiT m(cfg);
+  randomize(m, 3);
+  std::string path = tmp / "model.h5";
+  save_model_file(path, cfg, state_dict(*m), state_dict(*m), {7, 1234, true});
+  ModelFileInfo info;
+  DDiT back = load_model_file(path, /*use_ema=*/true, &info);
+  EXPECT_EQ(info.step, 7);
+  EXPECT_EQ(info.tokens_seen, 1234);
+  EXPECT_TRUE(info.has_ema);
+  EXPECT_EQ(back->cfg.summary(), cfg.summary());
+  auto sd = state_dict(*m), sd2 = state_dict(*back);
+  ASSERT_EQ(sd.size(), sd2.size());
+  for (auto& [k, v] : sd) EXPECT_TRUE(torch::equal(v, sd2.at(k))) << k;
+
+  // Another shape: every mismatch is named, together with the file.
+  auto other = cfg;
+  other.hidden_size = 32;
+  DDiT wrong(other);
+  std::string msg = expect_error([&] { load_state_dict(*wrong, sd, path); });
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("mis-shaped: blocks.0"), std::string::npos) << msg;
+  auto partial = sd;
+  partial.erase("blocks.1.mlp.0.bias");
+  partial["blocks.9.extra"] = torch::zeros({1});
+  msg = expect_error([&] { load_state_dict(*back, partial, "x.h5"); });
+  EXPECT_NE(msg.find("missing: blocks.1.mlp.0.bias"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("unexpected: blocks.9.extra"), std::string::npos) << msg;
+}
+
+// Whole training loss against central finite differences, float64, on a tiny model.
+TEST(ModelGradient, MatchesFiniteDifferences) {
+  for (const char* graph : {"absorb", "uniform"}) {
+    auto cfg = tiny_config(graph);
+    DDiT m(cfg);
+    randomize(m, 4);
+    m->to(torch::kDouble);
+    auto g = make_graph(cfg.graph, cfg.tokens);
+    auto noise = make_noise(cfg.noise);
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+    auto x0 = torch::randint(cfg.tokens, {2, 6}, gen, torch::kLong);
+    auto t = torch::tensor({0.35, 0.8}, torch::kDouble);
+    auto xt = g->sample_transition(x0, noise->total(t).unsqueeze(-1), gen);
+    auto loss_fn = [&] { return sequence_loss(*g, *noise, m->forward(xt, noise->total(t)), t, xt, x0).mean(); };
+    m->zero_grad();
+    loss_fn().backward();
+    int checked = 0;
+    double worst = 0;
+    for (auto& p : m->named_parameters()) {
+      auto flat = p.value().view(-1);
+      auto grad = p.value().grad().view(-1);
+      for (int64_t i : {int64_t{0}, flat.numel() / 2, flat.numel() - 1}) {
+        torch::NoGradGuard ng;
+        double orig = flat[i].item<double>(), h = 1e-6;
+        flat[i] = orig + h;
+        double up = loss_fn().item<double>();
+        flat[i] = orig - h;
+        double down = loss_fn().item<double>();
+        flat[i] = orig;
+        double fd = (up - down) / (2 * h), ad = grad[i].item<double>();
+        double err = std::abs(fd - ad) / (std::abs(fd) + std::abs(ad) + 1e-6);
+        worst = std::max(worst, err);
+        EXPECT_LT(err, 1e-4) << graph << " " << p.key() << "[" << i << "] fd " << fd << " autograd " << ad;
+        checked++;
+      }
+    }
+    EXPECT_GT(checked, 50);
+    std::cout << graph << ": " << checked << " gradient entries, worst relative error " << worst << "\n";
+  }
+}
+
+// PyTorch state dict (as the official checkpoints ship) -> model.h5 -> our forward == golden.
+TEST(ModelInterop, PyTorchCheckpointRoundTripThroughTheConverter) {
+  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
+  TempDir tmp;
+  std::string conv = source_dir() + "/tools/sedd_convert.py";
+  h5::File golden(golden_path(), h5::Mode::Read);
+  for (const auto& name : golden.children("/model")) {
+    std::string g = "/model/" + name;
+    ModelConfig ref_cfg = read_model_config(golden, g);
+    for (const char* ext : {"pth", "safetensors"}) {
+      std::string src = tmp / (name + "." + ext), h5out = tmp / (name + "_" + ext + ".h5");
+      std::string back = tmp / (name + "_back." + ext);
+      // Write the golden params as a training checkpoint with DDP prefixes, or a bare safetensors.
+      std::string make = fmt::format(
+          "{} -c \"import h5py,torch,sys\n"
+          "f=h5py.File('{}','r'); sd={{k: torch.from_numpy(v[()]) for k,v in f['{}/params'].items()}}\n"
+          "if '{}'=='pth': torch.save({{'model': {{'module.'+k: v for k,v in sd.items()}}, 'step': 3}}, '{}')\n"
+          "else:\n  from safetensors.torch import save_file; save_file(sd, '{}')\"",
+          python(), golden_path(), g, ext, src, src);
+      std::string out;
+      ASSERT_EQ(run(make, &out), 0) << out;
+      std::string args = fmt::format(" --n-heads {} --graph {} --noise {} --eps {} --sigma-min {} --sigma-max {} --length {}",
+                                     ref_cfg.n_heads, ref_cfg.graph, ref_cfg.noise.kind, ref_cfg.noise.eps,
+                                     ref_cfg.noise.sigma_min, ref_cfg.noise.sigma_max, ref_cfg.length);
+      ASSERT_EQ(run(python() + " " + conv + " to-h5 " + src + " " + h5out + args, &out), 0) << out;
+      DDiT m = load_model_file(h5out, false);
+      m->eval();
+      EXPECT_EQ(m->cfg.summary(), ref_cfg.summary());
+      torch::NoGradGuard ng;
+      auto ours = m->forward(golden.read(g + "/input/indices"), golden.read(g + "/input/sigma", torch::kFloat));
+      double err = model_rel_error(ours, golden.read(g + "/output/log_score", torch::kFloat));
+      EXPECT_LE(err, 1e-4) << name << " via " << ext;
+      // ... and back to PyTorch: identical tensors under the same names.
+      ASSERT_EQ(run(python() + " " + conv + " to-torch " + h5out + " " + back, &out), 0) << out;
+      std::string cmp = fmt::format(
+          "{} -c \"import h5py,torch\n"
+          "f=h5py.File('{}','r'); ref={{k: torch.from_numpy(v[()]) for k,v in f['{}/params'].items()}}\n"
+          "p='{}'\n"
+          "sd=__import__('safetensors.torch',fromlist=['load_file']).load_file(p) if p.endswith('safetensors') else torch.load(p)\n"
+          "assert sorted(sd)==sorted(ref), (sorted(sd), sorted(ref))\n"
+          "assert all(torch.equal(sd[k], ref[k]) for k in ref)\"",
+          python(), golden_path(), g, back);
+      EXPECT_EQ(run(cmp, &out), 0) << out;
+    }
+  }
+  std::string out;
+  EXPECT_NE(run(python() + " " + conv + " to-h5 " + golden_path() + " " + (tmp / "x.h5"), &out), 0);
+  EXPECT_NE(out.find("cannot read"), std::string::npos) << out;
+}
