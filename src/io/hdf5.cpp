@@ -2,6 +2,7 @@
 #include "io/hdf5.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "io/error.h"
 
@@ -18,8 +19,14 @@ Handle& Handle::operator=(Handle&& o) noexcept {
 }
 
 void Handle::reset() {
+  H5Guard guard;
   if (id_ >= 0 && closer_) closer_(id_);
   id_ = -1;
+}
+
+std::recursive_mutex& global_mutex() {
+  static std::recursive_mutex m;
+  return m;
 }
 
 void quiet_errors() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
@@ -84,6 +91,7 @@ herr_t collect_attr(hid_t, const char* name, const H5A_info_t*, void* out) {
 }  // namespace
 
 File::File(const std::string& path, Mode mode) : path_(path) {
+  H5Guard guard;
   quiet_errors();
   hid_t id = -1;
   if (mode == Mode::Create) {
@@ -102,6 +110,7 @@ File::File(const std::string& path, Mode mode) : path_(path) {
 }
 
 bool File::exists(const std::string& obj) const {
+  H5Guard guard;
   if (obj == "/" || obj.empty()) return true;
   std::string cur;
   for (const auto& part : split_path(obj)) {
@@ -112,6 +121,7 @@ bool File::exists(const std::string& obj) const {
 }
 
 bool File::is_group(const std::string& obj) const {
+  H5Guard guard;
   if (!exists(obj)) return false;
   H5O_info_t info;
   if (H5Oget_info_by_name2(id(), obj.c_str(), &info, H5O_INFO_BASIC, H5P_DEFAULT) < 0) return false;
@@ -119,6 +129,7 @@ bool File::is_group(const std::string& obj) const {
 }
 
 Handle File::open_object(const std::string& obj) const {
+  H5Guard guard;
   SEDD_CHECK(exists(obj), "{}: missing object '{}'", path_, obj);
   hid_t o = H5Oopen(id(), obj.c_str(), H5P_DEFAULT);
   SEDD_CHECK(o >= 0, "{}: cannot open '{}' (damaged file?)", path_, obj);
@@ -126,6 +137,7 @@ Handle File::open_object(const std::string& obj) const {
 }
 
 std::vector<std::string> File::children(const std::string& group) const {
+  H5Guard guard;
   SEDD_CHECK(is_group(group), "{}: '{}' is not a group", path_, group);
   std::vector<std::string> names;
   hsize_t idx = 0;
@@ -137,6 +149,7 @@ std::vector<std::string> File::children(const std::string& group) const {
 }
 
 void File::create_group(const std::string& group) {
+  H5Guard guard;
   std::string cur;
   for (const auto& part : split_path(group)) {
     cur += "/" + part;
@@ -148,6 +161,7 @@ void File::create_group(const std::string& group) {
 }
 
 std::vector<int64_t> File::shape(const std::string& dataset) const {
+  H5Guard guard;
   SEDD_CHECK(exists(dataset), "{}: missing dataset '{}'", path_, dataset);
   Handle ds(H5Dopen2(id(), dataset.c_str(), H5P_DEFAULT), H5Dclose);
   SEDD_CHECK(ds.valid(), "{}: '{}' is not a dataset (or is damaged)", path_, dataset);
@@ -160,6 +174,7 @@ std::vector<int64_t> File::shape(const std::string& dataset) const {
 }
 
 torch::Dtype File::stored_dtype(const std::string& dataset) const {
+  H5Guard guard;
   SEDD_CHECK(exists(dataset), "{}: missing dataset '{}'", path_, dataset);
   Handle ds(H5Dopen2(id(), dataset.c_str(), H5P_DEFAULT), H5Dclose);
   SEDD_CHECK(ds.valid(), "{}: '{}' is not a dataset (or is damaged)", path_, dataset);
@@ -168,6 +183,7 @@ torch::Dtype File::stored_dtype(const std::string& dataset) const {
 }
 
 torch::Tensor File::read(const std::string& dataset, c10::optional<torch::Dtype> as) const {
+  H5Guard guard;
   auto dims = shape(dataset);
   torch::Dtype stored = stored_dtype(dataset);
   torch::Dtype want = as ? *as
@@ -182,6 +198,7 @@ torch::Tensor File::read(const std::string& dataset, c10::optional<torch::Dtype>
 }
 
 void File::read_range(const std::string& dataset, int64_t offset, int64_t count, torch::Tensor& out) const {
+  H5Guard guard;
   SEDD_CHECK(out.is_contiguous() && out.numel() >= count, "read_range: output buffer too small");
   Handle ds(H5Dopen2(id(), dataset.c_str(), H5P_DEFAULT), H5Dclose);
   SEDD_CHECK(ds.valid(), "{}: missing dataset '{}'", path_, dataset);
@@ -196,6 +213,7 @@ void File::read_range(const std::string& dataset, int64_t offset, int64_t count,
 }
 
 void File::write(const std::string& dataset, const torch::Tensor& t_in, size_t chunk_elems) {
+  H5Guard guard;
   torch::Tensor t = t_in.detach().to(torch::kCPU).contiguous();
   auto slash = dataset.rfind('/');
   if (slash != std::string::npos && slash > 0) create_group(dataset.substr(0, slash));
@@ -217,6 +235,7 @@ void File::write(const std::string& dataset, const torch::Tensor& t_in, size_t c
 }
 
 void File::overwrite(const std::string& dataset, const torch::Tensor& t_in) {
+  H5Guard guard;
   torch::Tensor t = t_in.detach().to(torch::kCPU).contiguous();
   int64_t n = 1;
   for (auto d : shape(dataset)) n *= d;
@@ -227,11 +246,13 @@ void File::overwrite(const std::string& dataset, const torch::Tensor& t_in) {
 }
 
 bool File::has_attr(const std::string& obj, const std::string& name) const {
+  H5Guard guard;
   if (!exists(obj)) return false;
   return H5Aexists_by_name(id(), obj.c_str(), name.c_str(), H5P_DEFAULT) > 0;
 }
 
 std::vector<std::string> File::attr_names(const std::string& obj) const {
+  H5Guard guard;
   Handle o = open_object(obj);
   std::vector<std::string> names;
   hsize_t idx = 0;
@@ -241,6 +262,7 @@ std::vector<std::string> File::attr_names(const std::string& obj) const {
 
 namespace {
 Handle open_attr(const File& f, const std::string& obj, const std::string& name) {
+  H5Guard guard;
   SEDD_CHECK(f.has_attr(obj, name), "{}: '{}' has no attribute '{}'", f.path(), obj, name);
   hid_t a = H5Aopen_by_name(f.id(), obj.c_str(), name.c_str(), H5P_DEFAULT, H5P_DEFAULT);
   SEDD_CHECK(a >= 0, "{}: cannot open attribute '{}' of '{}'", f.path(), name, obj);
@@ -249,6 +271,7 @@ Handle open_attr(const File& f, const std::string& obj, const std::string& name)
 }  // namespace
 
 int64_t File::attr_int(const std::string& obj, const std::string& name) const {
+  H5Guard guard;
   Handle a = open_attr(*this, obj, name);
   Handle type(H5Aget_type(a.get()), H5Tclose);
   H5T_class_t cls = H5Tget_class(type.get());
@@ -265,6 +288,7 @@ int64_t File::attr_int(const std::string& obj, const std::string& name) const {
 }
 
 double File::attr_double(const std::string& obj, const std::string& name) const {
+  H5Guard guard;
   Handle a = open_attr(*this, obj, name);
   double v = 0;
   SEDD_CHECK(H5Aread(a.get(), H5T_NATIVE_DOUBLE, &v) >= 0,
@@ -273,12 +297,14 @@ double File::attr_double(const std::string& obj, const std::string& name) const 
 }
 
 bool File::attr_is_string(const std::string& obj, const std::string& name) const {
+  H5Guard guard;
   Handle a = open_attr(*this, obj, name);
   Handle type(H5Aget_type(a.get()), H5Tclose);
   return H5Tget_class(type.get()) == H5T_STRING;
 }
 
 std::string File::attr_string(const std::string& obj, const std::string& name) const {
+  H5Guard guard;
   Handle a = open_attr(*this, obj, name);
   Handle type(H5Aget_type(a.get()), H5Tclose);
   SEDD_CHECK(H5Tget_class(type.get()) == H5T_STRING, "{}: attribute '{}' of '{}' is not a string",
@@ -302,6 +328,7 @@ std::string File::attr_string(const std::string& obj, const std::string& name) c
 
 namespace {
 void write_attr(File& f, const std::string& obj, const std::string& name, hid_t type, const void* v) {
+  H5Guard guard;
   if (f.has_attr(obj, name)) H5Adelete_by_name(f.id(), obj.c_str(), name.c_str(), H5P_DEFAULT);
   Handle space(H5Screate(H5S_SCALAR), H5Sclose);
   hid_t a = H5Acreate_by_name(f.id(), obj.c_str(), name.c_str(), type, space.get(), H5P_DEFAULT,
@@ -313,12 +340,15 @@ void write_attr(File& f, const std::string& obj, const std::string& name, hid_t 
 }  // namespace
 
 void File::set_attr(const std::string& obj, const std::string& name, int64_t v) {
+  H5Guard guard;
   write_attr(*this, obj, name, H5T_NATIVE_INT64, &v);
 }
 void File::set_attr(const std::string& obj, const std::string& name, double v) {
+  H5Guard guard;
   write_attr(*this, obj, name, H5T_NATIVE_DOUBLE, &v);
 }
 void File::set_attr(const std::string& obj, const std::string& name, const std::string& v) {
+  H5Guard guard;
   Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
   H5Tset_size(type.get(), H5T_VARIABLE);
   H5Tset_cset(type.get(), H5T_CSET_UTF8);
@@ -326,6 +356,9 @@ void File::set_attr(const std::string& obj, const std::string& name, const std::
   write_attr(*this, obj, name, type.get(), &s);
 }
 
-void File::flush() { H5Fflush(id(), H5F_SCOPE_GLOBAL); }
+void File::flush() {
+  H5Guard guard;
+  H5Fflush(id(), H5F_SCOPE_GLOBAL);
+}
 
 }  // namespace sedd::h5

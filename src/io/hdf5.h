@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 #include <hdf5.h>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -70,6 +71,13 @@ class File {
   Handle open_object(const std::string& obj) const;
   std::string path_;
   Handle file_;
+};
+
+// The Debian HDF5 library is not thread-safe: every call from this layer holds this lock, so a
+// prefetch thread and the main thread (checkpoints) may both use files.
+std::recursive_mutex& global_mutex();
+struct H5Guard {
+  std::lock_guard<std::recursive_mutex> lock{global_mutex()};
 };
 
 // Silences HDF5's own stderr error stack for this process; our messages replace it.

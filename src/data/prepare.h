@@ -1,0 +1,31 @@
+// Corpus preparation: text / JSONL files -> token shards. Each rank tokenizes its share of the
+// inputs (file i goes to rank i mod W) into a staging folder; the caller publishes the shards
+// into the output folder only after every rank has succeeded, so a failed run leaves nothing
+// that looks like a dataset.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace sedd {
+
+struct PrepareOptions {
+  std::vector<std::string> inputs;
+  std::string jsonl_field;          // empty: each input file is one plain-text document
+  std::string tokenizer = "byte";   // "byte" or a tokenizer.json path
+  std::string out;
+  int64_t shard_tokens = 1 << 24;
+};
+
+struct PrepareStats {
+  int64_t documents = 0, tokens = 0, shards = 0, bytes = 0;
+};
+
+// progress(bytes_read, tokens_written) is called now and then.
+PrepareStats prepare_shards(const PrepareOptions& opt, int rank, int world,
+                            const std::function<void(int64_t, int64_t)>& progress = {});
+std::string staging_dir(const std::string& out, int rank);
+void publish_shards(const std::string& out, int rank);   // staging -> out, then removes staging
+void discard_staging(const std::string& out, int rank);
+
+}  // namespace sedd

@@ -1,0 +1,74 @@
+// sedd-prepare: text / JSONL files -> HDF5 token shards. Runs under mpirun (ranks split the
+// inputs); shards appear in --out only when every rank succeeded.
+#include <boost/program_options.hpp>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+
+#include "data/prepare.h"
+#include "dist/runtime.h"
+#include "io/error.h"
+
+namespace po = boost::program_options;
+using namespace sedd;
+
+int main(int argc, char** argv) {
+  Runtime& rt = Runtime::init(&argc, &argv, "cpu");
+  PrepareOptions opt;
+  po::options_description desc("sedd-prepare: text/JSONL -> token shards");
+  desc.add_options()("help,h", "show this help")(
+      "input", po::value(&opt.inputs)->multitoken()->required(), "input files (plain text: one document each; JSONL with --jsonl-field)")(
+      "jsonl-field", po::value(&opt.jsonl_field), "JSON field holding each document's text")(
+      "tokenizer", po::value(&opt.tokenizer)->default_value("byte"), "byte, or PATH/tokenizer.json (byte-level BPE)")(
+      "out", po::value(&opt.out)->required(), "output folder for shard-*.h5")(
+      "shard-tokens", po::value(&opt.shard_tokens)->default_value(int64_t{1} << 24), "maximum tokens per shard");
+  try {
+    po::variables_map vm;
+    po::store(po::parse_command_line(argc, argv, desc), vm);
+    if (vm.count("help")) {
+      if (rt.is_root()) std::cout << desc << "\n";
+      return 0;
+    }
+    po::notify(vm);
+  } catch (const std::exception& e) {
+    if (rt.is_root()) std::fprintf(stderr, "sedd-prepare: error: %s (see --help)\n", e.what());
+    return 2;
+  }
+
+  auto start = std::chrono::steady_clock::now();
+  auto progress = [&](int64_t bytes, int64_t tokens) {
+    if (!rt.is_root()) return;
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::fprintf(stderr, "\r[prepare] rank 0: %.1f MB read, %lld tokens, %.0f tokens/s   ", bytes / 1e6,
+                 static_cast<long long>(tokens), tokens / std::max(s, 1e-9));
+  };
+  PrepareStats st;
+  std::string error;
+  try {
+    st = prepare_shards(opt, rt.rank, rt.world, progress);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  // Every rank learns whether any failed; only then are shards published (or all discarded).
+  int failed = !error.empty(), any_failed = 0;
+  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (failed) std::fprintf(stderr, "\nsedd-prepare: error (rank %d): %s\n", rt.rank, error.c_str());
+  if (any_failed) {
+    discard_staging(opt.out, rt.rank);
+    return 1;
+  }
+  publish_shards(opt.out, rt.rank);
+  int64_t local[4] = {st.documents, st.tokens, st.shards, st.bytes}, total[4];
+  MPI_Reduce(local, total, 4, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
+  if (rt.is_root()) {
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::fprintf(stderr, "\n[prepare] %lld documents, %lld tokens, %lld shards in %s (%.1f s, %.0f tokens/s, %d ranks)\n",
+                 static_cast<long long>(total[0]), static_cast<long long>(total[1]), static_cast<long long>(total[2]),
+                 opt.out.c_str(), s, total[1] / std::max(s, 1e-9), rt.world);
+    if (total[0] == 0) {
+      std::fprintf(stderr, "sedd-prepare: error: the inputs hold no documents\n");
+      return 1;
+    }
+  }
+  return 0;
+}
