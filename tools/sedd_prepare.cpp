@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <unistd.h>
 
 #include "data/prepare.h"
 #include "dist/runtime.h"
@@ -36,11 +37,15 @@ int main(int argc, char** argv) {
   }
 
   auto start = std::chrono::steady_clock::now();
+  double last_report = -1;
+  const bool tty = isatty(STDERR_FILENO);
   auto progress = [&](int64_t bytes, int64_t tokens) {
     if (!rt.is_root()) return;
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::fprintf(stderr, "\r[prepare] rank 0: %.1f MB read, %lld tokens, %.0f tokens/s   ", bytes / 1e6,
-                 static_cast<long long>(tokens), tokens / std::max(s, 1e-9));
+    if (s - last_report < (tty ? 0.2 : 5.0)) return;  // a live line on a terminal, sparse lines in logs
+    last_report = s;
+    std::fprintf(stderr, "%s[prepare] rank 0: %.1f MB read, %lld tokens, %.0f tokens/s%s", tty ? "\r" : "",
+                 bytes / 1e6, static_cast<long long>(tokens), tokens / std::max(s, 1e-9), tty ? "   " : "\n");
   };
   PrepareStats st;
   std::string error;
@@ -62,8 +67,8 @@ int main(int argc, char** argv) {
   MPI_Reduce(local, total, 4, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
   if (rt.is_root()) {
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::fprintf(stderr, "\n[prepare] %lld documents, %lld tokens, %lld shards in %s (%.1f s, %.0f tokens/s, %d ranks)\n",
-                 static_cast<long long>(total[0]), static_cast<long long>(total[1]), static_cast<long long>(total[2]),
+    std::fprintf(stderr, "%s[prepare] %lld documents, %lld tokens, %lld shards in %s (%.1f s, %.0f tokens/s, %d ranks)\n",
+                 tty ? "\n" : "", static_cast<long long>(total[0]), static_cast<long long>(total[1]), static_cast<long long>(total[2]),
                  opt.out.c_str(), s, total[1] / std::max(s, 1e-9), rt.world);
     if (total[0] == 0) {
       std::fprintf(stderr, "sedd-prepare: error: the inputs hold no documents\n");

@@ -11,6 +11,19 @@ torch::Tensor uniform_like(torch::IntArrayRef shape, torch::Generator& gen, torc
   return device.is_cpu() ? u : u.to(device, /*non_blocking=*/true);
 }
 
+namespace {
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+torch::Generator keyed_generator(uint64_t seed, uint64_t a, uint64_t b) {
+  return at::make_generator<at::CPUGeneratorImpl>(splitmix64(seed ^ splitmix64(a ^ splitmix64(b))));
+}
+
 torch::Tensor sample_categorical(const torch::Tensor& weights, torch::Generator& gen) {
   auto dtype = weights.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   torch::Tensor w = weights.to(dtype);

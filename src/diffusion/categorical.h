@@ -14,4 +14,8 @@ torch::Tensor sample_categorical(const torch::Tensor& weights, torch::Generator&
 torch::Tensor uniform_like(torch::IntArrayRef shape, torch::Generator& gen, torch::Dtype dtype,
                            torch::Device device);
 
+// A CPU generator keyed by (seed, a, b), e.g. (run seed, step, global sequence index): the
+// draws of a sequence never depend on which rank handles it or on the world size.
+torch::Generator keyed_generator(uint64_t seed, uint64_t a, uint64_t b);
+
 }  // namespace sedd

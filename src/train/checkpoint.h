@@ -1,0 +1,47 @@
+// Checkpoints (DESIGN.md §5): <run>/checkpoints/step_<N>/ holds model.h5 (weights + EMA +
+// config, written by rank 0; sampling and evaluation read only this file), optim/rank_<K>.h5
+// (each rank's slice of the Adam moments with its range in the flat parameter vector) and
+// state.json (step, data position, world size, layout). A checkpoint is written under a
+// temporary folder name and counts only once `latest` has been switched to it atomically, after
+// every rank finished; an interrupted save never replaces the last good one.
+#pragma once
+#include <optional>
+#include <string>
+
+#include "dist/communicator.h"
+#include "dist/zero.h"
+#include "model/ddit.h"
+#include "model/weights.h"
+
+namespace sedd {
+
+struct TrainState {
+  int64_t step = 0;
+  int64_t data_position = 0;   // global sequences consumed
+  int64_t tokens_seen = 0;
+  int world = 1;
+};
+
+class Checkpointer {
+ public:
+  Checkpointer(std::string run_dir, int64_t keep);
+  std::string root() const { return root_; }
+  // Collective: every rank calls it. Returns the committed folder.
+  std::string save(const TrainState& st, DDiT& model, ShardedAdamW& opt, Communicator& comm,
+                   const std::string& config_text);
+  // The committed checkpoint `latest` points to, if any (validated: it must have model.h5 and state.json).
+  std::optional<std::string> latest() const;
+  // Collective: loads weights, EMA and this rank's moments (re-sharded from the saved ranges,
+  // any world size). Throws naming the file when something does not fit.
+  TrainState load(const std::string& dir, DDiT& model, ShardedAdamW& opt, Communicator& comm);
+
+ private:
+  void prune(int64_t newest_step);
+  std::string root_;
+  int64_t keep_;
+};
+
+// --checkpoint accepts a run folder (its latest checkpoint), a checkpoint folder, or model.h5.
+std::string resolve_model_file(const std::string& arg);
+
+}  // namespace sedd

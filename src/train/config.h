@@ -1,0 +1,61 @@
+// TrainingConfig: every setting of a training run, grouped as the INI sections are
+// ([run], [data], [model], [diffusion], [train]). validate() rejects impossible combinations
+// with a message that names the keys and suggests a fix, before anything is built.
+#pragma once
+#include <string>
+
+#include "model/config.h"
+
+namespace sedd {
+
+struct RunSection {
+  std::string dir = "runs/default";
+  uint64_t seed = 0;
+  std::string device = "auto";   // cpu | cuda | auto
+};
+
+struct DataSection {
+  std::string train;             // shard glob(s)
+  std::string valid;             // optional
+  int64_t seq_len = 128;
+  int prefetch = 2;
+};
+
+struct TrainSection {
+  int64_t steps = 1000;
+  int64_t batch_size = 32;       // global, all ranks together
+  int64_t micro_batch_size = 0;  // per rank; 0 = batch_size / ranks (no accumulation)
+  double lr = 3e-4;
+  int64_t warmup = 100;
+  std::string schedule = "constant";  // constant | cosine
+  double min_lr_ratio = 0.1;          // cosine floor as a fraction of lr
+  double weight_decay = 0.0;
+  double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
+  double grad_clip = 1.0;
+  double ema = 0.9999;
+  std::string precision = "fp32";     // fp32 | bf16 (CUDA) | fp64 (CPU checks)
+  int64_t log_every = 10;
+  int64_t eval_every = 0;             // 0: never
+  int64_t eval_batches = 4;
+  int64_t ckpt_every = 0;             // 0: only at the end
+  int64_t keep_ckpts = 3;
+  double comm_timeout_s = 300;        // NCCL watchdog
+};
+
+struct TrainingConfig {
+  RunSection run;
+  DataSection data;
+  ModelConfig model;                  // model.tokens comes from the data
+  TrainSection train;
+
+  void validate(int world) const;
+  int64_t rows_per_rank(int world) const { return train.batch_size / world; }
+  int64_t micro_batch(int world) const {
+    return train.micro_batch_size > 0 ? train.micro_batch_size : rows_per_rank(world);
+  }
+};
+
+// Learning rate at `step` (1-based): linear warmup, then constant or cosine decay.
+double learning_rate(const TrainSection& t, int64_t step);
+
+}  // namespace sedd

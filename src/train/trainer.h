@@ -1,0 +1,61 @@
+// Trainer: the training loop of one rank. Streams its rows of every global batch, corrupts them
+// with randomness keyed by (seed, step, global sequence index), accumulates gradients over
+// micro-batches without communication, steps the ZeRO-1 optimizer, logs, validates, saves
+// checkpoints, resumes from `latest`, and stops cleanly (checkpoint first) when any rank was
+// signalled. Parallelism enters only through the Communicator.
+#pragma once
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "data/token_stream.h"
+#include "diffusion/graph.h"
+#include "diffusion/noise.h"
+#include "dist/communicator.h"
+#include "dist/runtime.h"
+#include "dist/zero.h"
+#include "model/ddit.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+
+namespace sedd {
+
+enum class TrainOutcome { Finished, Preempted };
+
+class Trainer {
+ public:
+  // config_text: the resolved settings, stored in every checkpoint's state.json.
+  Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::string config_text);
+  ~Trainer();
+  // Runs until train.steps or until *stop_signal becomes non-zero on any rank.
+  TrainOutcome run(const std::atomic<int>* stop_signal);
+
+  DDiT& model() { return model_; }
+  ShardedAdamW& optimizer() { return *opt_; }
+  int64_t step() const { return step_; }
+  // Mean loss in nats/token over `batches` validation batches (same draws every call).
+  double validation_loss(int64_t batches);
+
+ private:
+  // Loss summed over the rows (per-sequence losses), with keyed draws; backward when `train`.
+  double micro_batch(const torch::Tensor& x0, int64_t first_index, int64_t step_key, double scale, bool train);
+  void log_step(double loss, double lr, double grad_norm, bool skipped, double valid_loss);
+  void save_checkpoint();
+
+  TrainingConfig cfg_;
+  Runtime& rt_;
+  Communicator& comm_;
+  std::string config_text_;
+  std::unique_ptr<TokenStream> train_, valid_;
+  std::unique_ptr<Graph> graph_;
+  std::unique_ptr<Noise> noise_;
+  DDiT model_{nullptr};
+  std::unique_ptr<ShardedAdamW> opt_;
+  std::unique_ptr<Checkpointer> ckpt_;
+  struct Log;
+  std::unique_ptr<Log> log_;
+  torch::Dtype dtype_ = torch::kFloat;
+  int64_t step_ = 0, tokens_seen_ = 0, last_saved_ = -1;
+};
+
+}  // namespace sedd

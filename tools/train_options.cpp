@@ -1,0 +1,104 @@
+// sedd-train's option table; see train_options.h.
+#include "train_options.h"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+namespace po = boost::program_options;
+
+namespace sedd::tools {
+
+namespace {
+template <typename T>
+std::string show(const T& v) {
+  if constexpr (std::is_same_v<T, bool>) return v ? "true" : "false";
+  else return fmt::format("{}", v);
+}
+
+template <typename T>
+void add(OptionTable& t, const char* name, T* field, const char* help) {
+  t.desc.add_options()(name, po::value<T>(field)->default_value(*field, show(*field)), help);
+  t.printers.emplace_back(name, [field] { return show(*field); });
+}
+}  // namespace
+
+void build_train_options(OptionTable& t, TrainingConfig& c) {
+  t.desc.add_options()("help,h", po::bool_switch(&t.help), "show this help")(
+      "config", po::value(&t.config_file), "INI file with [run] [data] [model] [diffusion] [train] sections");
+  add(t, "run.dir", &c.run.dir, "run folder: checkpoints/ and metrics.jsonl");
+  add(t, "run.seed", &c.run.seed, "seed of weights, data order and noise draws");
+  add(t, "run.device", &c.run.device, "cpu | cuda | auto (GPU = local rank)");
+  add(t, "data.train", &c.data.train, "training shards (glob or comma-separated list)");
+  add(t, "data.valid", &c.data.valid, "validation shards (optional)");
+  add(t, "data.seq_len", &c.data.seq_len, "tokens per training sequence");
+  add(t, "data.prefetch", &c.data.prefetch, "batches read ahead per rank (0: none)");
+  add(t, "model.hidden_size", &c.model.hidden_size, "transformer width");
+  add(t, "model.n_heads", &c.model.n_heads, "attention heads");
+  add(t, "model.n_blocks", &c.model.n_blocks, "transformer blocks");
+  add(t, "model.cond_dim", &c.model.cond_dim, "width of the sigma conditioning");
+  add(t, "model.dropout", &c.model.dropout, "dropout probability");
+  add(t, "model.scale_by_sigma", &c.model.scale_by_sigma, "absorbing graph: shift the score by -log(e^sigma - 1)");
+  add(t, "model.time_conditioning", &c.model.time_conditioning, "feed sigma to the network (absorbing: may be off)");
+  add(t, "diffusion.graph", &c.model.graph, "absorb | uniform");
+  add(t, "diffusion.noise", &c.model.noise.kind, "loglinear | geometric");
+  add(t, "diffusion.eps", &c.model.noise.eps, "log-linear schedule epsilon");
+  add(t, "diffusion.sigma_min", &c.model.noise.sigma_min, "geometric schedule sigma_min");
+  add(t, "diffusion.sigma_max", &c.model.noise.sigma_max, "geometric schedule sigma_max");
+  add(t, "train.steps", &c.train.steps, "optimizer steps");
+  add(t, "train.batch_size", &c.train.batch_size, "global batch (sequences, all ranks together)");
+  add(t, "train.micro_batch_size", &c.train.micro_batch_size, "sequences per rank per forward (0: batch_size / ranks)");
+  add(t, "train.lr", &c.train.lr, "peak learning rate");
+  add(t, "train.warmup", &c.train.warmup, "linear warmup steps");
+  add(t, "train.schedule", &c.train.schedule, "constant | cosine (after warmup)");
+  add(t, "train.min_lr_ratio", &c.train.min_lr_ratio, "cosine floor as a fraction of lr");
+  add(t, "train.weight_decay", &c.train.weight_decay, "decoupled weight decay");
+  add(t, "train.beta1", &c.train.beta1, "Adam beta1");
+  add(t, "train.beta2", &c.train.beta2, "Adam beta2");
+  add(t, "train.adam_eps", &c.train.adam_eps, "Adam epsilon");
+  add(t, "train.grad_clip", &c.train.grad_clip, "global gradient-norm clip (<= 0: off)");
+  add(t, "train.ema", &c.train.ema, "EMA decay of the weights (0: off)");
+  add(t, "train.precision", &c.train.precision, "fp32 | bf16 (CUDA autocast) | fp64 (CPU checks)");
+  add(t, "train.log_every", &c.train.log_every, "steps between progress lines / metrics rows");
+  add(t, "train.eval_every", &c.train.eval_every, "steps between validation losses (0: never)");
+  add(t, "train.eval_batches", &c.train.eval_batches, "global batches per validation");
+  add(t, "train.ckpt_every", &c.train.ckpt_every, "steps between checkpoints (0: only at the end)");
+  add(t, "train.keep_ckpts", &c.train.keep_ckpts, "checkpoints kept");
+  add(t, "train.comm_timeout_s", &c.train.comm_timeout_s, "NCCL watchdog timeout (s)");
+}
+
+void parse_train_options(OptionTable& t, int argc, char** argv) {
+  po::variables_map vm;
+  po::store(po::parse_command_line(argc, argv, t.desc), vm);  // the command line wins: stored first
+  if (vm.count("config")) {
+    std::string file = vm["config"].as<std::string>();
+    std::ifstream in(file);
+    if (!in) throw std::runtime_error(file + ": cannot read the config file");
+    try {
+      po::store(po::parse_config_file(in, t.desc, /*allow_unregistered=*/false), vm);
+    } catch (const po::error& e) {
+      throw std::runtime_error(file + ": " + e.what() + " (keys are [section] name; see --help)");
+    }
+  }
+  po::notify(vm);
+}
+
+std::string resolved_settings(const OptionTable& t) {
+  std::map<std::string, std::vector<std::pair<std::string, std::string>>> sections;
+  std::vector<std::string> order;
+  for (const auto& [name, printer] : t.printers) {
+    std::string n = name, sec = n.substr(0, n.find('.')), key = n.substr(n.find('.') + 1);
+    if (!sections.count(sec)) order.push_back(sec);
+    sections[sec].push_back({key, printer()});
+  }
+  std::string out;
+  for (const auto& sec : order) {
+    out += "[" + sec + "]\n";
+    for (const auto& [k, v] : sections[sec]) out += fmt::format("{:<18} = {}\n", k, v);
+  }
+  return out;
+}
+
+}  // namespace sedd::tools

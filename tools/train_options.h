@@ -1,0 +1,27 @@
+// The one table of sedd-train's options: it produces --help, reads INI files ([section] key =
+// value is --section.key) and prints the resolved settings. Command line > file > defaults;
+// unknown keys are errors.
+#pragma once
+#include <boost/program_options.hpp>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "train/config.h"
+
+namespace sedd::tools {
+
+struct OptionTable {
+  boost::program_options::options_description desc{"sedd-train options ([section] key = value in --config FILE)"};
+  std::vector<std::pair<std::string, std::function<std::string()>>> printers;
+  std::string config_file;
+  bool help = false;
+};
+
+void build_train_options(OptionTable& t, TrainingConfig& c);
+// Parses argv (and --config). Throws std::exception with a message naming the bad key or file.
+void parse_train_options(OptionTable& t, int argc, char** argv);
+// "[section]\nkey = value\n..." of every resolved setting.
+std::string resolved_settings(const OptionTable& t);
+
+}  // namespace sedd::tools
