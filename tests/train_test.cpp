@@ -1,0 +1,153 @@
+// sedd-train end to end under real mpirun: rank-count equivalence, learning, options, resume.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "data/shard.h"
+#include "io/fs.h"
+#include "io/hdf5.h"
+#include "model/weights.h"
+#include "train/checkpoint.h"
+#include "test_util.h"
+
+using namespace sedd;
+using namespace sedd::test;
+
+namespace {
+
+const std::string kMpi = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe --bind-to none";
+
+// Random-token shards with some structure (repeated motifs) so the loss can move.
+std::string make_data(const TempDir& tmp, int64_t vocab = 40) {
+  torch::manual_seed(7);
+  for (int i = 0; i < 2; ++i) {
+    auto motif = torch::randint(vocab - 1, {37});
+    auto tokens = torch::cat({motif.repeat({60}), torch::randint(vocab - 1, {900})});
+    write_shard(tmp / fmt::format("d{}.h5", i), tokens, vocab, vocab - 1, "byte");
+  }
+  return tmp / "d*.h5";
+}
+
+std::string train_cmd(int np, const std::string& data, const std::string& dir, const std::string& extra,
+                      int hidden = 32) {
+  return fmt::format(
+      "{} -np {} {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 16 "
+      "--model.hidden_size {} --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 8 "
+      "--train.lr 3e-3 --train.warmup 2 --train.log_every 1 --train.ema 0.9 {}",
+      kMpi, np, bin_dir(), data, dir, hidden, extra);
+}
+
+StateDict final_weights(const std::string& run_dir, const std::string& group = "/model") {
+  auto file = resolve_model_file(run_dir);
+  h5::File f(file, h5::Mode::Read);
+  return read_state_dict(f, group);
+}
+
+double max_abs_diff(const StateDict& a, const StateDict& b) {
+  double worst = 0;
+  for (const auto& [k, v] : a) worst = std::max(worst, (v - b.at(k)).abs().max().item<double>());
+  return worst;
+}
+
+std::vector<nlohmann::json> metrics(const std::string& run_dir) {
+  std::vector<nlohmann::json> rows;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
+
+}  // namespace
+
+// DESIGN.md §6: W ranks with batch B/W each give the same weights as 1 rank with batch B.
+TEST(TrainEquivalence, SameWeightsOnOneTwoAndFourRanks) {
+  TempDir tmp;
+  std::string data = make_data(tmp);
+  std::string out;
+  for (const char* accum : {"", "--train.micro_batch_size 1"}) {
+    std::map<int, StateDict> weights, emas;
+    for (int np : {1, 2, 4}) {
+      std::string dir = tmp / fmt::format("run{}{}", np, accum[0] ? "acc" : "");
+      ASSERT_EQ(run(train_cmd(np, data, dir, std::string("--train.steps 5 --train.precision fp64 ") + accum), &out), 0)
+          << out;
+      weights[np] = final_weights(dir);
+      emas[np] = final_weights(dir, "/ema");
+    }
+    for (int np : {2, 4}) {
+      double d = max_abs_diff(weights[1], weights[np]), e = max_abs_diff(emas[1], emas[np]);
+      std::cout << "W=" << np << (accum[0] ? " with accumulation" : "") << ": max |dw| = " << d << ", EMA " << e << "\n";
+      EXPECT_LE(d, 1e-5) << "W=" << np << " " << accum;
+      EXPECT_LE(e, 1e-5) << "W=" << np << " " << accum;
+    }
+    // The run moved away from its initial weights (seed 0), so the comparison means something.
+    h5::File f(resolve_model_file(tmp / "run1"), h5::Mode::Read);
+    torch::manual_seed(0);
+    DDiT init(read_model_config(f, "/"));
+    StateDict init_sd;
+    for (auto& [k, v] : state_dict(*init)) init_sd[k] = v.detach();
+    EXPECT_GT(max_abs_diff(weights[1], init_sd), 1e-3);
+  }
+}
+
+TEST(TrainLearning, TwoRanksLowerTheLossOnTheDemoCorpus) {
+  TempDir tmp;
+  std::string out;
+  ASSERT_EQ(run(fmt::format("SEDD_BUILD={}/.. bash {}/datasets/make_demo.sh {}", bin_dir(), source_dir(), tmp / "demo"),
+                &out), 0) << out;
+  std::string cmd = fmt::format(
+      "cd {} && {} -np 2 {}/sedd-train --config {}/configs/tiny.ini --run.dir {} --data.train '{}' --data.valid '{}' "
+      "--train.steps 150 --train.eval_every 150 --train.ckpt_every 0",
+      source_dir(), kMpi, bin_dir(), source_dir(), tmp / "run", tmp / "demo/train/*.h5", tmp / "demo/valid/*.h5");
+  ASSERT_EQ(run(cmd, &out), 0) << out;
+  auto rows = metrics(tmp / "run");
+  ASSERT_GE(rows.size(), 10u);
+  double first = rows.front()["loss"].get<double>();
+  double last = 0;
+  for (size_t i = rows.size() - 3; i < rows.size(); ++i) last += rows[i]["loss"].get<double>() / 3;
+  std::cout << "loss " << first << " -> " << last << " nats/token\n";
+  EXPECT_LT(last, first - 1.0) << "the loss did not drop clearly";
+  ASSERT_TRUE(rows.back().contains("valid_loss"));
+  EXPECT_LT(rows.back()["valid_loss"].get<double>(), first - 0.5);
+  for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"})
+    EXPECT_TRUE(rows.back().contains(key)) << key;
+}
+
+TEST(TrainOptions, BadConfigsGetOneClearErrorAndExitCode2) {
+  TempDir tmp;
+  std::string data = make_data(tmp);
+  std::ofstream(tmp / "typo.ini") << "[train]\nlrr = 3e-4\n";
+  std::string out;
+  auto sedd_train = [&](int np, const std::string& args) {
+    return run(fmt::format("{} -np {} {}/sedd-train {}", kMpi, np, bin_dir(), args), &out);
+  };
+  EXPECT_EQ(sedd_train(1, "--config " + (tmp / "typo.ini")), 2);
+  EXPECT_NE(out.find("typo.ini"), std::string::npos) << out;
+  EXPECT_NE(out.find("train.lrr"), std::string::npos) << out;
+  EXPECT_EQ(sedd_train(1, "--train.bogus 1"), 2);
+  EXPECT_NE(out.find("train.bogus"), std::string::npos) << out;
+  EXPECT_NE(sedd_train(2, fmt::format("--data.train '{}' --train.batch_size 7", data)), 0);
+  EXPECT_NE(out.find("train.batch_size (7) must be divisible by the number of ranks (2)"), std::string::npos) << out;
+  EXPECT_NE(sedd_train(1, fmt::format("--data.train '{}' --train.batch_size 8 --train.micro_batch_size 3", data)), 0);
+  EXPECT_NE(out.find("micro_batch_size"), std::string::npos) << out;
+  EXPECT_NE(sedd_train(1, fmt::format("--data.train '{}' --run.device cpu --train.precision bf16", data)), 0);
+  EXPECT_NE(out.find("bf16 needs a GPU"), std::string::npos) << out;
+  EXPECT_NE(sedd_train(1, fmt::format("--data.train '{}' --diffusion.graph uniform --model.scale_by_sigma true", data)),
+            0);
+  EXPECT_NE(out.find("scale_by_sigma"), std::string::npos) << out;
+  EXPECT_NE(sedd_train(2, fmt::format("--data.train '{}' --train.steps 2", tmp / "nothing*.h5")), 0);
+  EXPECT_NE(out.find("matches no shard files"), std::string::npos) << out;
+}
+
+TEST(TrainCheckpoint, AnotherModelShapeIsRefusedAndTheCheckpointKept) {
+  TempDir tmp;
+  std::string data = make_data(tmp);
+  std::string out, dir = tmp / "run";
+  ASSERT_EQ(run(train_cmd(1, data, dir, "--train.steps 2"), &out), 0) << out;
+  auto before = fs::read_text(dir + "/checkpoints/latest");
+  EXPECT_NE(run(train_cmd(1, data, dir, "--train.steps 4", /*hidden=*/64), &out), 0);
+  EXPECT_NE(out.find("another model shape"), std::string::npos) << out;
+  EXPECT_EQ(fs::read_text(dir + "/checkpoints/latest"), before);
+  EXPECT_TRUE(std::filesystem::exists(dir + "/checkpoints/step_2/model.h5"));
+}
