@@ -27,6 +27,9 @@ TempDir::~TempDir() {
   if (!std::getenv("SEDD_KEEP_TMP")) fs::remove_all(path, ec);
 }
 
+const std::string kMpirun =
+    "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe --bind-to none";
+
 std::string golden_path() {
   if (const char* p = std::getenv("SEDD_GOLDEN")) return p;
   return SEDD_GOLDEN_DEFAULT;

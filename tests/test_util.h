@@ -21,6 +21,9 @@ std::string python();           // the virtualenv's python (may be empty)
 // Runs a shell command; returns its exit status and fills `output` with stdout+stderr.
 int run(const std::string& cmd, std::string* output = nullptr);
 
+// "mpirun" with root allowed and oversubscription (this machine has 2 cores).
+extern const std::string kMpirun;
+
 // Largest elementwise |a-b| / (|b| + atol_scale) over two tensors of equal shape.
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale = 1e-12);
 

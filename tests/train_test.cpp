@@ -17,8 +17,6 @@ using namespace sedd::test;
 
 namespace {
 
-const std::string kMpi = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe --bind-to none";
-
 // Random-token shards with some structure (repeated motifs) so the loss can move.
 std::string make_data(const TempDir& tmp, int64_t vocab = 40) {
   torch::manual_seed(7);
@@ -36,7 +34,7 @@ std::string train_cmd(int np, const std::string& data, const std::string& dir, c
       "{} -np {} {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 16 "
       "--model.hidden_size {} --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 8 "
       "--train.lr 3e-3 --train.warmup 2 --train.log_every 1 --train.ema 0.9 {}",
-      kMpi, np, bin_dir(), data, dir, hidden, extra);
+      kMpirun, np, bin_dir(), data, dir, hidden, extra);
 }
 
 StateDict final_weights(const std::string& run_dir, const std::string& group = "/model") {
@@ -99,7 +97,7 @@ TEST(TrainLearning, TwoRanksLowerTheLossOnTheDemoCorpus) {
   std::string cmd = fmt::format(
       "cd {} && {} -np 2 {}/sedd-train --config {}/configs/tiny.ini --run.dir {} --data.train '{}' --data.valid '{}' "
       "--train.steps 150 --train.eval_every 150 --train.ckpt_every 0",
-      source_dir(), kMpi, bin_dir(), source_dir(), tmp / "run", tmp / "demo/train/*.h5", tmp / "demo/valid/*.h5");
+      source_dir(), kMpirun, bin_dir(), source_dir(), tmp / "run", tmp / "demo/train/*.h5", tmp / "demo/valid/*.h5");
   ASSERT_EQ(run(cmd, &out), 0) << out;
   auto rows = metrics(tmp / "run");
   ASSERT_GE(rows.size(), 10u);
@@ -120,7 +118,7 @@ TEST(TrainOptions, BadConfigsGetOneClearErrorAndExitCode2) {
   std::ofstream(tmp / "typo.ini") << "[train]\nlrr = 3e-4\n";
   std::string out;
   auto sedd_train = [&](int np, const std::string& args) {
-    return run(fmt::format("{} -np {} {}/sedd-train {}", kMpi, np, bin_dir(), args), &out);
+    return run(fmt::format("{} -np {} {}/sedd-train {}", kMpirun, np, bin_dir(), args), &out);
   };
   EXPECT_EQ(sedd_train(1, "--config " + (tmp / "typo.ini")), 2);
   EXPECT_NE(out.find("typo.ini"), std::string::npos) << out;

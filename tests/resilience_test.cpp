@@ -1,0 +1,187 @@
+// Pre-emption, resume on another world size, and failures, with real signals and real mpirun.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+#include <csignal>
+#include <sstream>
+
+#include "data/shard.h"
+#include "io/fs.h"
+#include "io/hdf5.h"
+#include "model/weights.h"
+#include "test_util.h"
+#include "train/checkpoint.h"
+
+using namespace sedd;
+using namespace sedd::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string make_random_data(const TempDir& tmp) {
+  torch::manual_seed(3);
+  for (int i = 0; i < 2; ++i)
+    write_shard(tmp / fmt::format("d{}.h5", i), torch::randint(60, {20000}), 64, 63, "byte");
+  return tmp / "d*.h5";
+}
+
+// A run slow enough (tens of ms per step) to be interrupted mid-way.
+std::string slow_train_cmd(int np, const std::string& data, const std::string& dir, int64_t steps, const std::string& extra = "") {
+  return fmt::format(
+      "{} -np {} {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 32 "
+      "--model.hidden_size 64 --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 12 "
+      "--train.lr 1e-3 --train.warmup 5 --train.schedule constant --train.log_every 1 --train.steps {} {}",
+      kMpirun, np, bin_dir(), data, dir, steps, extra);
+}
+
+// Starts `cmd` in the background; its exit status lands in <dir>/rc.
+void start_background(const std::string& cmd, const std::string& dir) {
+  std::filesystem::create_directories(dir);
+  std::string full = fmt::format("( {} > {}/log 2>&1; echo $? > {}/rc.tmp; mv {}/rc.tmp {}/rc ) &", cmd, dir, dir, dir, dir);
+  ASSERT_EQ(std::system(full.c_str()), 0);
+}
+
+int wait_rc(const std::string& dir, std::chrono::seconds limit) {
+  auto start = std::chrono::steady_clock::now();
+  while (!std::filesystem::exists(dir + "/rc")) {
+    if (std::chrono::steady_clock::now() - start > limit) return -999;
+    std::this_thread::sleep_for(50ms);
+  }
+  return std::stoi(fs::read_text(dir + "/rc"));
+}
+
+int64_t metric_lines(const std::string& run_dir) {
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  return std::count(std::istreambuf_iterator<char>(in), {}, '\n');
+}
+
+std::vector<double> losses(const std::string& run_dir) {
+  std::vector<double> v;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    int64_t step = j["step"].get<int64_t>();
+    if (static_cast<int64_t>(v.size()) < step) v.resize(step, std::nan(""));
+    v[step - 1] = j["loss"].get<double>();
+  }
+  return v;
+}
+
+std::vector<int> rank_pids(const std::string& run_dir) {
+  std::string out;
+  run(fmt::format("pgrep -f '^{}/sedd-train .*{}'", bin_dir(), run_dir), &out);
+  std::vector<int> pids;
+  std::stringstream ss(out);
+  int pid;
+  while (ss >> pid) pids.push_back(pid);
+  return pids;
+}
+
+void wait_for_lines(const std::string& run_dir, int64_t n) {
+  auto start = std::chrono::steady_clock::now();
+  while (metric_lines(run_dir) < n && std::chrono::steady_clock::now() - start < 120s) std::this_thread::sleep_for(10ms);
+}
+
+}  // namespace
+
+TEST(Resilience, SigtermThenResumeLogsTheSameLossCurve) {
+  TempDir tmp;
+  std::string data = make_random_data(tmp), out;
+  const int64_t steps = 60;
+  std::string straight = tmp / "straight", cut = tmp / "cut";
+  ASSERT_EQ(run(slow_train_cmd(2, data, straight, steps), &out), 0) << out;
+  std::mt19937 rng(std::random_device{}());
+  int64_t at = 10 + rng() % 35;
+  start_background(slow_train_cmd(2, data, cut, steps), tmp / "bg");
+  wait_for_lines(cut, at);
+  auto pids = rank_pids(cut);
+  ASSERT_EQ(pids.size(), 2u);
+  ::kill(pids.back(), SIGTERM);  // one rank only: the others learn of it at the next step boundary
+  int rc = wait_rc(tmp / "bg", 60s);
+  EXPECT_EQ(rc, 3) << fs::read_text(tmp / "bg/log");
+  EXPECT_NE(fs::read_text(tmp / "bg/log").find("exit 3"), std::string::npos);
+  auto latest = Checkpointer(cut, 3).latest();
+  ASSERT_TRUE(latest.has_value());
+  std::cout << "SIGTERM after " << at << " logged steps; checkpoint " << *latest << "\n";
+  ASSERT_EQ(run(slow_train_cmd(2, data, cut, steps), &out), 0) << out;
+  EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
+  auto a = losses(straight), b = losses(cut);
+  ASSERT_EQ(a.size(), static_cast<size_t>(steps));
+  ASSERT_EQ(b.size(), a.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_LE(std::abs(a[i] - b[i]), 1e-6 * std::abs(a[i])) << "step " << i + 1 << ": " << a[i] << " vs " << b[i];
+}
+
+TEST(Resilience, ResumeOnOneAndThreeRanksMatchesTwo) {
+  TempDir tmp;
+  std::string data = make_random_data(tmp), out;
+  std::string straight = tmp / "straight";
+  ASSERT_EQ(run(slow_train_cmd(2, data, straight, 14), &out), 0) << out;
+  std::string half = tmp / "half";
+  ASSERT_EQ(run(slow_train_cmd(2, data, half, 8), &out), 0) << out;
+  h5::File ref_file(resolve_model_file(straight), h5::Mode::Read);
+  auto ref = read_state_dict(ref_file, "/model"), ref_ema = read_state_dict(ref_file, "/ema");
+  for (int np : {1, 3}) {
+    std::string dir = tmp / fmt::format("resumed{}", np);
+    std::filesystem::copy(half, dir, std::filesystem::copy_options::recursive);
+    ASSERT_EQ(run(slow_train_cmd(np, data, dir, 14), &out), 0) << out;
+    EXPECT_NE(out.find("saved by 2 ranks, now " + std::to_string(np)), std::string::npos) << out;
+    h5::File f(resolve_model_file(dir), h5::Mode::Read);
+    auto got = read_state_dict(f, "/model"), got_ema = read_state_dict(f, "/ema");
+    double worst = 0, worst_ema = 0;
+    for (auto& [k, v] : ref) worst = std::max(worst, (v - got.at(k)).abs().max().item<double>());
+    for (auto& [k, v] : ref_ema) worst_ema = std::max(worst_ema, (v - got_ema.at(k)).abs().max().item<double>());
+    std::cout << "W=2 -> W=" << np << ": max |dw| " << worst << ", EMA " << worst_ema << "\n";
+    EXPECT_LE(worst, 1e-5);
+    EXPECT_LE(worst_ema, 1e-5);
+  }
+}
+
+TEST(Resilience, KillNineOfOneRankEndsTheJobQuickly) {
+  TempDir tmp;
+  std::string data = make_random_data(tmp), dir = tmp / "run";
+  start_background(slow_train_cmd(2, data, dir, 100000), tmp / "bg");
+  wait_for_lines(dir, 3);
+  auto pids = rank_pids(dir);
+  ASSERT_EQ(pids.size(), 2u);
+  auto t0 = std::chrono::steady_clock::now();
+  ::kill(pids.back(), SIGKILL);
+  int rc = wait_rc(tmp / "bg", 30s);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::cout << "job gone " << secs << " s after kill -9 of one rank, exit " << rc << "\n";
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(rc, -999) << "the job hung";
+  EXPECT_LT(secs, 15.0);
+  EXPECT_TRUE(rank_pids(dir).empty()) << "a rank survived";
+}
+
+TEST(Resilience, KillNineDuringCheckpointWritesNeverBreaksLatest) {
+  TempDir tmp;
+  std::string data = make_random_data(tmp), dir = tmp / "run", out;
+  std::mt19937 rng(std::random_device{}());
+  for (int trial = 0; trial < 5; ++trial) {
+    std::string bg = tmp / fmt::format("bg{}", trial);
+    // A checkpoint every step: a kill at any moment lands in or near a save.
+    start_background(slow_train_cmd(2, data, dir, 100000, "--train.ckpt_every 1 --train.keep_ckpts 2"), bg);
+    wait_for_lines(dir, metric_lines(dir) + 2);
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 200));
+    auto pids = rank_pids(dir);
+    if (!pids.empty()) ::kill(pids[rng() % pids.size()], SIGKILL);
+    wait_rc(bg, 30s);
+    run(fmt::format("pkill -9 -f '^{}/sedd-train .*{}'", bin_dir(), dir));
+    // `latest` must name a complete checkpoint that loads.
+    auto latest = Checkpointer(dir, 2).latest();
+    ASSERT_TRUE(latest.has_value()) << "trial " << trial;
+    EXPECT_NO_THROW(load_model_file(*latest + "/model.h5", true)) << *latest;
+    EXPECT_NO_THROW(nlohmann::json::parse(fs::read_text(*latest + "/state.json"))) << *latest;
+  }
+  // ... and training resumes from it.
+  ASSERT_EQ(run(slow_train_cmd(2, data, dir, losses(dir).size() + 2), &out), 0) << out;
+  EXPECT_NE(out.find("resumed from"), std::string::npos);
+}
