@@ -149,6 +149,10 @@ DDiTImpl::DDiTImpl(ModelConfig c) : cfg(std::move(c)) {
 }
 
 torch::Tensor DDiTImpl::forward(const torch::Tensor& indices, const torch::Tensor& sigma) {
+  return finish(forward_raw(indices, sigma), indices, sigma);
+}
+
+torch::Tensor DDiTImpl::forward_raw(const torch::Tensor& indices, const torch::Tensor& sigma) {
   torch::Tensor x = vocab_embed->forward(indices);
   // Without time conditioning the network sees sigma = 0; the absorbing score's dependence on
   // sigma is then the analytic scale_by_sigma shift alone (exact caching while sampling).
@@ -159,7 +163,11 @@ torch::Tensor DDiTImpl::forward(const torch::Tensor& indices, const torch::Tenso
     for (const auto& block : *blocks) x = block->as<DDiTBlock>()->forward(x, rotary_emb, c);
     x = output_layer->forward(x, c);
   }
-  x = at_least_float(x);
+  return at_least_float(x);
+}
+
+torch::Tensor DDiTImpl::finish(const torch::Tensor& raw, const torch::Tensor& indices, const torch::Tensor& sigma) const {
+  torch::Tensor x = raw;
   if (cfg.scale_by_sigma) {
     // Shift by -log(e^sigma - 1) - log(dim - 1): the log-score of a uniform guess over the mask.
     auto s = sigma.to(x.scalar_type());

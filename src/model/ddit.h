@@ -69,6 +69,10 @@ struct DDiTImpl : torch::nn::Module {
   // current token is 0). bf16 autocast for the blocks when the module lives on CUDA and
   // `bf16` is set.
   torch::Tensor forward(const torch::Tensor& indices, const torch::Tensor& sigma);
+  // forward() = finish(forward_raw()). The raw output of a model without time conditioning does
+  // not depend on sigma, which lets a sampler reuse it exactly while the input is unchanged.
+  torch::Tensor forward_raw(const torch::Tensor& indices, const torch::Tensor& sigma);
+  torch::Tensor finish(const torch::Tensor& raw, const torch::Tensor& indices, const torch::Tensor& sigma) const;
   int64_t parameter_count() const;
   // Approximate training FLOPs per token (forward + backward) for MFU reports.
   double flops_per_token(int64_t seq_len) const;

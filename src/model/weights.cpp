@@ -113,6 +113,7 @@ void save_model_file(const std::string& path, const ModelConfig& cfg, const Stat
     write_model_config(f, "/", cfg);
     f.set_attr("/", "step", info.step);
     f.set_attr("/", "tokens_seen", info.tokens_seen);
+    if (!info.tokenizer.empty()) f.set_attr("/", "tokenizer", info.tokenizer);
     write_state_dict(f, "/model", weights);
     if (!ema.empty()) write_state_dict(f, "/ema", ema);
   }
@@ -130,6 +131,7 @@ DDiT load_model_file(const std::string& path, bool use_ema, ModelFileInfo* info)
     info->step = f.has_attr("/", "step") ? f.attr_int("/", "step") : 0;
     info->tokens_seen = f.has_attr("/", "tokens_seen") ? f.attr_int("/", "tokens_seen") : 0;
     info->has_ema = has_ema;
+    info->tokenizer = f.has_attr("/", "tokenizer") ? f.attr_string("/", "tokenizer") : "";
   }
   return model;
 }

@@ -32,6 +32,7 @@ struct ModelFileInfo {
   int64_t step = 0;
   int64_t tokens_seen = 0;
   bool has_ema = false;
+  std::string tokenizer;  // "byte" or tokenizer.json text of the training data; may be empty
 };
 
 // Writes model.h5 atomically (temporary name, fsync, rename). `ema` may be empty.

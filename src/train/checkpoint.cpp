@@ -64,7 +64,7 @@ std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& 
   torch::Tensor ema = opt.gather_ema().to(torch::kCPU);  // collective
   try {
     if (comm.rank() == 0) {
-      ModelFileInfo info{st.step, st.tokens_seen, true};
+      ModelFileInfo info{st.step, st.tokens_seen, true, st.tokenizer};
       StateDict weights;
       for (auto& [k, v] : state_dict(*model)) weights[k] = v.detach().to(torch::kCPU);
       save_model_file(tmp_dir + "/model.h5", model->cfg, weights, unflatten(model, ema), info);

@@ -20,6 +20,7 @@ struct TrainState {
   int64_t data_position = 0;   // global sequences consumed
   int64_t tokens_seen = 0;
   int world = 1;
+  std::string tokenizer;       // stored in model.h5 so tools can decode
 };
 
 class Checkpointer {

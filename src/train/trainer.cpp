@@ -137,7 +137,7 @@ double Trainer::validation_loss(int64_t batches) {
 
 void Trainer::save_checkpoint() {
   if (last_saved_ == step_) return;
-  TrainState st{step_, train_->position(), tokens_seen_, comm_.size()};
+  TrainState st{step_, train_->position(), tokens_seen_, comm_.size(), train_->tokenizer()};
   auto dir = ckpt_->save(st, model_, *opt_, comm_, config_text_);
   last_saved_ = step_;
   if (comm_.rank() == 0) {

@@ -1,0 +1,31 @@
+// The DDiT as a ScoreModel for samplers and the likelihood bound, with exact caching.
+//
+// For a model trained without time conditioning the raw network output depends only on the
+// tokens, so a row whose tokens did not change since the last call reuses its raw output; the
+// sigma-dependent scale_by_sigma shift is applied afresh, exactly as forward() does. The result
+// is the same tensor the network would have produced; absorbing samplers with many steps skip
+// most evaluations (few positions unmask per step).
+#pragma once
+#include <torch/torch.h>
+
+#include "diffusion/sampler.h"
+#include "model/ddit.h"
+
+namespace sedd {
+
+class DDiTScore final : public ScoreModel {
+ public:
+  DDiTScore(DDiT model, bool cache) : model_(std::move(model)), cache_(cache && !model_->cfg.time_conditioning) {}
+  torch::Tensor log_score(const torch::Tensor& x, const torch::Tensor& sigma) override;
+  bool caching() const { return cache_; }
+  int64_t rows_evaluated() const { return rows_evaluated_; }
+  int64_t rows_reused() const { return rows_reused_; }
+
+ private:
+  DDiT model_;
+  bool cache_;
+  torch::Tensor last_x_, last_raw_;
+  int64_t rows_evaluated_ = 0, rows_reused_ = 0;
+};
+
+}  // namespace sedd
