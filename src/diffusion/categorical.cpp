@@ -24,6 +24,16 @@ torch::Generator keyed_generator(uint64_t seed, uint64_t a, uint64_t b) {
   return at::make_generator<at::CPUGeneratorImpl>(splitmix64(seed ^ splitmix64(a ^ splitmix64(b))));
 }
 
+torch::Tensor sample_categorical_rows(const torch::Tensor& weights, std::vector<torch::Generator>& gens) {
+  auto dtype = weights.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  std::vector<torch::Tensor> u;
+  u.reserve(gens.size());
+  for (auto& g : gens) u.push_back(torch::rand(weights.sizes().slice(1), g, torch::TensorOptions().dtype(dtype)));
+  torch::Tensor uniforms = torch::stack(u).to(weights.device());
+  torch::Tensor exp1 = 1e-10 - torch::log(uniforms + 1e-10);
+  return (weights.to(dtype) / exp1).argmax(-1);
+}
+
 torch::Tensor sample_categorical(const torch::Tensor& weights, torch::Generator& gen) {
   auto dtype = weights.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   torch::Tensor w = weights.to(dtype);

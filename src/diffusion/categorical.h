@@ -10,6 +10,9 @@ namespace sedd {
 // float64 weights for float64 sampling). Returns int64 indices [...].
 torch::Tensor sample_categorical(const torch::Tensor& weights, torch::Generator& gen);
 
+// Row i of weights [B, ...] drawn with gens[i] (the draws of a row never depend on the batch).
+torch::Tensor sample_categorical_rows(const torch::Tensor& weights, std::vector<torch::Generator>& gens);
+
 // Uniform [0,1) draws with the generator on CPU, moved to `like`'s device, in `dtype`.
 torch::Tensor uniform_like(torch::IntArrayRef shape, torch::Generator& gen, torch::Dtype dtype,
                            torch::Device device);

@@ -33,12 +33,8 @@ void Constraint::apply(torch::Tensor& x) const {
 
 namespace {
 
-// Row i drawn with gens[i]: categorical over the last dim of weights [B, L, K].
 torch::Tensor draw_rows(const torch::Tensor& weights, std::vector<torch::Generator>& gens) {
-  std::vector<torch::Tensor> rows;
-  rows.reserve(gens.size());
-  for (size_t i = 0; i < gens.size(); ++i) rows.push_back(sample_categorical(weights[i], gens[i]));
-  return torch::stack(rows);
+  return sample_categorical_rows(weights, gens);
 }
 
 }  // namespace
