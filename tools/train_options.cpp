@@ -64,7 +64,7 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "train.log_every", &c.train.log_every, "steps between progress lines / metrics rows");
   add(t, "train.eval_every", &c.train.eval_every, "steps between validation losses (0: never)");
   add(t, "train.eval_batches", &c.train.eval_batches, "global batches per validation");
-  add(t, "train.ckpt_every", &c.train.ckpt_every, "steps between checkpoints (0: only at the end)");
+  add(t, "train.ckpt_every", &c.train.ckpt_every, "steps between checkpoints (0: only at the end; -1: never)");
   add(t, "train.keep_ckpts", &c.train.keep_ckpts, "checkpoints kept");
   add(t, "train.comm_timeout_s", &c.train.comm_timeout_s, "NCCL watchdog timeout (s)");
 }

@@ -1,7 +1,13 @@
 // Token shards; see shard.h.
 #include "data/shard.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <glob.h>
+#include <unistd.h>
+
+#include <climits>
 
 #include <algorithm>
 #include <filesystem>
@@ -12,6 +18,116 @@
 #include "io/hdf5.h"
 
 namespace sedd {
+
+class H5Fallback {
+ public:
+  explicit H5Fallback(const std::string& path) : file(path, h5::Mode::Read) {}
+  h5::File file;
+};
+
+ShardReader::ShardReader(const ShardInfo& info) : info_(info) {
+  elem_ = info.dtype == torch::kUInt16 ? 2 : 4;
+  {
+    h5::H5Guard guard;
+    h5::Handle file(H5Fopen(info.path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+    SEDD_CHECK(file.valid(), "{}: cannot open (truncated or damaged?)", info.path);
+    h5::Handle ds(H5Dopen2(file.get(), "/tokens", H5P_DEFAULT), H5Dclose);
+    SEDD_CHECK(ds.valid(), "{}: cannot open /tokens", info.path);
+    h5::Handle dcpl(H5Dget_create_plist(ds.get()), H5Pclose);
+    h5::Handle type(H5Dget_type(ds.get()), H5Tclose);
+    bool little = H5Tget_order(type.get()) == H5T_ORDER_LE;
+    bool plain = H5Pget_nfilters(dcpl.get()) == 0 && little;
+    H5D_layout_t layout = H5Pget_layout(dcpl.get());
+    if (plain && layout == H5D_CONTIGUOUS) {
+      haddr_t off = H5Dget_offset(ds.get());
+      if (off != HADDR_UNDEF) extents_.push_back({0, info.tokens, static_cast<int64_t>(off)});
+    } else if (plain && layout == H5D_CHUNKED) {
+      h5::Handle space(H5Dget_space(ds.get()), H5Sclose);
+      hsize_t nchunks = 0, chunk_dim = 0;
+      H5Dget_num_chunks(ds.get(), space.get(), &nchunks);
+      H5Pget_chunk(dcpl.get(), 1, &chunk_dim);
+      bool complete = nchunks == (static_cast<hsize_t>(info.tokens) + chunk_dim - 1) / std::max<hsize_t>(1, chunk_dim);
+      for (hsize_t i = 0; complete && i < nchunks; ++i) {
+        hsize_t coord = 0, size = 0;
+        haddr_t addr = 0;
+        unsigned mask = 0;
+        if (H5Dget_chunk_info(ds.get(), space.get(), i, &coord, &mask, &addr, &size) < 0 || addr == HADDR_UNDEF) {
+          complete = false;
+          break;
+        }
+        int64_t n = std::min<int64_t>(static_cast<int64_t>(chunk_dim), info.tokens - static_cast<int64_t>(coord));
+        extents_.push_back({static_cast<int64_t>(coord), n, static_cast<int64_t>(addr)});
+      }
+      if (!complete) extents_.clear();
+      std::sort(extents_.begin(), extents_.end(), [](auto& a, auto& b) { return a.first_token < b.first_token; });
+    }
+  }
+  if (extents_.empty()) {
+    fallback_ = std::make_unique<H5Fallback>(info.path);
+    return;
+  }
+  int fd = ::open(info.path.c_str(), O_RDONLY);
+  SEDD_CHECK(fd >= 0, "{}: cannot open for reading", info.path);
+  struct stat st {};
+  ::fstat(fd, &st);
+  map_size_ = static_cast<size_t>(st.st_size);
+  // Every extent must lie inside the file: a truncated shard is refused here, never read as
+  // garbage (or a SIGBUS) later.
+  for (const auto& e : extents_) {
+    if (e.file_offset + e.tokens * elem_ > static_cast<int64_t>(map_size_)) {
+      ::close(fd);
+      fail("{}: the file is truncated (tokens {}..{} lie past its end)", info.path, e.first_token,
+           e.first_token + e.tokens);
+    }
+  }
+  void* m = ::mmap(nullptr, map_size_, PROT_READ, MAP_SHARED, fd, 0);
+  ::close(fd);
+  SEDD_CHECK(m != MAP_FAILED, "{}: cannot memory-map the file", info.path);
+  map_ = static_cast<const unsigned char*>(m);
+}
+
+ShardReader::~ShardReader() {
+  if (map_) ::munmap(const_cast<unsigned char*>(map_), map_size_);
+}
+
+int64_t ShardReader::read(int64_t offset, int64_t count, int64_t* out) {
+  SEDD_CHECK(offset >= 0 && offset + count <= info_.tokens, "{}: read past the end of /tokens", info_.path);
+  if (fallback_) {
+    torch::Tensor buf = torch::from_blob(out, {count}, torch::kInt64);
+    fallback_->file.read_range("/tokens", offset, count, buf);
+    return buf.max().item<int64_t>();
+  }
+  int64_t hi = 0;
+  // The extent holding `offset`, then as many following ones as the window spans.
+  auto it = std::upper_bound(extents_.begin(), extents_.end(), offset,
+                             [](int64_t v, const Extent& e) { return v < e.first_token; }) - 1;
+  int64_t done = 0;
+  while (done < count) {
+    int64_t pos = offset + done, in_extent = pos - it->first_token;
+    int64_t n = std::min(count - done, it->tokens - in_extent);
+    const unsigned char* bytes = map_ + it->file_offset + in_extent * elem_;
+    if (elem_ == 2) {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(bytes);
+      uint16_t m = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        out[done + i] = src[i];
+        m = std::max(m, src[i]);
+      }
+      hi = std::max<int64_t>(hi, m);
+    } else {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(bytes);
+      uint32_t m = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        out[done + i] = src[i];
+        m = std::max(m, src[i]);
+      }
+      hi = std::max<int64_t>(hi, m);
+    }
+    done += n;
+    ++it;
+  }
+  return hi;
+}
 
 ShardInfo read_shard_info(const std::string& path) {
   h5::File f(path, h5::Mode::Read);

@@ -4,6 +4,7 @@
 // complete; readers validate every attribute before use.
 #pragma once
 #include <torch/torch.h>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,31 @@ ShardInfo read_shard_info(const std::string& path);
 // Expands a comma-separated list of paths and globs into sorted, existing files; throws when
 // a pattern matches nothing.
 std::vector<std::string> expand_shard_list(const std::string& spec);
+
+// Random access to one shard's tokens. HDF5 is asked once, at open, where /tokens lies in the
+// file (contiguous, or an index of unfiltered chunks); the file is memory-mapped and windows are
+// widened to int64 straight from the page cache, with no HDF5 call or syscall per window. Datasets with filters (compression) or a
+// foreign byte order fall back to HDF5 reads.
+class ShardReader {
+ public:
+  explicit ShardReader(const ShardInfo& info);
+  ~ShardReader();
+  ShardReader(const ShardReader&) = delete;
+  ShardReader& operator=(const ShardReader&) = delete;
+  // Tokens [offset, offset + count) into out; returns the largest id read (validation for free).
+  int64_t read(int64_t offset, int64_t count, int64_t* out);
+
+ private:
+  struct Extent {
+    int64_t first_token, tokens, file_offset;
+  };
+  ShardInfo info_;
+  const unsigned char* map_ = nullptr;
+  size_t map_size_ = 0;
+  int elem_ = 2;                 // bytes per token
+  std::vector<Extent> extents_;  // sorted by first_token; empty -> HDF5 fallback
+  std::unique_ptr<class H5Fallback> fallback_;
+};
 
 // Accumulates documents and writes shards of at most `shard_tokens` tokens each as
 // <dir>/<prefix>-NNNNN.h5.

@@ -27,7 +27,7 @@ TokenStream::TokenStream(TokenStreamConfig cfg) : cfg_(std::move(cfg)) {
   total_windows_ = window_offsets_.back();
   SEDD_CHECK(total_windows_ > 0, "{}: the shards hold no full window of seq_len = {} tokens", cfg_.data,
              cfg_.seq_len);
-  files_.resize(shards_.size());
+  readers_.resize(shards_.size());
   start_prefetch();
 }
 
@@ -59,28 +59,26 @@ WindowRef TokenStream::locate(int64_t k) const {
   return {shard, w - window_offsets_[shard]};
 }
 
-void TokenStream::read_window(const WindowRef& w, int32_t* out) {
+void TokenStream::read_window(const WindowRef& w, int64_t* out) {
   const ShardInfo& s = shards_[w.shard];
-  if (!files_[w.shard]) files_[w.shard] = std::make_unique<h5::File>(s.path, h5::Mode::Read);
-  torch::Tensor buf = torch::from_blob(out, {cfg_.seq_len}, torch::kInt32);
+  if (!readers_[w.shard]) readers_[w.shard] = std::make_unique<ShardReader>(s);
   int64_t offset = w.window * cfg_.seq_len;
-  files_[w.shard]->read_range("/tokens", offset, cfg_.seq_len, buf);
-  int32_t hi = *std::max_element(out, out + cfg_.seq_len);
+  int64_t hi = readers_[w.shard]->read(offset, cfg_.seq_len, out);
   if (hi >= s.vocab_size) {
-    int64_t at = std::max_element(out, out + cfg_.seq_len) - out;
-    fail("{}: token id {} >= vocab_size {} at offset {}", s.path, hi, s.vocab_size, offset + at);
+    int64_t at = std::find_if(out, out + cfg_.seq_len, [&](int64_t v) { return v >= s.vocab_size; }) - out;
+    fail("{}: token id {} >= vocab_size {} at offset {}", s.path, out[at], s.vocab_size, offset + at);
   }
 }
 
 torch::Tensor TokenStream::read_rows(int64_t batch_start) {
   const int64_t rows = rows_per_rank();
-  torch::Tensor out = torch::empty({rows, cfg_.seq_len}, torch::kInt32);
-  int32_t* data = out.data_ptr<int32_t>();
+  torch::Tensor out = torch::empty({rows, cfg_.seq_len}, torch::kLong);
+  int64_t* data = out.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
     int64_t k = batch_start + cfg_.rank * rows + i;
     read_window(locate(k), data + i * cfg_.seq_len);
   }
-  return out.to(torch::kLong);
+  return out;
 }
 
 void TokenStream::start_prefetch() {

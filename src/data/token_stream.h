@@ -59,7 +59,7 @@ class TokenStream {
 
  private:
   torch::Tensor read_rows(int64_t batch_start);  // this rank's rows of the batch at batch_start
-  void read_window(const WindowRef& w, int32_t* out);
+  void read_window(const WindowRef& w, int64_t* out);
   const std::vector<int64_t>& permutation(int64_t epoch) const;
   void start_prefetch();
   void stop_prefetch();
@@ -68,7 +68,7 @@ class TokenStream {
   std::vector<ShardInfo> shards_;
   std::vector<int64_t> window_offsets_;  // prefix sums of windows per shard
   int64_t total_windows_ = 0;
-  std::vector<std::unique_ptr<h5::File>> files_;
+  std::vector<std::unique_ptr<ShardReader>> readers_;  // opened on first use
   int64_t position_ = 0;
 
   mutable std::mutex perm_mutex_;

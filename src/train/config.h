@@ -37,7 +37,7 @@ struct TrainSection {
   int64_t log_every = 10;
   int64_t eval_every = 0;             // 0: never
   int64_t eval_batches = 4;
-  int64_t ckpt_every = 0;             // 0: only at the end
+  int64_t ckpt_every = 0;             // 0: only at the end; < 0: never (benchmarks)
   int64_t keep_ckpts = 3;
   double comm_timeout_s = 300;        // NCCL watchdog
 };

@@ -222,7 +222,7 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal) {
       log_step(loss, lr, res.grad_norm, res.skipped, valid);
     if (cfg_.train.ckpt_every > 0 && step_ % cfg_.train.ckpt_every == 0) save_checkpoint();
   }
-  save_checkpoint();
+  if (cfg_.train.ckpt_every >= 0) save_checkpoint();
   return TrainOutcome::Finished;
 }
 
