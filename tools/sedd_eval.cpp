@@ -69,7 +69,8 @@ int main(int argc, char** argv) {
         sums[2] += static_cast<double>(rows);
         prior = r.prior_nats;
       }
-      if (rt.is_root())
+      const int64_t stride = batch * rt.world, every = std::max<int64_t>(1, (n + stride - 1) / stride / 10);
+      if (rt.is_root() && ((first / stride) % every == every - 1 || first + stride >= n))
         std::fprintf(stderr, "[eval] %lld/%lld sequences\n", static_cast<long long>(std::min(n, first + batch * rt.world)),
                      static_cast<long long>(n));
     }
