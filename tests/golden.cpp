@@ -27,6 +27,7 @@ void compare(GoldenReport& rep, const std::string& name, const torch::Tensor& ou
   }
   // Relative error against the stored value; a tiny absolute floor keeps exact zeros exact.
   double err = max_rel_error(ours, ref, 1e-12);
+  rep.worst = std::max(rep.worst, err);
   if (!(err <= rtol)) rep.mismatches.push_back(fmt::format("{}: max rel err {:.3g} > {:.1g}", name, err, rtol));
 }
 
@@ -120,6 +121,7 @@ GoldenReport check_golden_models(const std::string& path, double rtol) {
         return;
       }
       double err = model_rel_error(ours, ref);
+      rep.worst = std::max(rep.worst, err);
       if (!(err <= rtol)) rep.mismatches.push_back(fmt::format("{}: max rel err {:.3g} > {:.1g}", ds, err, rtol));
     };
     if (f.exists(g + "/output/log_score"))

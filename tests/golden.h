@@ -11,6 +11,7 @@ namespace sedd::test {
 struct GoldenReport {
   std::vector<std::string> mismatches;  // "<dataset>: max rel err X > tol"
   int compared = 0;                     // datasets compared
+  double worst = 0;                     // largest relative error seen
 };
 
 // /noise/* and /graph/*; float64, relative tolerance `rtol`.

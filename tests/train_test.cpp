@@ -148,4 +148,11 @@ TEST(TrainCheckpoint, AnotherModelShapeIsRefusedAndTheCheckpointKept) {
   EXPECT_NE(out.find("another model shape"), std::string::npos) << out;
   EXPECT_EQ(fs::read_text(dir + "/checkpoints/latest"), before);
   EXPECT_TRUE(std::filesystem::exists(dir + "/checkpoints/step_2/model.h5"));
+  // A damaged (truncated) model.h5 in the latest checkpoint: refused, naming the file.
+  std::string model = dir + "/checkpoints/step_2/model.h5";
+  std::filesystem::resize_file(model, std::filesystem::file_size(model) / 3);
+  EXPECT_NE(run(train_cmd(1, data, dir, "--train.steps 4"), &out), 0);
+  EXPECT_NE(out.find(model), std::string::npos) << out;
+  EXPECT_NE(out.find("truncated"), std::string::npos) << out;
+  EXPECT_EQ(fs::read_text(dir + "/checkpoints/latest"), before);
 }

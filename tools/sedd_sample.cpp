@@ -118,8 +118,9 @@ int main(int argc, char** argv) {
       }
       for (int64_t i = 0; i < num_samples; ++i) {
         std::vector<int64_t> row(all.begin() + i * length, all.begin() + (i + 1) * length);
-        nlohmann::json j = {{"sample", i}, {"seed", seed}, {"steps", steps}, {"predictor", predictor}, {"ids", row}};
+        nlohmann::ordered_json j = {{"sample", i}, {"seed", seed}, {"steps", steps}, {"predictor", predictor}};
         if (m.tokenizer) j["text"] = m.tokenizer->decode(row);
+        j["ids"] = row;
         std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
         if (file.is_open()) file << line << "\n";
         else std::printf("%s\n", line.c_str());

@@ -19,6 +19,19 @@
 
 namespace sedd {
 
+namespace {
+// Copies n stored ids into int64 and returns the largest (one pass: validation for free).
+template <typename T>
+int64_t widen(const T* src, int64_t n, int64_t* out) {
+  T m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = src[i];
+    m = std::max(m, src[i]);
+  }
+  return static_cast<int64_t>(m);
+}
+}  // namespace
+
 class H5Fallback {
  public:
   explicit H5Fallback(const std::string& path) : file(path, h5::Mode::Read) {}
@@ -106,23 +119,9 @@ int64_t ShardReader::read(int64_t offset, int64_t count, int64_t* out) {
     int64_t pos = offset + done, in_extent = pos - it->first_token;
     int64_t n = std::min(count - done, it->tokens - in_extent);
     const unsigned char* bytes = map_ + it->file_offset + in_extent * elem_;
-    if (elem_ == 2) {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(bytes);
-      uint16_t m = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        out[done + i] = src[i];
-        m = std::max(m, src[i]);
-      }
-      hi = std::max<int64_t>(hi, m);
-    } else {
-      const uint32_t* src = reinterpret_cast<const uint32_t*>(bytes);
-      uint32_t m = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        out[done + i] = src[i];
-        m = std::max(m, src[i]);
-      }
-      hi = std::max<int64_t>(hi, m);
-    }
+    int64_t m = elem_ == 2 ? widen(reinterpret_cast<const uint16_t*>(bytes), n, out + done)
+                           : widen(reinterpret_cast<const uint32_t*>(bytes), n, out + done);
+    hi = std::max(hi, m);
     done += n;
     ++it;
   }
