@@ -214,3 +214,26 @@ TEST(ModelInterop, PyTorchCheckpointRoundTripThroughTheConverter) {
   EXPECT_NE(run(python() + " " + conv + " to-h5 " + golden_path() + " " + (tmp / "x.h5"), &out), 0);
   EXPECT_NE(out.find("cannot read"), std::string::npos) << out;
 }
+
+// CUDA: bf16 autocast in the blocks, LayerNorm and the log-score in fp32. Skips without a GPU.
+TEST(ModelGpu, Bf16AutocastStaysCloseToFp32) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  auto cfg = tiny_config();
+  cfg.hidden_size = 64;
+  cfg.n_heads = 4;
+  DDiT m(cfg);
+  randomize(m, 8);
+  m->to(torch::kCUDA);
+  m->eval();
+  auto x = torch::randint(cfg.vocab_dim(), {4, 32}, torch::kLong).to(torch::kCUDA);
+  auto sigma = torch::rand({4}).to(torch::kCUDA) + 0.1;
+  torch::NoGradGuard ng;
+  auto ref = m->forward(x, sigma);
+  m->bf16 = true;
+  auto low = m->forward(x, sigma);
+  EXPECT_EQ(low.scalar_type(), torch::kFloat);
+  double rel = ((low - ref).abs().max() / ref.abs().max()).item<double>();
+  std::cout << "bf16 vs fp32 on GPU: max error " << rel << " of the largest log-score\n";
+  EXPECT_LT(rel, 5e-2);
+  EXPECT_GT(rel, 0.0) << "autocast did not engage";
+}

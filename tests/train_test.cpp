@@ -33,7 +33,7 @@ std::string train_cmd(int np, const std::string& data, const std::string& dir, c
   return fmt::format(
       "{} -np {} {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 16 "
       "--model.hidden_size {} --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 8 "
-      "--train.lr 3e-3 --train.warmup 2 --train.log_every 1 --train.ema 0.9 {}",
+      "--train.lr 3e-3 --train.warmup 2 --train.log_every 1 --train.ema 0.9 --train.bucket_elems 4000 {}",
       kMpirun, np, bin_dir(), data, dir, hidden, extra);
 }
 
@@ -155,4 +155,21 @@ TEST(TrainCheckpoint, AnotherModelShapeIsRefusedAndTheCheckpointKept) {
   EXPECT_NE(out.find(model), std::string::npos) << out;
   EXPECT_NE(out.find("truncated"), std::string::npos) << out;
   EXPECT_EQ(fs::read_text(dir + "/checkpoints/latest"), before);
+}
+
+// The NCCL + bf16 training path on one GPU (W = 1). Skips without a GPU.
+TEST(TrainGpu, OneGpuRankTrainsWithNcclAndBf16) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  TempDir tmp;
+  std::string data = make_data(tmp), out, dir = tmp / "run";
+  std::string cmd = fmt::format(
+      "{} -np 1 {}/sedd-train --data.train '{}' --run.dir {} --run.device cuda --train.precision bf16 "
+      "--data.seq_len 16 --model.hidden_size 64 --model.n_heads 2 --train.batch_size 8 --train.steps 30 "
+      "--train.lr 3e-3 --train.log_every 5",
+      kMpirun, bin_dir(), data, dir);
+  ASSERT_EQ(run(cmd, &out), 0) << out;
+  auto rows = metrics(dir);
+  ASSERT_FALSE(rows.empty());
+  EXPECT_TRUE(rows.back().contains("mfu")) << "GPU runs report model FLOPs utilisation";
+  EXPECT_LT(rows.back()["loss"].get<double>(), rows.front()["loss"].get<double>());
 }

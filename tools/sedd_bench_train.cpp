@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
     c.train.log_every = 1000000;
     c.train.warmup = 0;
     c.train.ckpt_every = -1;  // no checkpoints: pure step time
+    c.train.bucket_elems = 1 << 20;
     Trainer t(c, rt, *comm, "");
     auto t0 = std::chrono::steady_clock::now();
     std::atomic<int> stop{0};
@@ -47,9 +48,11 @@ int main(int argc, char** argv) {
     double tokens_per_rank = static_cast<double>(steps * s.batch * s.len) / secs;
     if (rt.is_root())
       std::printf("%-6s W=%d | %lld params | %.0f tokens/s per rank | communication %.1f%% of step time | "
-                  "optimizer+EMA %.2f MB per rank\n",
+                  "optimizer+EMA %.2f MB per rank | %lld of %lld buckets reduced during backward\n",
                   s.name, rt.world, static_cast<long long>(t.model()->parameter_count()), tokens_per_rank,
-                  100 * comm_s / secs, t.optimizer().state_bytes() / 1e6);
+                  100 * comm_s / secs, t.optimizer().state_bytes() / 1e6,
+                  static_cast<long long>(t.optimizer().buckets_launched_during_backward()),
+                  static_cast<long long>(t.optimizer().buckets() * steps));
   }
   if (rt.is_root()) std::filesystem::remove_all(dir);
   return 0;

@@ -67,6 +67,7 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "train.ckpt_every", &c.train.ckpt_every, "steps between checkpoints (0: only at the end; -1: never)");
   add(t, "train.keep_ckpts", &c.train.keep_ckpts, "checkpoints kept");
   add(t, "train.comm_timeout_s", &c.train.comm_timeout_s, "NCCL watchdog timeout (s)");
+  add(t, "train.bucket_elems", &c.train.bucket_elems, "gradient bucket (elements) reduced while backward runs");
 }
 
 void parse_train_options(OptionTable& t, int argc, char** argv) {

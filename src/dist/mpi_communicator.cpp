@@ -37,6 +37,23 @@ void check_cpu_contiguous(const torch::Tensor& t, const char* what) {
   SEDD_CHECK(t.is_contiguous(), "MPI communicator: {} needs a contiguous tensor", what);
 }
 
+class MpiWork final : public Work {
+ public:
+  MpiWork(MPI_Request req, torch::Tensor recv, double scale) : req_(req), recv_(std::move(recv)), scale_(scale) {}
+  ~MpiWork() override {
+    if (req_ != MPI_REQUEST_NULL) MPI_Wait(&req_, MPI_STATUS_IGNORE);
+  }
+  void wait() override {
+    check_mpi(MPI_Wait(&req_, MPI_STATUS_IGNORE), "MPI_Ireduce_scatter");
+    if (scale_ != 1.0 && recv_.numel() > 0) recv_.mul_(scale_);
+  }
+
+ private:
+  MPI_Request req_;
+  torch::Tensor recv_;
+  double scale_;
+};
+
 class MpiCommunicator final : public Communicator {
  public:
   MpiCommunicator() {
@@ -68,6 +85,26 @@ class MpiCommunicator final : public Communicator {
                                  mpi_op(op), MPI_COMM_WORLD),
               "MPI_Reduce_scatter");
     if (op == ReduceOp::Mean) mine.div_(size_);
+  }
+
+  std::unique_ptr<Work> reduce_scatter_range(const torch::Tensor& full, int64_t begin, int64_t end,
+                                             torch::Tensor& mine, ReduceOp op) override {
+    check_cpu_contiguous(full, "reduce_scatter_range");
+    const int64_t n = full.numel();
+    std::vector<int> counts(size_);
+    int64_t my_offset = 0;
+    for (int r = 0; r < size_; ++r) {
+      auto s = shard_range(n, size_, r);
+      int64_t lo = std::max(begin, s.begin), hi = std::min(end, s.end);
+      counts[r] = static_cast<int>(std::max<int64_t>(0, hi - lo));
+      if (r == rank_) my_offset = std::max<int64_t>(0, lo - s.begin);
+    }
+    torch::Tensor recv = mine.narrow(0, std::min<int64_t>(my_offset, mine.numel()), counts[rank_]);
+    MPI_Request req;
+    check_mpi(MPI_Ireduce_scatter(static_cast<char*>(full.data_ptr()) + begin * full.element_size(), recv.data_ptr(), counts.data(),
+                                  mpi_type(full), mpi_op(op), MPI_COMM_WORLD, &req),
+              "MPI_Ireduce_scatter");
+    return std::make_unique<MpiWork>(req, recv, op == ReduceOp::Mean ? 1.0 / size_ : 1.0);
   }
 
   void all_gather(const torch::Tensor& mine, torch::Tensor& full) override {

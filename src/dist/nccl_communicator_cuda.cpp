@@ -57,6 +57,19 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   return ncclSum;
 }
 
+class NcclCommunicator;
+
+class NcclWork final : public Work {
+ public:
+  NcclWork(NcclCommunicator& owner, cudaEvent_t done) : owner_(owner), done_(done) {}
+  ~NcclWork() override;
+  void wait() override;
+
+ private:
+  NcclCommunicator& owner_;
+  cudaEvent_t done_;
+};
+
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(int device_index, double timeout_s) : device_(device_index), timeout_s_(timeout_s) {
@@ -68,9 +81,11 @@ class NcclCommunicator final : public Communicator {
     MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
     SEDD_NCCL(ncclCommInitRank(&comm_, size_, id, rank_));
     SEDD_CUDA(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    SEDD_CUDA(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
   }
   ~NcclCommunicator() override {
     if (done_) cudaEventDestroy(done_);
+    if (comm_stream_) cudaStreamDestroy(comm_stream_);
     if (comm_) ncclCommDestroy(comm_);
   }
   int rank() const override { return rank_; }
@@ -95,6 +110,33 @@ class NcclCommunicator final : public Communicator {
                                 stream()));
     if (recv.data_ptr() != mine.data_ptr()) mine.copy_(recv.narrow(0, 0, mine.numel()));
     wait("reduce_scatter");
+  }
+
+  // Bucketed reduction on a separate stream, so it runs while backward keeps the compute stream
+  // busy: one grouped ncclReduce per rank whose shard meets the range.
+  std::unique_ptr<Work> reduce_scatter_range(const torch::Tensor& full, int64_t begin, int64_t end,
+                                             torch::Tensor& mine, ReduceOp op) override {
+    check(full, "reduce_scatter_range");
+    check(mine, "reduce_scatter_range");
+    const int64_t n = full.numel(), elem = full.element_size();
+    cudaEvent_t ready = nullptr, done = nullptr;
+    SEDD_CUDA(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    SEDD_CUDA(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    SEDD_CUDA(cudaEventRecord(ready, stream()));  // the gradients queued so far
+    SEDD_CUDA(cudaStreamWaitEvent(comm_stream_, ready, 0));
+    SEDD_NCCL(ncclGroupStart());
+    for (int r = 0; r < size_; ++r) {
+      auto s = shard_range(n, size_, r);
+      int64_t lo = std::max(begin, s.begin), hi = std::min(end, s.end);
+      if (hi <= lo) continue;
+      void* recv = r == rank_ ? static_cast<void*>(static_cast<char*>(mine.data_ptr()) + (lo - s.begin) * elem) : nullptr;
+      SEDD_NCCL(ncclReduce(static_cast<const char*>(full.data_ptr()) + lo * elem, recv, hi - lo, nccl_type(full),
+                           nccl_op(op), r, comm_, comm_stream_));
+    }
+    SEDD_NCCL(ncclGroupEnd());
+    SEDD_CUDA(cudaEventRecord(done, comm_stream_));
+    cudaEventDestroy(ready);
+    return std::make_unique<NcclWork>(*this, done);
   }
 
   void all_gather(const torch::Tensor& mine, torch::Tensor& full) override {
@@ -132,12 +174,16 @@ class NcclCommunicator final : public Communicator {
                what, device_);
     SEDD_CHECK(t.is_contiguous(), "NCCL communicator: {} needs a contiguous tensor", what);
   }
+  friend class NcclWork;
   // Waits for the collective with a watchdog: async NCCL errors and the timeout both abort.
   void wait(const char* what) {
     SEDD_CUDA(cudaEventRecord(done_, stream()));
+    wait_event(done_, what);
+  }
+  void wait_event(cudaEvent_t event, const char* what) {
     auto start = std::chrono::steady_clock::now();
     for (;;) {
-      cudaError_t q = cudaEventQuery(done_);
+      cudaError_t q = cudaEventQuery(event);
       if (q == cudaSuccess) return;
       if (q != cudaErrorNotReady) SEDD_CUDA(q);
       ncclResult_t async_rc = ncclSuccess;
@@ -159,7 +205,17 @@ class NcclCommunicator final : public Communicator {
   int rank_ = 0, size_ = 1;
   ncclComm_t comm_ = nullptr;
   cudaEvent_t done_ = nullptr;
+  cudaStream_t comm_stream_ = nullptr;
 };
+
+NcclWork::~NcclWork() {
+  if (done_) cudaEventDestroy(done_);
+}
+
+void NcclWork::wait() {
+  owner_.wait_event(done_, "reduce_scatter_range");
+  cudaStreamWaitEvent(owner_.stream(), done_, 0);  // later work on the compute stream sees the result
+}
 
 }  // namespace
 

@@ -31,6 +31,7 @@ void TrainingConfig::validate(int world) const {
              "train.precision must be fp32, bf16 or fp64, got '{}'", train.precision);
   SEDD_CHECK(train.log_every > 0, "train.log_every must be positive");
   SEDD_CHECK(train.keep_ckpts > 0, "train.keep_ckpts must be at least 1");
+  SEDD_CHECK(train.bucket_elems > 0, "train.bucket_elems must be positive, got {}", train.bucket_elems);
   SEDD_CHECK(train.eval_every == 0 || !data.valid.empty(), "train.eval_every > 0 needs data.valid");
   SEDD_CHECK(run.device == "cpu" || run.device == "cuda" || run.device == "auto",
              "run.device must be cpu, cuda or auto, got '{}'", run.device);

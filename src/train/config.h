@@ -40,6 +40,7 @@ struct TrainSection {
   int64_t ckpt_every = 0;             // 0: only at the end; < 0: never (benchmarks)
   int64_t keep_ckpts = 3;
   double comm_timeout_s = 300;        // NCCL watchdog
+  int64_t bucket_elems = int64_t{1} << 22;  // gradient bucket reduced while backward still runs
 };
 
 struct TrainingConfig {

@@ -64,7 +64,7 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::strin
   model_->to(rt_.device, dtype_);
   model_->bf16 = cfg_.train.precision == "bf16";
   AdamWConfig ac{cfg_.train.beta1, cfg_.train.beta2, cfg_.train.adam_eps, cfg_.train.weight_decay,
-                 cfg_.train.grad_clip, cfg_.train.ema};
+                 cfg_.train.grad_clip, cfg_.train.ema, cfg_.train.bucket_elems};
   opt_ = std::make_unique<ShardedAdamW>(model_->parameters(), comm_, ac);
   ckpt_ = std::make_unique<Checkpointer>(cfg_.run.dir, cfg_.train.keep_ckpts);
 
@@ -84,11 +84,11 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::strin
     std::printf("[train] %s; %lld parameters\n", cfg_.model.summary().c_str(),
                 static_cast<long long>(model_->parameter_count()));
     std::printf("[train] %d ranks x %d threads on %s; global batch %lld = %d ranks x %lld micro x %lld accumulation; "
-                "optimizer+EMA state %.2f MB per rank\n",
+                "optimizer+EMA state %.2f MB per rank; %lld gradient buckets\n",
                 comm_.size(), rt_.threads, rt_.device.str().c_str(), static_cast<long long>(cfg_.train.batch_size),
                 comm_.size(), static_cast<long long>(cfg_.micro_batch(comm_.size())),
                 static_cast<long long>(cfg_.rows_per_rank(comm_.size()) / cfg_.micro_batch(comm_.size())),
-                opt_->state_bytes() / 1e6);
+                opt_->state_bytes() / 1e6, static_cast<long long>(opt_->buckets()));
     std::fflush(stdout);
   }
 }
@@ -200,8 +200,10 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal) {
     auto x0 = train_->next();  // [rows, L]
     double loss_sum = 0;
     opt_->zero_grad();
-    for (int64_t m = 0; m < rows; m += mb)
+    for (int64_t m = 0; m < rows; m += mb) {
+      if (m + mb >= rows) opt_->overlap_next_backward();  // reduce buckets while backward runs
       loss_sum += micro_batch(x0.narrow(0, m, mb), comm_.rank() * rows + m, step, 1.0 / rows, true);
+    }
     auto loss_t = torch::tensor({loss_sum}, device_opts);
     comm_.all_reduce(loss_t, ReduceOp::Sum);
     const double loss = loss_t.item<double>() / static_cast<double>(B * L);
