@@ -28,16 +28,20 @@ TEST(Libraries, OneCudaRuntimeAndOneNcclFromTheTorchWheel) {
   ASSERT_EQ(torch_libs.size(), 1u);
   std::string torch_dir = *torch_libs.begin();
   std::string site = torch_dir.substr(0, torch_dir.find("/torch/lib/"));
-#ifdef SEDD_HAVE_CUDA
   for (const char* lib : {"libcudart.so", "libnccl.so"}) {
     auto found = mapped_libraries(lib);
+#ifdef SEDD_HAVE_CUDA
     ASSERT_EQ(found.size(), 1u) << lib << " is mapped " << found.size() << " times";
-    EXPECT_EQ(found.begin()->rfind(site, 0), 0u) << lib << " comes from " << *found.begin()
-                                                 << ", not from the torch wheel in " << site;
+#else  // a CPU-only build may still sit on a CUDA wheel, whose libtorch pulls these in
+    ASSERT_LE(found.size(), 1u) << lib << " is mapped " << found.size() << " times";
+#endif
+    if (!found.empty())
+      EXPECT_EQ(found.begin()->rfind(site, 0), 0u) << lib << " comes from " << *found.begin()
+                                                   << ", not from the torch wheel in " << site;
   }
+#ifdef SEDD_HAVE_CUDA
   EXPECT_EQ(sedd::nccl_available(), torch::cuda::is_available());
 #else
-  EXPECT_TRUE(mapped_libraries("libnccl.so").empty());
   EXPECT_FALSE(sedd::nccl_available());
 #endif
 }

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/shard.h"
+#include "dist/communicator.h"
 #include "io/fs.h"
 #include "io/hdf5.h"
 #include "model/weights.h"
@@ -159,7 +160,7 @@ TEST(TrainCheckpoint, AnotherModelShapeIsRefusedAndTheCheckpointKept) {
 
 // The NCCL + bf16 training path on one GPU (W = 1). Skips without a GPU.
 TEST(TrainGpu, OneGpuRankTrainsWithNcclAndBf16) {
-  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (!nccl_available()) GTEST_SKIP() << "no CUDA device (or a build without NCCL)";
   TempDir tmp;
   std::string data = make_data(tmp), out, dir = tmp / "run";
   std::string cmd = fmt::format(

@@ -11,7 +11,7 @@ fail() { echo "FAILED: $*"; [[ -n ${work:-} ]] && { echo "--- job log"; cat "$wo
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null 2>&1 ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge; } >/dev/null 2>&1 ||
       skip "could not install slurm-wlm and munge with apt-get"
   else
     skip "slurmctld/slurmd/munged are not installed and this user cannot install them"
