@@ -161,7 +161,8 @@ void Trainer::log_step(double loss, double lr, double grad_norm, bool skipped, d
   if (std::isfinite(valid_loss)) row["valid_loss"] = valid_loss;
   std::string mfu;
   if (rt_.device.is_cuda()) {
-    double m = tps * comm_.size() * model_->flops_per_token(cfg_.data.seq_len) / (kH100PeakBf16 * comm_.size());
+    // tps counts every rank's tokens, so the peak is that of all ranks' GPUs together.
+    double m = tps * model_->flops_per_token(cfg_.data.seq_len) / (kH100PeakBf16 * comm_.size());
     row["mfu"] = m;
     mfu = fmt::format(" | MFU {:.1f}%", 100 * m);
   }
