@@ -35,7 +35,8 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 if ! "$venv/bin/python" -c "import torch, numpy, h5py, tokenizers, safetensors, matplotlib" 2>/dev/null; then
   say "installing torch, numpy, h5py, tokenizers, safetensors, matplotlib into $venv"
-  "$venv/bin/pip" install -q torch numpy h5py tokenizers safetensors matplotlib
+  # torch pinned: the C++ API and the CUDA/NCCL wheel layout this build links against
+  "$venv/bin/pip" install -q "torch==2.15.0" numpy h5py tokenizers safetensors matplotlib
 fi
 
 [[ ${SEDD_SKIP_BUILD:-0} == 1 ]] && exit 0
