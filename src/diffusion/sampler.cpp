@@ -31,14 +31,6 @@ void Constraint::apply(torch::Tensor& x) const {
   x.index_copy_(1, pos, tok.unsqueeze(0).expand({x.size(0), -1}).contiguous());
 }
 
-namespace {
-
-torch::Tensor draw_rows(const torch::Tensor& weights, std::vector<torch::Generator>& gens) {
-  return sample_categorical_rows(weights, gens);
-}
-
-}  // namespace
-
 torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t length,
                      const SamplerConfig& cfg, const Constraint& constraint, std::vector<torch::Generator>& gens,
                      torch::Device device, const std::function<void(int64_t, int64_t)>& progress) {
@@ -65,12 +57,12 @@ torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, 
     if (cfg.predictor == "euler") {
       auto score = score_at(sigma);
       auto rate = (dt * noise.rate(t)).to(dtype).view({B, 1, 1}) * graph.reverse_rate(x, score);
-      x = draw_rows(torch::nn::functional::one_hot(x, graph.dim()).to(dtype) + rate, gens);
+      x = sample_categorical_rows(torch::nn::functional::one_hot(x, graph.dim()).to(dtype) + rate, gens);
     } else {
       auto dsigma = (sigma - noise.total(t - dt)).to(dtype).unsqueeze(-1);  // [B, 1]
       auto score = score_at(sigma);
       auto probs = graph.staggered_score(score, dsigma) * graph.transp_transition(x, dsigma);
-      x = draw_rows(probs.clamp_min(0), gens);
+      x = sample_categorical_rows(probs.clamp_min(0), gens);
     }
     if (progress) progress(i + 1, cfg.steps);
   }
@@ -81,7 +73,7 @@ torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, 
     auto s = sigma.to(dtype).unsqueeze(-1);
     auto probs = graph.staggered_score(score_at(sigma), s) * graph.transp_transition(x, s);
     if (graph.absorbing()) probs = probs.narrow(-1, 0, graph.tokens());  // never end on a mask
-    x = draw_rows(probs.clamp_min(0), gens);
+    x = sample_categorical_rows(probs.clamp_min(0), gens);
     constraint.apply(x);
   }
   return x;

@@ -154,9 +154,7 @@ TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW&
   {
     torch::NoGradGuard ng;
     StateDict weights = read_state_dict(mf, "/model");
-    DDiT probe(model->cfg);  // strict check of names and shapes on a CPU copy
-    load_state_dict(*probe, weights, model_path);
-    for (auto& [k, v] : state_dict(*model)) v.copy_(weights.at(k));
+    load_state_dict(*model, weights, model_path);  // strict; writes through into the flat buffer
     StateDict ema = mf.is_group("/ema") ? read_state_dict(mf, "/ema") : weights;
     opt.load_ema(flatten(model, ema, opt.padded_numel()).to(opt.ema_shard().device()));
   }

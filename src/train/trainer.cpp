@@ -183,7 +183,6 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal) {
   const int64_t rows = cfg_.rows_per_rank(W), mb = cfg_.micro_batch(W), B = cfg_.train.batch_size;
   const int64_t L = cfg_.data.seq_len;
   log_->start = log_->window_start = std::chrono::steady_clock::now();
-  const int64_t first_step = step_;
   log_->first_step = step_;
   auto device_opts = torch::TensorOptions().dtype(torch::kDouble).device(rt_.device);
   while (step_ < cfg_.train.steps) {
@@ -221,7 +220,7 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal) {
     log_->window_tokens += B * L;
     double valid = std::nan("");
     if (cfg_.train.eval_every > 0 && step_ % cfg_.train.eval_every == 0) valid = validation_loss(cfg_.train.eval_batches);
-    if (step_ % cfg_.train.log_every == 0 || res.skipped || step_ == first_step + 1 || std::isfinite(valid))
+    if (step_ % cfg_.train.log_every == 0 || res.skipped || step_ == log_->first_step + 1 || std::isfinite(valid))
       log_step(loss, lr, res.grad_norm, res.skipped, valid);
     if (cfg_.train.ckpt_every > 0 && step_ % cfg_.train.ckpt_every == 0) save_checkpoint();
   }
