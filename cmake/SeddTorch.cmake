@@ -4,7 +4,11 @@
 # When the wheel has CUDA we link the CUDA runtime and NCCL *from the wheel* (nvidia/cu13, nvidia/nccl),
 # the very files libtorch_cuda.so loads, and drop the system toolkit's libcudart that TorchConfig adds:
 # two copies of libcudart or libnccl in one process break CUDA contexts and NCCL communicators.
-# A fixed arch list keeps TorchConfig from compiling a GPU-probe program (we build no .cu files).
+# A fixed arch list keeps TorchConfig from compiling a GPU-probe program.
+#
+# Our own CUDA kernels (*.cu: keyed randomness, fused model ops) are built when nvcc is found
+# (SEDD_HAVE_CUDA_KERNELS); they link no CUDA runtime of their own (CMAKE_CUDA_RUNTIME_LIBRARY
+# None) but the wheel's, like everything else.
 if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
   set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
 endif()
@@ -49,4 +53,21 @@ if(SEDD_HAVE_CUDA)
   target_link_libraries(sedd_torch INTERFACE
     -Wl,--no-as-needed "${SEDD_TORCH_LIB_DIR}/libtorch_cuda.so" -Wl,--as-needed
     "${SEDD_TORCH_LIB_DIR}/libc10_cuda.so" "${SEDD_NCCL_LIBRARY}" "${SEDD_CUDART_LIBRARY}")
+endif()
+
+set(SEDD_HAVE_CUDA_KERNELS OFF)
+if(SEDD_HAVE_CUDA)
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(CMAKE_CUDA_RUNTIME_LIBRARY None)
+    # TorchConfig turns CMAKE_CUDA_ARCHITECTURES off; our kernels name theirs on their target.
+    set(SEDD_CUDA_ARCHS "80;90" CACHE STRING "GPU architectures of the CUDA kernels (A100, H100/H200)")
+    set(CMAKE_CUDA_STANDARD 17)
+    enable_language(CUDA)
+    set(SEDD_HAVE_CUDA_KERNELS ON)
+    message(STATUS "sedd: CUDA kernels on (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, archs ${SEDD_CUDA_ARCHS})")
+  else()
+    message(WARNING "sedd: no nvcc found: the CUDA kernels are off (GPU paths fall back to LibTorch ops)")
+  endif()
 endif()

@@ -4,6 +4,9 @@
 #   SEDD_VENV      virtualenv folder (default: <repo>/.venv)
 #   SEDD_BUILD     build folder      (default: <repo>/build)
 #   SEDD_SKIP_BUILD=1   install only
+#   SEDD_TORCH_VERSION  the PyPI torch wheel to build against (default 2.15.0; 2.11.0 works too)
+#   Torch_DIR           an existing LibTorch (its share/cmake/Torch); the wheel then serves the
+#                       Python tools only
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${SEDD_VENV:-$repo/.venv}
@@ -33,20 +36,33 @@ if [[ ! -x $venv/bin/python ]]; then
   say "creating virtualenv $venv"
   "$py" -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import torch, numpy, h5py, tokenizers, safetensors, matplotlib" 2>/dev/null; then
-  say "installing torch, numpy, h5py, tokenizers, safetensors, matplotlib into $venv"
-  # torch pinned: the C++ API and the CUDA/NCCL wheel layout this build links against
-  "$venv/bin/pip" install -q "torch==2.15.0" numpy h5py tokenizers safetensors matplotlib
+# torch pinned (override with SEDD_TORCH_VERSION): the C++ API and the CUDA/NCCL wheel layout
+# this build links against.
+torch_version=${SEDD_TORCH_VERSION:-2.15.0}
+have=$("$venv/bin/python" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
+if [[ $have != "$torch_version" ]] ||
+   ! "$venv/bin/python" -c "import numpy, h5py, tokenizers, safetensors, matplotlib, pyarrow" 2>/dev/null; then
+  say "installing torch==$torch_version, numpy, h5py, tokenizers, safetensors, matplotlib, pyarrow into $venv"
+  "$venv/bin/pip" install -q "torch==$torch_version" numpy h5py tokenizers safetensors matplotlib pyarrow
 fi
 
 [[ ${SEDD_SKIP_BUILD:-0} == 1 ]] && exit 0
 
 # --- Configure and build ---------------------------------------------------------------------
 prefix=$("$venv/bin/python" -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
+torch_args=(-DCMAKE_PREFIX_PATH="$prefix")
+[[ -n ${Torch_DIR:-} ]] && torch_args+=(-DTorch_DIR="$Torch_DIR")
+# A build folder configured for another torch is configured afresh.
+stamp="torch $torch_version ${Torch_DIR:-wheel}"
+if [[ -f $build/build.ninja && $(cat "$build/.sedd-torch" 2>/dev/null) != "$stamp" ]]; then
+  say "torch changed ($stamp): reconfiguring $build"
+  rm -f "$build/CMakeCache.txt" "$build/build.ninja"
+fi
 if [[ ! -f $build/build.ninja ]]; then
-  say "configuring $build"
+  say "configuring $build ($stamp)"
   cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DCMAKE_PREFIX_PATH="$prefix" -DSEDD_PYTHON="$venv/bin/python" >/dev/null
+        "${torch_args[@]}" -DSEDD_PYTHON="$venv/bin/python" >/dev/null
+  echo "$stamp" > "$build/.sedd-torch"
 fi
 say "building (2 cores: the first build takes a while, later ones are incremental)"
 start=$(date +%s)

@@ -4,7 +4,7 @@
 #include <fstream>
 #include <set>
 
-#include "dist/communicator.h"
+#include "distributed/communicator.h"
 
 namespace {
 std::set<std::string> mapped_libraries(const std::string& needle) {

@@ -1,9 +1,9 @@
 // Multi-rank tests of the MPI communicator, run under mpirun with 2 and 3 ranks.
 #include <gtest/gtest.h>
 
-#include "dist/communicator.h"
-#include "dist/runtime.h"
-#include "dist/zero.h"
+#include "distributed/communicator.h"
+#include "distributed/runtime.h"
+#include "distributed/zero.h"
 #include <thread>
 
 using namespace sedd;

@@ -13,7 +13,7 @@ struct TempDir {
   std::string operator/(const std::string& name) const { return path + "/" + name; }
 };
 
-std::string golden_path();      // $SEDD_GOLDEN or ../shared/golden/sedd_reference.h5
+std::string golden_path();      // $SEDD_GOLDEN or tests/data/sedd_reference.h5
 std::string source_dir();
 std::string bin_dir();
 std::string python();           // the virtualenv's python (may be empty)

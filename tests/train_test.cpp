@@ -6,7 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/shard.h"
-#include "dist/communicator.h"
+#include "distributed/communicator.h"
 #include "io/fs.h"
 #include "io/hdf5.h"
 #include "model/weights.h"

@@ -7,7 +7,7 @@
 
 #include "data/shard.h"
 #include "data/token_stream.h"
-#include "dist/runtime.h"
+#include "distributed/runtime.h"
 #include "io/hdf5.h"
 
 using namespace sedd;

@@ -6,7 +6,7 @@
 #include <filesystem>
 
 #include "data/shard.h"
-#include "dist/communicator.h"
+#include "distributed/communicator.h"
 #include "train/trainer.h"
 
 using namespace sedd;

@@ -7,7 +7,7 @@
 #include <unistd.h>
 
 #include "data/prepare.h"
-#include "dist/runtime.h"
+#include "distributed/runtime.h"
 #include "io/error.h"
 
 namespace po = boost::program_options;

@@ -5,8 +5,8 @@
 #include <cstdio>
 #include <iostream>
 
-#include "dist/communicator.h"
-#include "dist/runtime.h"
+#include "distributed/communicator.h"
+#include "distributed/runtime.h"
 #include "train/trainer.h"
 #include "train_options.h"
 

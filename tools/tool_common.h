@@ -8,7 +8,7 @@
 #include <string>
 
 #include "data/tokenizer.h"
-#include "dist/runtime.h"
+#include "distributed/runtime.h"
 #include "io/error.h"
 #include "model/weights.h"
 #include "train/checkpoint.h"

@@ -8,8 +8,8 @@
 #include <optional>
 #include <string>
 
-#include "dist/communicator.h"
-#include "dist/zero.h"
+#include "distributed/communicator.h"
+#include "distributed/zero.h"
 #include "model/ddit.h"
 #include "model/weights.h"
 

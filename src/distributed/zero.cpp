@@ -1,5 +1,5 @@
 // ZeRO-1 sharded AdamW; see zero.h.
-#include "dist/zero.h"
+#include "distributed/zero.h"
 
 #include <chrono>
 #include <cmath>

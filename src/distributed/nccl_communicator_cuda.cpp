@@ -11,8 +11,8 @@
 #include <chrono>
 #include <thread>
 
-#include "dist/communicator.h"
-#include "dist/runtime.h"
+#include "distributed/communicator.h"
+#include "distributed/runtime.h"
 #include "io/error.h"
 
 namespace sedd {

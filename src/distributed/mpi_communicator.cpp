@@ -1,8 +1,8 @@
 // MPI backend of Communicator; see communicator.h.
 #include <mpi.h>
 
-#include "dist/communicator.h"
-#include "dist/runtime.h"
+#include "distributed/communicator.h"
+#include "distributed/runtime.h"
 #include "io/error.h"
 
 namespace sedd {

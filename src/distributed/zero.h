@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "dist/communicator.h"
-#include "dist/runtime.h"
+#include "distributed/communicator.h"
+#include "distributed/runtime.h"
 
 namespace sedd {
 

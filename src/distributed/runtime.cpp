@@ -1,5 +1,5 @@
 // Runtime; see runtime.h.
-#include "dist/runtime.h"
+#include "distributed/runtime.h"
 
 #include <unistd.h>
 

@@ -1,0 +1,133 @@
+// Keyed randomness; see keyed_random.h. CPU loops here, CUDA kernels in keyed_random_kernels.cu;
+// both evaluate the same Philox elements, so their uniforms agree bit for bit.
+#include "diffusion/keyed_random.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "io/error.h"
+
+#ifdef SEDD_HAVE_CUDA_KERNELS
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "diffusion/keyed_random_kernels.h"
+#endif
+
+namespace sedd {
+
+namespace {
+
+torch::Tensor offsets_or_zeros(const torch::Tensor& col_offset, const torch::Tensor& rows) {
+  if (!col_offset.defined()) return torch::zeros_like(rows);
+  SEDD_CHECK(col_offset.sizes() == rows.sizes() && col_offset.scalar_type() == torch::kLong,
+             "keyed random: col_offset must be int64 with the shape of rows");
+  return col_offset.to(rows.device()).contiguous();
+}
+
+void check_rows(const torch::Tensor& rows) {
+  SEDD_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kLong, "keyed random: rows must be int64 [R], got {} {}",
+             c10::toString(rows.scalar_type()), c10::str(rows.sizes()));
+}
+
+template <typename T>
+void uniform_cpu(const philox::Stream& s, const int64_t* rows, const int64_t* offs, int64_t n, int64_t cols, T* out) {
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint64_t row = static_cast<uint64_t>(rows[r]);
+      T* o = out + r * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const uint64_t col = static_cast<uint64_t>(offs[r] + c);
+        if constexpr (std::is_same_v<T, double>) o[c] = s.uniform_double(row, col);
+        else o[c] = s.uniform_float(row, col);
+      }
+    }
+  });
+}
+
+template <typename T>
+void categorical_cpu(const philox::Stream& s, const T* w, const int64_t* rows, const int64_t* offs, int64_t n,
+                     int64_t cols, int64_t* out) {
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint64_t row = static_cast<uint64_t>(rows[r]);
+      const T* wr = w + r * cols;
+      double best = -1;
+      int64_t arg = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        double e = -std::log(s.uniform_open_double(row, static_cast<uint64_t>(offs[r] + c)));
+        double v = static_cast<double>(wr[c]) / e;
+        if (v > best) best = v, arg = c;
+      }
+      out[r] = arg;
+    }
+  });
+}
+
+}  // namespace
+
+bool keyed_random_has_cuda_kernels() {
+#ifdef SEDD_HAVE_CUDA_KERNELS
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor keyed_uniform(const RandomStream& s, const torch::Tensor& rows_in, int64_t cols, torch::ScalarType dtype,
+                            const torch::Tensor& col_offset) {
+  check_rows(rows_in);
+  SEDD_CHECK(dtype == torch::kFloat || dtype == torch::kDouble, "keyed_uniform: dtype must be float32 or float64");
+  torch::Tensor rows = rows_in.contiguous(), offs = offsets_or_zeros(col_offset, rows);
+  const int64_t n = rows.size(0);
+  torch::Tensor out = torch::empty({n, cols}, rows.options().dtype(dtype));
+  if (n == 0 || cols == 0) return out;
+  const philox::Stream ps = s.philox();
+  if (rows.is_cuda()) {
+#ifdef SEDD_HAVE_CUDA_KERNELS
+    c10::cuda::CUDAGuard guard(rows.device());
+    cuda::keyed_uniform(ps, rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr(),
+                        dtype == torch::kDouble, c10::cuda::getCurrentCUDAStream().stream());
+    return out;
+#else
+    return keyed_uniform(s, rows.cpu(), cols, dtype, offs.cpu()).to(rows.device());
+#endif
+  }
+  if (dtype == torch::kDouble) uniform_cpu(ps, rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<double>());
+  else uniform_cpu(ps, rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<float>());
+  return out;
+}
+
+torch::Tensor keyed_categorical(const torch::Tensor& weights_in, const RandomStream& s, const torch::Tensor& rows_in,
+                                const torch::Tensor& col_offset) {
+  check_rows(rows_in);
+  SEDD_CHECK(weights_in.dim() == 2 && weights_in.size(0) == rows_in.size(0),
+             "keyed_categorical: weights must be [R, K] with R = rows, got {}", c10::str(weights_in.sizes()));
+  torch::Tensor w = weights_in;
+  if (w.scalar_type() != torch::kDouble && w.scalar_type() != torch::kFloat) w = w.to(torch::kFloat);
+  w = w.contiguous();
+  torch::Tensor rows = rows_in.to(w.device()).contiguous(), offs = offsets_or_zeros(col_offset, rows);
+  const int64_t n = w.size(0), cols = w.size(1);
+  torch::Tensor out = torch::zeros({n}, rows.options());
+  if (n == 0 || cols == 0) return out;
+  const philox::Stream ps = s.philox();
+  if (w.is_cuda()) {
+#ifdef SEDD_HAVE_CUDA_KERNELS
+    c10::cuda::CUDAGuard guard(w.device());
+    cuda::keyed_categorical(ps, w.data_ptr(), w.scalar_type() == torch::kDouble, rows.data_ptr<int64_t>(),
+                            offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>(),
+                            c10::cuda::getCurrentCUDAStream().stream());
+    return out;
+#else
+    return keyed_categorical(w.cpu(), s, rows.cpu(), offs.cpu()).to(w.device());
+#endif
+  }
+  if (w.scalar_type() == torch::kDouble)
+    categorical_cpu(ps, w.data_ptr<double>(), rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>());
+  else
+    categorical_cpu(ps, w.data_ptr<float>(), rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>());
+  return out;
+}
+
+}  // namespace sedd
