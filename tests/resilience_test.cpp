@@ -9,6 +9,7 @@
 #include <thread>
 #include <csignal>
 #include <sstream>
+#include <unistd.h>
 
 #include "data/shard.h"
 #include "io/fs.h"
@@ -184,4 +185,33 @@ TEST(Resilience, KillNineDuringCheckpointWritesNeverBreaksLatest) {
   // ... and training resumes from it.
   ASSERT_EQ(run(slow_train_cmd(2, data, dir, losses(dir).size() + 2), &out), 0) << out;
   EXPECT_NE(out.find("resumed from"), std::string::npos);
+}
+
+// A rank that stops answering (SIGSTOP: alive but hung) makes its peer's watchdog end the job
+// within dist.timeout_s, with a message naming rank, host and the collective it waited in.
+TEST(Resilience, WatchdogEndsTheJobWhenAPeerHangs) {
+  TempDir tmp;
+  std::string data = make_random_data(tmp), dir = tmp / "run";
+  start_background(slow_train_cmd(2, data, dir, 100000, "--dist.timeout_s 4"), tmp / "bg");
+  wait_for_lines(dir, 3);
+  auto pids = rank_pids(dir);
+  ASSERT_EQ(pids.size(), 2u);
+  auto t0 = std::chrono::steady_clock::now();
+  ::kill(pids.back(), SIGSTOP);
+  int rc = wait_rc(tmp / "bg", 60s);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (int pid : pids) ::kill(pid, SIGKILL);  // in case the stopped rank outlived the job
+  std::string log = fs::read_text(tmp / "bg/log");
+  std::cout << "job ended " << secs << " s after one rank hung (timeout 4 s), exit " << rc << "\n";
+  EXPECT_NE(rc, -999) << "the job hung\n" << log;
+  EXPECT_NE(rc, 0);
+  EXPECT_LT(secs, 30.0);
+  EXPECT_GT(secs, 3.0) << "ended before the timeout";
+  EXPECT_NE(log.find("] watchdog: collective '"), std::string::npos) << log;
+  EXPECT_NE(log.find("made no progress for"), std::string::npos) << log;
+  EXPECT_NE(log.find("on " + [] {
+    char h[256] = {0};
+    gethostname(h, sizeof(h) - 1);
+    return std::string(h);
+  }()), std::string::npos) << log;
 }

@@ -1,9 +1,12 @@
 // sedd-train end to end under real mpirun: rank-count equivalence, learning, options, resume.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "data/shard.h"
 #include "distributed/communicator.h"
@@ -158,19 +161,103 @@ TEST(TrainCheckpoint, AnotherModelShapeIsRefusedAndTheCheckpointKept) {
   EXPECT_EQ(fs::read_text(dir + "/checkpoints/latest"), before);
 }
 
-// The NCCL + bf16 training path on one GPU (W = 1). Skips without a GPU.
-TEST(TrainGpu, OneGpuRankTrainsWithNcclAndBf16) {
-  if (!nccl_available()) GTEST_SKIP() << "no CUDA device (or a build without NCCL)";
+// A non-finite loss (injected on rank 0 at step 4) skips that step on every rank, is reported,
+// and never reaches the weights, the EMA or the checkpoint.
+TEST(TrainFaults, NonFiniteLossIsSkippedAndNeverReachesTheWeights) {
   TempDir tmp;
   std::string data = make_data(tmp), out, dir = tmp / "run";
-  std::string cmd = fmt::format(
-      "{} -np 1 {}/sedd-train --data.train '{}' --run.dir {} --run.device cuda --train.precision bf16 "
-      "--data.seq_len 16 --model.hidden_size 64 --model.n_heads 2 --train.batch_size 8 --train.steps 30 "
-      "--train.lr 3e-3 --train.log_every 5",
-      kMpirun, bin_dir(), data, dir);
-  ASSERT_EQ(run(cmd, &out), 0) << out;
+  ASSERT_EQ(run(train_cmd(2, data, dir, "--train.steps 8 --debug.nan_at_step 4"), &out), 0) << out;
+  EXPECT_NE(out.find("SKIPPED (non-finite)"), std::string::npos) << out;
   auto rows = metrics(dir);
-  ASSERT_FALSE(rows.empty());
-  EXPECT_TRUE(rows.back().contains("mfu")) << "GPU runs report model FLOPs utilisation";
-  EXPECT_LT(rows.back()["loss"].get<double>(), rows.front()["loss"].get<double>());
+  ASSERT_EQ(rows.size(), 8u);
+  EXPECT_EQ(rows[3]["step"].get<int64_t>(), 4);
+  EXPECT_EQ(rows[3].value("skipped", int64_t{0}), 1);
+  for (size_t i = 0; i < rows.size(); ++i)
+    if (i != 3) EXPECT_TRUE(std::isfinite(rows[i]["loss"].get<double>())) << "step " << i + 1;
+  for (const char* group : {"/model", "/ema"})
+    for (const auto& [k, v] : final_weights(dir, group))
+      EXPECT_TRUE(torch::isfinite(v).all().item<bool>()) << group << "/" << k << " holds non-finite values";
+  // The optimizer counted 7 updates in 8 steps.
+  h5::File f(dir + "/checkpoints/step_8/optim/rank_0.h5", h5::Mode::Read);
+  EXPECT_EQ(f.attr_int("/", "adam_steps"), 7);
+}
+
+namespace {
+// The GPU life cycle's training command: bf16 on cuda:0 through the NCCL communicator.
+std::string gpu_train_cmd(const std::string& data, const std::string& dir, int64_t steps, const std::string& extra = "") {
+  return fmt::format(
+      "{} -np 1 {}/sedd-train --data.train '{}' --run.dir {} --run.device cuda --train.precision bf16 "
+      "--data.seq_len 32 --model.hidden_size 64 --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 32 "
+      "--train.batch_size 16 --train.steps {} --train.lr 3e-3 --train.warmup 5 --train.log_every 1 "
+      "--train.ckpt_every 10 {}",
+      kMpirun, bin_dir(), data, dir, steps, extra);
+}
+}  // namespace
+
+// The whole life of a GPU run: bf16 training with NCCL (mpirun -np 1), loss going down,
+// checkpoint, SIGUSR1 -> exit 3, resume with the same losses, NaN skip, then sample and evaluate
+// the GPU-trained checkpoint on the GPU.
+TEST(TrainGpu, LifeCycleOnGpuTrainCheckpointPreemptResumeSampleEval) {
+  if (!nccl_available()) GTEST_SKIP() << "no CUDA device (or a build without NCCL)";
+  TempDir tmp;
+  std::string data = make_data(tmp), out;
+  const int64_t steps = 60;
+  std::string straight = tmp / "straight";
+  ASSERT_EQ(run(gpu_train_cmd(data, straight, steps), &out), 0) << out;
+  EXPECT_NE(out.find("(nccl collectives)"), std::string::npos) << out;
+  auto a = metrics(straight);
+  ASSERT_EQ(a.size(), static_cast<size_t>(steps));
+  EXPECT_TRUE(a.back().contains("mfu")) << "GPU runs report model FLOPs utilisation";
+  double first = 0, last = 0;
+  for (int i = 0; i < 5; ++i) first += a[i]["loss"].get<double>() / 5, last += a[steps - 1 - i]["loss"].get<double>() / 5;
+  std::cout << "GPU bf16 loss " << first << " -> " << last << "\n";
+  EXPECT_LT(last, first - 0.3);
+
+  // Pre-empt with SIGUSR1 after a checkpoint, resume, and compare per-step losses.
+  std::string cut = tmp / "cut", bg = tmp / "bg";
+  std::filesystem::create_directories(bg);
+  std::system(fmt::format("( {} > {}/log 2>&1; echo $? > {}/rc ) &", gpu_train_cmd(data, cut, steps), bg, bg).c_str());
+  for (int i = 0; i < 1200 && !std::filesystem::exists(cut + "/checkpoints/step_20"); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::system(fmt::format("pkill -USR1 -f '^{}/sedd-train .*{}'", bin_dir(), cut).c_str());
+  for (int i = 0; i < 1200 && !std::filesystem::exists(bg + "/rc"); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_TRUE(std::filesystem::exists(bg + "/rc")) << "the pre-empted GPU run did not stop";
+  EXPECT_EQ(std::stoi(fs::read_text(bg + "/rc")), 3) << fs::read_text(bg + "/log");
+  ASSERT_EQ(run(gpu_train_cmd(data, cut, steps), &out), 0) << out;
+  EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
+  auto b = metrics(cut);
+  ASSERT_EQ(b.size(), a.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    double x = a[i]["loss"].get<double>(), y = b[i]["loss"].get<double>();
+    worst = std::max(worst, std::abs(x - y) / std::abs(x));
+  }
+  std::cout << "GPU resume: worst per-step loss difference " << worst << " (relative)\n";
+  // Keyed draws and a deterministic resume: equal up to bf16 kernel non-determinism.
+  EXPECT_LE(worst, 1e-2);
+
+  // A NaN at step 5 on the GPU: skipped, never in the saved weights.
+  std::string nan_dir = tmp / "nan";
+  ASSERT_EQ(run(gpu_train_cmd(data, nan_dir, 10, "--debug.nan_at_step 5"), &out), 0) << out;
+  EXPECT_NE(out.find("SKIPPED"), std::string::npos) << out;
+  for (const auto& [k, v] : final_weights(nan_dir)) EXPECT_TRUE(torch::isfinite(v).all().item<bool>()) << k;
+
+  // Sample and evaluate the GPU-trained checkpoint on the GPU.
+  ASSERT_EQ(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} --device cuda --num-samples 4 --steps 32 --out {}",
+                            kMpirun, bin_dir(), cut, tmp / "s.jsonl"),
+                &out),
+            0)
+      << out;
+  EXPECT_EQ(std::count(std::istreambuf_iterator<char>(*std::make_unique<std::ifstream>(tmp / "s.jsonl")), {}, '\n'), 4);
+  ASSERT_EQ(run(fmt::format("{} -np 1 {}/sedd-eval --checkpoint {} --device cuda --data '{}' --mc-samples 8 "
+                            "--max-sequences 32 --json {}",
+                            kMpirun, bin_dir(), cut, data, tmp / "e.json"),
+                &out),
+            0)
+      << out;
+  auto e = nlohmann::json::parse(fs::read_text(tmp / "e.json"));
+  EXPECT_EQ(e["precision"], "bf16");
+  EXPECT_TRUE(std::isfinite(e["nats_per_token"].get<double>()));
+  EXPECT_LT(e["nats_per_token"].get<double>(), std::log(40.0) + 0.5);
 }

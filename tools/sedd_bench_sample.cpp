@@ -1,48 +1,115 @@
-// Benchmark (not a test): samples/s of the analytic sampler with and without exact caching, for
-// 64, 256 and 1024 steps, on a model without time conditioning (random weights; the cost does
-// not depend on training). Also checks that both give identical samples.
+// Benchmark (not a test): samples/s and tokens/s of the analytic sampler, with and without exact
+// caching, on a model without time conditioning (random weights: the cost does not depend on
+// training). Also checks that both give identical samples.
+//   sedd-bench-sample [--device cpu|cuda] [--model tiny|small] [--samples N] [--length L]
+//                     [--steps 64,256,1024] [--precision bf16|fp32] [--json FILE]
+// tiny: the demo shape (2x128, 256 tokens, L 128); small: SEDD-small (12x768, GPT-2 vocabulary, L 1024).
+#include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 
-#include "diffusion/categorical.h"
+#include "distributed/runtime.h"
 #include "model/score.h"
 
 using namespace sedd;
+namespace po = boost::program_options;
 
 int main(int argc, char** argv) {
-  int64_t batch = 8, length = 128;
-  if (argc > 1) length = std::stoll(argv[1]);
+  Runtime& rt = Runtime::init(&argc, &argv, "cpu");
+  std::string device = "cpu", model = "tiny", steps_list, precision = "auto", json_out;
+  int64_t samples = 0, length = 0;
+  po::options_description desc("sedd-bench-sample: sampler throughput");
+  desc.add_options()("help,h", "show this help")("device", po::value(&device)->default_value("cpu"), "cpu | cuda")(
+      "model", po::value(&model)->default_value("tiny"), "tiny | small")(
+      "samples", po::value(&samples)->default_value(0), "samples per batch (0: 8 tiny, 16 small)")(
+      "length", po::value(&length)->default_value(0), "tokens per sample (0: 128 tiny, 1024 small)")(
+      "steps", po::value(&steps_list)->default_value(""), "comma-separated step counts (default 64,256,1024 / 128,1024)")(
+      "precision", po::value(&precision)->default_value("auto"), "bf16 | fp32 (auto: bf16 on GPUs)")(
+      "json", po::value(&json_out), "write the figures as JSON");
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, desc), vm);
+    if (vm.count("help")) {
+      std::cout << desc << "\n";
+      return 0;
+    }
+    po::notify(vm);
+    rt.select_device(device);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "sedd-bench-sample: error: %s\n", e.what());
+    return 2;
+  }
+  const bool small = model == "small";
   ModelConfig cfg;
-  cfg.tokens = 256;
-  cfg.hidden_size = 128;
-  cfg.n_heads = 4;
-  cfg.n_blocks = 2;
-  cfg.cond_dim = 64;
-  cfg.length = length;
+  cfg.tokens = small ? 50257 : 256;
+  cfg.hidden_size = small ? 768 : 128;
+  cfg.n_heads = small ? 12 : 4;
+  cfg.n_blocks = small ? 12 : 2;
+  cfg.cond_dim = small ? 128 : 64;
+  cfg.length = length > 0 ? length : (small ? 1024 : 128);
   cfg.time_conditioning = false;
+  if (samples <= 0) samples = small ? 16 : 8;
+  std::vector<int64_t> steps;
+  std::stringstream ss(steps_list.empty() ? (small ? "128,1024" : "64,256,1024") : steps_list);
+  for (std::string item; std::getline(ss, item, ',');) steps.push_back(std::stoll(item));
+
   torch::manual_seed(0);
   DDiT m(cfg);
+  {
+    torch::NoGradGuard ng;  // non-zero output layer, so the scores are not uniform
+    for (auto& p : m->parameters()) p.normal_(0, 0.02);
+  }
+  m->to(rt.device);
+  m->bf16 = rt.device.is_cuda() && precision != "fp32";
   m->eval();
   auto graph = make_graph("absorb", cfg.tokens);
   auto noise = make_noise(cfg.noise);
-  std::printf("torch threads %d; model %s; %lld samples x %lld tokens\n", torch::get_num_threads(),
-              cfg.summary().c_str(), static_cast<long long>(batch), static_cast<long long>(length));
-  std::printf("%6s %16s %16s %8s %10s\n", "steps", "samples/s plain", "samples/s cached", "speedup", "identical");
-  for (int64_t steps : {64, 256, 1024}) {
-    double rate[2];
+  std::printf("device %s (%s), torch threads %d; model %s; %lld samples x %lld tokens\n", rt.device_name().c_str(),
+              m->bf16 ? "bf16" : "fp32", torch::get_num_threads(), cfg.summary().c_str(),
+              static_cast<long long>(samples), static_cast<long long>(cfg.length));
+  std::printf("%6s %14s %14s %14s %14s %8s %10s %10s\n", "steps", "plain s", "plain smp/s", "cached s", "cached smp/s",
+              "speedup", "forwards", "identical");
+  nlohmann::json rows = nlohmann::json::array();
+  auto ids = torch::arange(samples, torch::kLong);
+  for (int64_t n : steps) {
+    double secs[2];
+    int64_t forwards[2];
     torch::Tensor out[2];
     for (int cached = 0; cached < 2; ++cached) {
       DDiTScore score(m, cached == 1);
-      std::vector<torch::Generator> gens;
-      for (int64_t i = 0; i < batch; ++i) gens.push_back(keyed_generator(1, 2, i));
       SamplerConfig sc;
-      sc.steps = steps;
+      sc.steps = n;
+      sc.seed = 1;
+      if (rt.device.is_cuda()) torch::cuda::synchronize();
       auto t0 = std::chrono::steady_clock::now();
-      out[cached] = sample(*graph, *noise, score, length, sc, Constraint{}, gens, torch::kCPU);
-      rate[cached] = batch / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      out[cached] = sample(*graph, *noise, score, cfg.length, sc, Constraint{}, ids, rt.device).cpu();
+      secs[cached] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      forwards[cached] = score.forwards();
     }
-    std::printf("%6lld %16.2f %16.2f %7.2fx %10s\n", static_cast<long long>(steps), rate[0], rate[1], rate[1] / rate[0],
-                torch::equal(out[0], out[1]) ? "yes" : "NO");
+    bool same = torch::equal(out[0], out[1]);
+    std::printf("%6lld %14.2f %14.2f %14.2f %14.2f %7.2fx %4lld/%-5lld %10s\n", static_cast<long long>(n), secs[0],
+                samples / secs[0], secs[1], samples / secs[1], secs[0] / secs[1], static_cast<long long>(forwards[1]),
+                static_cast<long long>(forwards[0]), same ? "yes" : "NO");
+    rows.push_back({{"steps", n},
+                    {"plain_seconds", secs[0]},
+                    {"plain_samples_per_s", samples / secs[0]},
+                    {"plain_tokens_per_s", samples * cfg.length / secs[0]},
+                    {"cached_seconds", secs[1]},
+                    {"cached_samples_per_s", samples / secs[1]},
+                    {"cached_tokens_per_s", samples * cfg.length / secs[1]},
+                    {"cached_forwards", forwards[1]},
+                    {"plain_forwards", forwards[0]},
+                    {"identical", same}});
+  }
+  if (!json_out.empty()) {
+    nlohmann::json j = {{"device", rt.device_name()}, {"precision", m->bf16 ? "bf16" : "fp32"},
+                        {"model", cfg.summary()},      {"samples", samples},
+                        {"length", cfg.length},        {"results", rows}};
+    std::ofstream(json_out) << j.dump(2) << "\n";
   }
   return 0;
 }

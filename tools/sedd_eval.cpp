@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/token_stream.h"
+#include "distributed/control.h"
 #include "eval/elbo.h"
 #include "model/score.h"
 #include "tool_common.h"
@@ -14,8 +15,8 @@ namespace po = boost::program_options;
 using namespace sedd;
 
 int main(int argc, char** argv) {
-  Runtime& rt = Runtime::init(&argc, &argv, "auto");
-  std::string checkpoint, data, json_out, sampling = "antithetic";
+  Runtime& rt = Runtime::init(&argc, &argv, "cpu");
+  std::string checkpoint, data, json_out, sampling = "antithetic", device = "auto", precision = "auto";
   int64_t mc = 32, batch = 8, max_sequences = 0, seed = 0;
   bool raw_weights = false;
   po::options_description desc("sedd-eval: likelihood bound of a SEDD model on token shards");
@@ -27,11 +28,15 @@ int main(int argc, char** argv) {
       "batch-size", po::value(&batch)->default_value(8), "sequences per forward pass on each rank")(
       "max-sequences", po::value(&max_sequences)->default_value(0), "evaluate at most this many sequences (0: all)")(
       "seed", po::value(&seed)->default_value(0), "seed of the time and corruption draws")(
+      "device", po::value(&device)->default_value("auto"), "cpu | cuda | auto (GPU = local rank)")(
+      "precision", po::value(&precision)->default_value("auto"), "network in bf16 or fp32 (auto: bf16 on GPUs)")(
       "no-ema", po::bool_switch(&raw_weights), "use the raw weights instead of the EMA")(
       "json", po::value(&json_out), "write the result as JSON");
   if (int rc = tools::parse_options("sedd-eval", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
   try {
-    auto m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device);
+    rt.select_device(device);
+    ControlPlane control;
+    auto m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
     const auto& cfg = m.model->cfg;
     ElboConfig ec{mc, sampling, static_cast<uint64_t>(seed)};
     ec.validate();
@@ -52,9 +57,10 @@ int main(int argc, char** argv) {
     auto noise = make_noise(cfg.noise);
     DDiTScore score(m.model, /*cache=*/false);
     if (rt.is_root())
-      std::fprintf(stderr, "[eval] %s (%s weights) on %lld sequences x %lld tokens; %lld %s draws each; %d ranks\n",
+      std::fprintf(stderr, "[eval] %s (%s weights) on %lld sequences x %lld tokens; %lld %s draws each; %d ranks on %s (%s)\n",
                    m.path.c_str(), raw_weights || !m.info.has_ema ? "raw" : "EMA", static_cast<long long>(n),
-                   static_cast<long long>(cfg.length), static_cast<long long>(mc), sampling.c_str(), rt.world);
+                   static_cast<long long>(cfg.length), static_cast<long long>(mc), sampling.c_str(), rt.world,
+                   rt.device_name().c_str(), m.model->bf16 ? "bf16" : "fp32");
     auto start = std::chrono::steady_clock::now();
     double sums[3] = {0, 0, 0};  // bound nats, MC variance, sequences
     double prior = 0;
@@ -74,7 +80,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "[eval] %lld/%lld sequences\n", static_cast<long long>(std::min(n, first + batch * rt.world)),
                      static_cast<long long>(n));
     }
-    MPI_Allreduce(MPI_IN_PLACE, sums, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    auto total = control.sum(std::vector<double>(sums, sums + 3), "evaluation sums");
+    std::copy(total.begin(), total.end(), sums);
     if (rt.is_root()) {
       double tokens = sums[2] * static_cast<double>(cfg.length);
       double nats = sums[0] / tokens, se = std::sqrt(sums[1]) / tokens;
@@ -90,7 +97,10 @@ int main(int argc, char** argv) {
                           {"prior_nats_per_token", prior / static_cast<double>(cfg.length)},
                           {"weights", raw_weights || !m.info.has_ema ? "raw" : "ema"},
                           {"checkpoint", m.path},
-                          {"seconds", secs}};
+                          {"device", rt.device_name()},
+                          {"precision", m.model->bf16 ? "bf16" : "fp32"},
+                          {"seconds", secs},
+                          {"tokens_x_draws_per_s", tokens * static_cast<double>(mc) / secs}};
       std::printf("nats/token %.4f +- %.4f (1 s.e., Monte Carlo) | bits/token %.4f | perplexity <= %.3f | %lld tokens\n",
                   nats, se, nats / std::log(2.0), std::exp(nats), static_cast<long long>(tokens));
       if (!json_out.empty()) {

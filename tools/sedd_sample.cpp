@@ -1,12 +1,15 @@
 // sedd-sample: text from a checkpoint with the Euler or analytic sampler; prefix, suffix and
-// arbitrary position conditioning; samples split across MPI ranks; JSONL output.
+// arbitrary position conditioning; samples split across MPI ranks (sample i depends only on the
+// seed and i); JSONL output in sample order.
+#include <unistd.h>
+
 #include <chrono>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "diffusion/categorical.h"
 #include "diffusion/sampler.h"
+#include "distributed/control.h"
 #include "model/score.h"
 #include "tool_common.h"
 
@@ -21,15 +24,25 @@ void parse_fixed(const std::string& spec, Constraint& c) {
   while (std::getline(ss, item, ',')) {
     auto eq = item.find('=');
     SEDD_CHECK(eq != std::string::npos, "--fix: expected POS=TOKEN_ID, got '{}'", item);
-    c.positions.push_back(std::stoll(item.substr(0, eq)));
-    c.tokens.push_back(std::stoll(item.substr(eq + 1)));
+    try {
+      c.positions.push_back(std::stoll(item.substr(0, eq)));
+      c.tokens.push_back(std::stoll(item.substr(eq + 1)));
+    } catch (const std::exception&) {
+      fail("--fix: expected POS=TOKEN_ID with integers, got '{}'", item);
+    }
   }
+}
+
+std::string eta(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  return s >= 60 ? fmt::format("{}m{:02d}s", static_cast<int>(s) / 60, static_cast<int>(s) % 60)
+                 : fmt::format("{:.0f}s", s);
 }
 }  // namespace
 
 int main(int argc, char** argv) {
-  Runtime& rt = Runtime::init(&argc, &argv, "auto");
-  std::string checkpoint, predictor = "analytic", prefix, suffix, fixed, out, device = "auto";
+  Runtime& rt = Runtime::init(&argc, &argv, "cpu");
+  std::string checkpoint, predictor = "analytic", prefix, suffix, fixed, out, device = "auto", precision = "auto";
   int64_t num_samples = 4, steps = 128, length = 0, seed = 0, batch = 16;
   bool float64 = false, no_cache = false, raw_weights = false;
   po::options_description desc("sedd-sample: text from a trained SEDD model");
@@ -44,21 +57,25 @@ int main(int argc, char** argv) {
       "fix", po::value(&fixed), "more fixed positions: POS=TOKEN_ID[,POS=TOKEN_ID...]")(
       "seed", po::value(&seed)->default_value(0), "sample i depends only on (seed, i)")(
       "batch-size", po::value(&batch)->default_value(16), "samples per forward pass on each rank")(
-      "float64", po::bool_switch(&float64), "probabilities and categorical draws in float64")(
+      "device", po::value(&device)->default_value("auto"), "cpu | cuda | auto (GPU = local rank)")(
+      "precision", po::value(&precision)->default_value("auto"), "network in bf16 or fp32 (auto: bf16 on GPUs)")(
+      "float64", po::bool_switch(&float64), "probabilities and categorical weights in float64")(
       "no-cache", po::bool_switch(&no_cache), "disable exact caching (models without time conditioning)")(
       "no-ema", po::bool_switch(&raw_weights), "use the raw weights instead of the EMA")(
       "out", po::value(&out), "JSONL output (default: print to stdout)");
   if (int rc = tools::parse_options("sedd-sample", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
   try {
-    auto m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device);
+    rt.select_device(device);
+    ControlPlane control;
+    auto m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
     const auto& cfg = m.model->cfg;
     if (length <= 0) length = cfg.length;
     SEDD_CHECK(num_samples > 0 && batch > 0, "--num-samples and --batch-size must be positive");
     Constraint cons;
     auto encode = [&](const std::string& text, const char* opt) {
-      SEDD_CHECK(m.tokenizer != nullptr, "{}: the checkpoint stores no tokenizer, so {} cannot be encoded; use --fix",
+      SEDD_CHECK(m.tokenizer() != nullptr, "{}: the checkpoint stores no tokenizer, so {} cannot be encoded; use --fix",
                  m.path, opt);
-      return m.tokenizer->encode(text);
+      return m.tokenizer()->encode(text);
     };
     if (!prefix.empty()) {
       auto ids = encode(prefix, "--prefix");
@@ -74,41 +91,45 @@ int main(int argc, char** argv) {
     sc.predictor = predictor;
     sc.steps = steps;
     sc.float64 = float64;
+    sc.seed = static_cast<uint64_t>(seed);
     sc.validate();
     cons.validate(length, cfg.tokens);
 
     auto graph = make_graph(cfg.graph, cfg.tokens);
     auto noise = make_noise(cfg.noise);
     auto mine = shard_range(num_samples, rt.world, rt.rank);
-    std::vector<int64_t> ids;
-    auto start = std::chrono::steady_clock::now();
     DDiTScore score(m.model, !no_cache);
     if (rt.is_root())
-      std::fprintf(stderr, "[sample] %s: %lld samples x %lld tokens, %s, %lld steps, %d ranks%s\n", m.path.c_str(),
-                   static_cast<long long>(num_samples), static_cast<long long>(length), predictor.c_str(),
-                   static_cast<long long>(steps), rt.world, score.caching() ? ", exact caching" : "");
-    for (int64_t b = mine.begin; b < mine.end; b += batch) {
+      std::fprintf(stderr, "[sample] %s: %lld samples x %lld tokens, %s, %lld steps, %d ranks on %s (%s)%s\n",
+                   m.path.c_str(), static_cast<long long>(num_samples), static_cast<long long>(length),
+                   predictor.c_str(), static_cast<long long>(steps), rt.world, rt.device_name().c_str(),
+                   m.model->bf16 ? "bf16" : "fp32", score.caching() ? ", exact caching" : "");
+    const bool tty = isatty(STDERR_FILENO);
+    auto start = std::chrono::steady_clock::now();
+    double last_print = -1;
+    std::vector<int64_t> ids;
+    const int64_t my_batches = (mine.size() + batch - 1) / batch;
+    for (int64_t b = mine.begin, k = 0; b < mine.end; b += batch, ++k) {
       int64_t n = std::min(batch, mine.end - b);
-      std::vector<torch::Generator> gens;
-      for (int64_t i = 0; i < n; ++i) gens.push_back(keyed_generator(static_cast<uint64_t>(seed), 0x5A3Dull, b + i));
       auto progress = [&](int64_t s, int64_t total) {
-        if (rt.is_root() && (s % std::max<int64_t>(1, total / 10) == 0 || s == total))
-          std::fprintf(stderr, "[sample] rank 0: samples %lld-%lld, step %lld/%lld\n", static_cast<long long>(b),
-                       static_cast<long long>(b + n - 1), static_cast<long long>(s), static_cast<long long>(total));
+        if (!rt.is_root()) return;
+        double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (s != total && secs - last_print < (tty ? 0.2 : 5.0)) return;
+        last_print = secs;
+        double done = (static_cast<double>(k) + static_cast<double>(s) / total) / std::max<int64_t>(1, my_batches);
+        double rate = done * mine.size() / std::max(secs, 1e-9);  // rank 0's samples/s
+        std::fprintf(stderr, "%s[sample] %3.0f%% | batch %lld/%lld step %lld/%lld | %.2f samples/s per rank | ETA %s%s",
+                     tty ? "\r" : "", 100 * done, static_cast<long long>(k + 1), static_cast<long long>(my_batches),
+                     static_cast<long long>(s), static_cast<long long>(total), rate, eta(secs / done - secs).c_str(),
+                     tty ? "   " : "\n");
       };
-      auto x = sample(*graph, *noise, score, length, sc, cons, gens, rt.device, progress).cpu().contiguous();
+      auto sample_ids = torch::arange(b, b + n, torch::kLong);
+      auto x = sample(*graph, *noise, score, length, sc, cons, sample_ids, rt.device, progress).cpu().contiguous();
       ids.insert(ids.end(), x.data_ptr<int64_t>(), x.data_ptr<int64_t>() + x.numel());
     }
-    // Gather every rank's samples on rank 0, in sample order.
-    std::vector<int> counts(rt.world), displs(rt.world);
-    for (int r = 0; r < rt.world; ++r) {
-      auto s = shard_range(num_samples, rt.world, r);
-      counts[r] = static_cast<int>(s.size() * length);
-      displs[r] = static_cast<int>(s.begin * length);
-    }
-    std::vector<int64_t> all(rt.is_root() ? num_samples * length : 0);
-    MPI_Gatherv(ids.data(), static_cast<int>(ids.size()), MPI_INT64_T, all.data(), counts.data(), displs.data(),
-                MPI_INT64_T, 0, MPI_COMM_WORLD);
+    if (rt.is_root() && tty) std::fprintf(stderr, "\n");
+    // Rank order is sample order: each rank drew a contiguous range.
+    std::vector<int64_t> all = control.gather_to_root(ids, "gathering samples");
     if (rt.is_root()) {
       double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       std::ofstream file;
@@ -118,16 +139,22 @@ int main(int argc, char** argv) {
       }
       for (int64_t i = 0; i < num_samples; ++i) {
         std::vector<int64_t> row(all.begin() + i * length, all.begin() + (i + 1) * length);
-        nlohmann::ordered_json j = {{"sample", i}, {"seed", seed}, {"steps", steps}, {"predictor", predictor}};
-        if (m.tokenizer) j["text"] = m.tokenizer->decode(row);
+        nlohmann::ordered_json j = {{"index", i}, {"seed", seed}, {"steps", steps}, {"predictor", predictor}};
+        if (m.tokenizer()) j["text"] = m.tokenizer()->decode(row);
         j["ids"] = row;
         std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
         if (file.is_open()) file << line << "\n";
         else std::printf("%s\n", line.c_str());
       }
-      std::fprintf(stderr, "[sample] %lld samples in %.2f s: %.2f samples/s, %.0f tokens/s%s%s\n",
+      if (file.is_open()) {
+        file.close();
+        SEDD_CHECK(!file.fail(), "{}: writing the samples failed (disk full?)", out);
+      }
+      std::fprintf(stderr, "[sample] %lld samples in %.2f s: %.2f samples/s, %.0f tokens/s; rank 0 ran the body %lld "
+                   "times (%lld sample rows, %lld reused)%s%s\n",
                    static_cast<long long>(num_samples), secs, num_samples / secs, num_samples * length / secs,
-                   out.empty() ? "" : ", written to ", out.c_str());
+                   static_cast<long long>(score.forwards()), static_cast<long long>(score.rows_evaluated()),
+                   static_cast<long long>(score.rows_reused()), out.empty() ? "" : ", written to ", out.c_str());
     }
   } catch (const std::exception& e) {
     rt.abort(std::string("sedd-sample: ") + e.what());

@@ -6,7 +6,9 @@
 #include <iostream>
 
 #include "distributed/communicator.h"
+#include "distributed/control.h"
 #include "distributed/runtime.h"
+#include "distributed/watchdog.h"
 #include "train/trainer.h"
 #include "train_options.h"
 
@@ -50,12 +52,15 @@ int main(int argc, char** argv) {
   std::string settings = tools::resolved_settings(opts);
   if (rt->is_root()) std::printf("[train] resolved settings:\n%s", settings.c_str());
   try {
-    std::unique_ptr<Communicator> comm =
-        rt->device.is_cuda() ? make_nccl_communicator(rt->device.index(), cfg.train.comm_timeout_s)
-                             : make_mpi_communicator();
-    Trainer trainer(cfg, *rt, *comm, settings);
+    // Collectives that hang end the job (dist.timeout_s); control decisions over MPI, tensors over
+    // NCCL on GPUs and MPI on CPUs.
+    Watchdog watchdog(cfg.dist.timeout_s, rt->rank, rt->host);
+    ControlPlane control(&watchdog);
+    std::unique_ptr<Communicator> comm = rt->device.is_cuda() ? make_nccl_communicator(rt->device.index(), &watchdog)
+                                                              : make_mpi_communicator(&watchdog);
+    Trainer trainer(cfg, *rt, *comm, control, settings);
     TrainOutcome out = trainer.run(&g_stop);
-    comm->barrier();
+    control.barrier("end of training");
     if (out == TrainOutcome::Preempted) {
       if (rt->is_root()) std::printf("[train] stopped by signal %d after saving; exit 3 (requeue)\n", g_stop.load());
       return 3;

@@ -38,16 +38,31 @@ struct LoadedModel {
   std::string path;
   DDiT model{nullptr};
   ModelFileInfo info;
-  std::unique_ptr<Tokenizer> tokenizer;  // null when the file has none
+  // The tokenizer stored with the weights, built on first use (evaluation needs none).
+  Tokenizer* tokenizer() {
+    if (!tokenizer_ && !info.tokenizer.empty()) tokenizer_ = make_tokenizer(info.tokenizer);
+    return tokenizer_.get();
+  }
+
+ private:
+  std::unique_ptr<Tokenizer> tokenizer_;
 };
 
-inline LoadedModel load_checkpoint(const std::string& arg, bool use_ema, torch::Device device) {
+// --precision: bf16 (GPU only, the default there) or fp32.
+inline bool use_bf16(const std::string& precision, const torch::Device& device) {
+  SEDD_CHECK(precision == "auto" || precision == "bf16" || precision == "fp32",
+             "--precision must be auto, bf16 or fp32, got '{}'", precision);
+  SEDD_CHECK(!(precision == "bf16" && device.is_cpu()), "--precision bf16 needs a GPU (--device cuda); CPUs run fp32");
+  return device.is_cuda() && precision != "fp32";
+}
+
+inline LoadedModel load_checkpoint(const std::string& arg, bool use_ema, torch::Device device, bool bf16) {
   LoadedModel m;
   m.path = resolve_model_file(arg);
   m.model = load_model_file(m.path, use_ema, &m.info);
   m.model->to(device);
+  m.model->bf16 = bf16;
   m.model->eval();
-  if (!m.info.tokenizer.empty()) m.tokenizer = make_tokenizer(m.info.tokenizer);
   return m;
 }
 

@@ -66,8 +66,13 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "train.eval_batches", &c.train.eval_batches, "global batches per validation");
   add(t, "train.ckpt_every", &c.train.ckpt_every, "steps between checkpoints (0: only at the end; -1: never)");
   add(t, "train.keep_ckpts", &c.train.keep_ckpts, "checkpoints kept");
-  add(t, "train.comm_timeout_s", &c.train.comm_timeout_s, "NCCL watchdog timeout (s)");
   add(t, "train.bucket_elems", &c.train.bucket_elems, "gradient bucket (elements) reduced while backward runs");
+  add(t, "train.time_sampling", &c.train.time_sampling, "iid | antithetic | stratified diffusion times over the global batch");
+  add(t, "train.fused_loss", &c.train.fused_loss, "project only rows with a loss, fused with the loss (false: full logits)");
+  add(t, "train.loss_chunk_elems", &c.train.loss_chunk_elems, "logits per chunk of the fused loss");
+  add(t, "train.peak_tflops", &c.train.peak_tflops, "GPU peak TFLOP/s for MFU (0: from the GPU's name)");
+  add(t, "dist.timeout_s", &c.dist.timeout_s, "watchdog: a collective without progress this long ends the job (0: off)");
+  add(t, "debug.nan_at_step", &c.debug.nan_at_step, "tests only: rank 0's loss is NaN at this step (0: off)");
 }
 
 void parse_train_options(OptionTable& t, int argc, char** argv) {

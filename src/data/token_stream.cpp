@@ -72,7 +72,7 @@ void TokenStream::read_window(const WindowRef& w, int64_t* out) {
 
 torch::Tensor TokenStream::read_rows(int64_t batch_start) {
   const int64_t rows = rows_per_rank();
-  torch::Tensor out = torch::empty({rows, cfg_.seq_len}, torch::kLong);
+  torch::Tensor out = torch::empty({rows, cfg_.seq_len}, torch::TensorOptions().dtype(torch::kLong).pinned_memory(cfg_.pin_memory));
   int64_t* data = out.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
     int64_t k = batch_start + cfg_.rank * rows + i;

@@ -31,6 +31,7 @@ struct TokenStreamConfig {
   uint64_t seed = 0;
   bool shuffle = true;
   int prefetch = 2;          // batches read ahead on a background thread; 0 = read in next()
+  bool pin_memory = false;   // batches in page-locked memory, for asynchronous copies to a GPU
 };
 
 struct WindowRef {

@@ -72,6 +72,14 @@ torch::Tensor AbsorbingGraph::sample_transition(const torch::Tensor& x0, const t
   return torch::where(u < move_chance, torch::full_like(x0, mask_id()), x0);
 }
 
+torch::Tensor AbsorbingGraph::corrupt(const torch::Tensor& x0, const torch::Tensor& sigma, const RandomStream& move,
+                                      const RandomStream&, const torch::Tensor& rows,
+                                      const torch::Tensor& col_offset) const {
+  auto u = keyed_uniform(move, rows, x0.size(1), torch::kDouble, col_offset);
+  auto move_chance = -torch::expm1(-sigma.to(torch::kDouble)).unsqueeze(1);
+  return torch::where(u < move_chance, torch::full_like(x0, mask_id()), x0);
+}
+
 torch::Tensor AbsorbingGraph::sample_limit(torch::IntArrayRef shape, torch::Generator&,
                                            torch::Device device) const {
   return torch::full(shape, mask_id(), torch::TensorOptions().dtype(torch::kLong).device(device));
@@ -140,6 +148,18 @@ torch::Tensor UniformGraph::sample_transition(const torch::Tensor& x0, const tor
   torch::Tensor redraw = torch::randint(dim(), x0.sizes(), gen, torch::TensorOptions().dtype(torch::kLong))
                              .to(x0.device());
   return torch::where(u < move_chance, redraw, x0);
+}
+
+torch::Tensor UniformGraph::corrupt(const torch::Tensor& x0, const torch::Tensor& sigma, const RandomStream& move,
+                                    const RandomStream& redraw, const torch::Tensor& rows,
+                                    const torch::Tensor& col_offset) const {
+  auto u = keyed_uniform(move, rows, x0.size(1), torch::kDouble, col_offset);
+  auto move_chance = -torch::expm1(-sigma.to(torch::kDouble)).unsqueeze(1);
+  auto token = (keyed_uniform(redraw, rows, x0.size(1), torch::kDouble, col_offset) * static_cast<double>(dim()))
+                   .floor()
+                   .clamp_max(static_cast<double>(dim() - 1))
+                   .to(torch::kLong);
+  return torch::where(u < move_chance, token, x0);
 }
 
 torch::Tensor UniformGraph::sample_limit(torch::IntArrayRef shape, torch::Generator& gen,

@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 
+#include "diffusion/keyed_random.h"
+
 namespace sedd {
 
 class Graph {
@@ -29,6 +31,13 @@ class Graph {
   // x0 -> x_sigma, each position independently. Randomness from `gen` (CPU, keyed by the caller).
   virtual torch::Tensor sample_transition(const torch::Tensor& x0, const torch::Tensor& sigma,
                                           torch::Generator& gen) const = 0;
+  // x0 [B, L] -> x_sigma with keyed draws: position l of row b moves when
+  // U(move, rows[b], col_offset[b] + l) < 1 - e^-sigma[b], to the mask (absorbing) or to token
+  // floor(N U(redraw, ...)) (uniform). sigma [B] (float64 recommended). Works on any device, with
+  // the same result on each.
+  virtual torch::Tensor corrupt(const torch::Tensor& x0, const torch::Tensor& sigma, const RandomStream& move,
+                                const RandomStream& redraw, const torch::Tensor& rows,
+                                const torch::Tensor& col_offset = {}) const = 0;
   // A draw from the limiting distribution, shape `shape`.
   virtual torch::Tensor sample_limit(torch::IntArrayRef shape, torch::Generator& gen,
                                      torch::Device device = torch::kCPU) const = 0;
@@ -63,6 +72,9 @@ class AbsorbingGraph final : public Graph {
   torch::Tensor transp_transition(const torch::Tensor& x, const torch::Tensor& sigma) const override;
   torch::Tensor sample_transition(const torch::Tensor& x0, const torch::Tensor& sigma,
                                   torch::Generator& gen) const override;
+  torch::Tensor corrupt(const torch::Tensor& x0, const torch::Tensor& sigma, const RandomStream& move,
+                        const RandomStream& redraw, const torch::Tensor& rows,
+                        const torch::Tensor& col_offset) const override;
   torch::Tensor sample_limit(torch::IntArrayRef shape, torch::Generator& gen,
                              torch::Device device) const override;
   torch::Tensor staggered_score(const torch::Tensor& score, const torch::Tensor& dsigma) const override;
@@ -83,6 +95,9 @@ class UniformGraph final : public Graph {
   torch::Tensor transp_transition(const torch::Tensor& x, const torch::Tensor& sigma) const override;
   torch::Tensor sample_transition(const torch::Tensor& x0, const torch::Tensor& sigma,
                                   torch::Generator& gen) const override;
+  torch::Tensor corrupt(const torch::Tensor& x0, const torch::Tensor& sigma, const RandomStream& move,
+                        const RandomStream& redraw, const torch::Tensor& rows,
+                        const torch::Tensor& col_offset) const override;
   torch::Tensor sample_limit(torch::IntArrayRef shape, torch::Generator& gen,
                              torch::Device device) const override;
   torch::Tensor staggered_score(const torch::Tensor& score, const torch::Tensor& dsigma) const override;

@@ -1,9 +1,16 @@
-// Reverse-process samplers (DESIGN.md §3): Euler and analytic (Tweedie tau-leaping) predictors on
-// the grid linspace(1, eps, steps + 1), then the final denoising step. Every row (sample) draws
-// from its own generator, so a sample depends only on its key, never on how samples are split
-// across ranks or batches. Conditioning clamps given positions before every step and at the end.
+// Reverse-process samplers: Euler and analytic (Tweedie tau-leaping) predictors on the grid
+// linspace(1, eps, steps + 1), then the final denoising step.
+//
+// Keyed draws: the categorical draw of position l of sample i at step k is element
+// (i, l * dim + token) of the stream (seed, purpose::kSample, k), so a sample depends only on its
+// index and the seed, never on the batch it ran in, the rank or the world size.
+// Only rows that can change are computed: for the absorbing graph a position that is no longer
+// masked keeps its token in both predictors, so each step asks the model for the scores of the
+// masked positions alone (chunked, so [rows, dim] never exceeds a bound) and draws only those.
+// Conditioning (prefix, suffix, infill) clamps the given positions before every step and at the end.
 #pragma once
 #include <torch/torch.h>
+
 #include <functional>
 #include <string>
 #include <vector>
@@ -13,19 +20,27 @@
 
 namespace sedd {
 
-// The network as the sampler sees it: log-score [B, L, dim] of x [B, L] at sigma [B].
+// The network as samplers and the likelihood bound see it.
 class ScoreModel {
  public:
   virtual ~ScoreModel() = default;
-  virtual torch::Tensor log_score(const torch::Tensor& x, const torch::Tensor& sigma) = 0;
+  // Runs the network on x [B, L] (int64) at sigma [B]; rows() then serves its log-scores.
+  virtual void evaluate(const torch::Tensor& x, const torch::Tensor& sigma) = 0;
+  // Log-scores [R, dim] (float32 or float64; the current token's entry is 0) of positions `rows`
+  // (int64 [R], flat indices into [B * L]) of the last evaluate().
+  virtual torch::Tensor rows(const torch::Tensor& rows) = 0;
+  // The whole log-score [B, L, dim].
+  torch::Tensor log_score(const torch::Tensor& x, const torch::Tensor& sigma);
 };
 
 struct SamplerConfig {
   std::string predictor = "analytic";  // euler | analytic
   int64_t steps = 128;
   bool denoise = true;
-  bool float64 = false;                // probabilities and draws in float64
+  bool float64 = false;                // probabilities and draws in float64 (else float32 weights)
   double eps = 1e-5;
+  uint64_t seed = 0;
+  int64_t chunk_elems = int64_t{1} << 27;  // bound on rows x dim per model call
   void validate() const;
 };
 
@@ -37,10 +52,10 @@ struct Constraint {
   void apply(torch::Tensor& x) const;  // x [B, L]
 };
 
-// Draws one sample per generator: returns [gens.size(), length] int64 token ids.
-// `progress(step, steps)` is called after every step when given.
+// Draws the samples whose global indices are `sample_ids` (int64 [B]): returns [B, length] int64
+// token ids on `device`. `progress(step, steps)` is called after every step when given.
 torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t length,
-                     const SamplerConfig& cfg, const Constraint& constraint, std::vector<torch::Generator>& gens,
+                     const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& sample_ids,
                      torch::Device device, const std::function<void(int64_t, int64_t)>& progress = {});
 
 }  // namespace sedd

@@ -1,15 +1,22 @@
 // NCCL backend of Communicator (built only when LibTorch has CUDA); see communicator.h.
-// Collectives run on torch's current CUDA stream. Every wait is watched: a peer that died or a
-// collective that does not finish within the timeout aborts the communicator and throws, so a
-// rank never hangs forever (the caller then MPI_Aborts the job).
+//
+// Blocking-looking collectives (all_reduce, broadcast) are queued on torch's current stream of the
+// rank's GPU and return at once: later work on that stream sees their results, and the host never
+// waits. The asynchronous ones run on a communication stream of their own (so gradient buckets are
+// reduced while backward keeps the compute stream busy); wait() makes the compute stream wait on
+// them, again without blocking the host. Every collective is handed to the watchdog with its CUDA
+// event, and the watchdog polls ncclCommGetAsyncError: a peer that died or hangs aborts the
+// communicator (ncclCommAbort) and the job instead of hanging it. All CUDA calls run under a
+// device guard for the rank's GPU.
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <mpi.h>
 #include <nccl.h>
 
-#include <chrono>
-#include <thread>
+#include <mutex>
+#include <fmt/format.h>
 
 #include "distributed/communicator.h"
 #include "distributed/runtime.h"
@@ -19,20 +26,17 @@ namespace sedd {
 
 namespace {
 
-#define SEDD_NCCL(call)                                                                              \
-  do {                                                                                               \
-    ncclResult_t rc_ = (call);                                                                       \
-    if (rc_ != ncclSuccess && rc_ != ncclInProgress)                                                 \
-      ::sedd::fail("rank {}: {} failed at {}:{}: {}", rank_, #call, __FILE__, __LINE__,              \
-                   ncclGetErrorString(rc_));                                                         \
+#define SEDD_NCCL(call, what)                                                                              \
+  do {                                                                                                     \
+    ncclResult_t rc_ = (call);                                                                             \
+    if (rc_ != ncclSuccess && rc_ != ncclInProgress)                                                       \
+      ::sedd::fail("rank {}: NCCL {} ({}) failed: {}", rank_, #call, what, ncclGetErrorString(rc_));         \
   } while (0)
 
-#define SEDD_CUDA(call)                                                                              \
-  do {                                                                                               \
-    cudaError_t rc_ = (call);                                                                        \
-    if (rc_ != cudaSuccess)                                                                          \
-      ::sedd::fail("rank {}: {} failed at {}:{}: {}", rank_, #call, __FILE__, __LINE__,              \
-                   cudaGetErrorString(rc_));                                                         \
+#define SEDD_CUDA(call)                                                                                    \
+  do {                                                                                                     \
+    cudaError_t rc_ = (call);                                                                              \
+    if (rc_ != cudaSuccess) ::sedd::fail("rank {}: {} failed: {}", rank_, #call, cudaGetErrorString(rc_)); \
   } while (0)
 
 ncclDataType_t nccl_type(const torch::Tensor& t) {
@@ -57,171 +61,167 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   return ncclSum;
 }
 
-class NcclCommunicator;
+// A CUDA event shared by the Work object and the watchdog entry; destroyed by whichever goes last.
+struct Event {
+  cudaEvent_t e = nullptr;
+  explicit Event(int device) {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+  }
+  ~Event() {
+    if (e) cudaEventDestroy(e);
+  }
+  bool done() const { return cudaEventQuery(e) == cudaSuccess; }
+};
 
 class NcclWork final : public Work {
  public:
-  NcclWork(NcclCommunicator& owner, cudaEvent_t done) : owner_(owner), done_(done) {}
-  ~NcclWork() override;
-  void wait() override;
+  NcclWork(std::shared_ptr<Event> done, cudaStream_t compute, int device, std::vector<torch::Tensor> keep)
+      : done_(std::move(done)), compute_(compute), device_(device), keep_(std::move(keep)) {}
+  void wait() override {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    cudaStreamWaitEvent(compute_, done_->e, 0);  // the compute stream, not the host, waits
+  }
 
  private:
-  NcclCommunicator& owner_;
-  cudaEvent_t done_;
+  std::shared_ptr<Event> done_;
+  cudaStream_t compute_;
+  int device_;
+  std::vector<torch::Tensor> keep_;  // buffers stay alive while the collective may use them
 };
 
 class NcclCommunicator final : public Communicator {
  public:
-  NcclCommunicator(int device_index, double timeout_s) : device_(device_index), timeout_s_(timeout_s) {
+  NcclCommunicator(int device_index, Watchdog* dog) : device_(device_index), dog_(dog) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
     ncclUniqueId id;
-    if (rank_ == 0) SEDD_NCCL(ncclGetUniqueId(&id));
+    if (rank_ == 0) SEDD_NCCL(ncclGetUniqueId(&id), "unique id");
     MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
-    SEDD_NCCL(ncclCommInitRank(&comm_, size_, id, rank_));
-    SEDD_CUDA(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    {
+      auto w = dog_ ? dog_->watch("ncclCommInitRank (creating the NCCL communicator)") : Watchdog::Watch();
+      SEDD_NCCL(ncclCommInitRank(&comm_, size_, id, rank_), "init");
+    }
     SEDD_CUDA(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
+    state_->comm = comm_;
+    if (dog_) {  // the watchdog thread reaches the communicator only through the shared state
+      auto state = state_;
+      dog_->add_error_check([state]() -> std::string {
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (state->gone) return "";
+        ncclResult_t async = ncclSuccess;
+        ncclCommGetAsyncError(state->comm, &async);
+        if (async == ncclSuccess || async == ncclInProgress) return "";
+        return fmt::format("NCCL reported an asynchronous error: {}", ncclGetErrorString(async));
+      });
+      dog_->add_abort_hook([state] {
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (!state->gone) ncclCommAbort(state->comm), state->gone = true;
+      });
+    }
   }
   ~NcclCommunicator() override {
-    if (done_) cudaEventDestroy(done_);
-    if (comm_stream_) cudaStreamDestroy(comm_stream_);
-    if (comm_) ncclCommDestroy(comm_);
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    if (comm_stream_) cudaStreamSynchronize(comm_stream_), cudaStreamDestroy(comm_stream_);
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (!state_->gone && comm_) ncclCommDestroy(comm_);
+    state_->gone = true;
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "nccl"; }
+  torch::Device device() const override { return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device_)); }
 
   void all_reduce(torch::Tensor& t, ReduceOp op) override {
-    check(t, "all_reduce");
-    SEDD_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t), nccl_op(op), comm_, stream()));
-    wait("all_reduce");
-  }
-
-  void reduce_scatter(const torch::Tensor& full, torch::Tensor& mine, ReduceOp op) override {
-    check(full, "reduce_scatter");
-    check(mine, "reduce_scatter");
-    const int64_t n = full.numel(), chunk = (n + size_ - 1) / size_;
-    // NCCL wants equal chunks: pad the input to chunk * size when n does not divide.
-    torch::Tensor send = full;
-    if (chunk * size_ != n) send = torch::cat({full, torch::zeros({chunk * size_ - n}, full.options())});
-    torch::Tensor recv = mine.numel() == chunk ? mine : torch::empty({chunk}, full.options());
-    SEDD_NCCL(ncclReduceScatter(send.data_ptr(), recv.data_ptr(), chunk, nccl_type(full), nccl_op(op), comm_,
-                                stream()));
-    if (recv.data_ptr() != mine.data_ptr()) mine.copy_(recv.narrow(0, 0, mine.numel()));
-    wait("reduce_scatter");
-  }
-
-  // Bucketed reduction on a separate stream, so it runs while backward keeps the compute stream
-  // busy: one grouped ncclReduce per rank whose shard meets the range.
-  std::unique_ptr<Work> reduce_scatter_range(const torch::Tensor& full, int64_t begin, int64_t end,
-                                             torch::Tensor& mine, ReduceOp op) override {
-    check(full, "reduce_scatter_range");
-    check(mine, "reduce_scatter_range");
-    const int64_t n = full.numel(), elem = full.element_size();
-    cudaEvent_t ready = nullptr, done = nullptr;
-    SEDD_CUDA(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-    SEDD_CUDA(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-    SEDD_CUDA(cudaEventRecord(ready, stream()));  // the gradients queued so far
-    SEDD_CUDA(cudaStreamWaitEvent(comm_stream_, ready, 0));
-    SEDD_NCCL(ncclGroupStart());
-    for (int r = 0; r < size_; ++r) {
-      auto s = shard_range(n, size_, r);
-      int64_t lo = std::max(begin, s.begin), hi = std::min(end, s.end);
-      if (hi <= lo) continue;
-      void* recv = r == rank_ ? static_cast<void*>(static_cast<char*>(mine.data_ptr()) + (lo - s.begin) * elem) : nullptr;
-      SEDD_NCCL(ncclReduce(static_cast<const char*>(full.data_ptr()) + lo * elem, recv, hi - lo, nccl_type(full),
-                           nccl_op(op), r, comm_, comm_stream_));
-    }
-    SEDD_NCCL(ncclGroupEnd());
-    SEDD_CUDA(cudaEventRecord(done, comm_stream_));
-    cudaEventDestroy(ready);
-    return std::make_unique<NcclWork>(*this, done);
-  }
-
-  void all_gather(const torch::Tensor& mine, torch::Tensor& full) override {
-    check(full, "all_gather");
-    check(mine, "all_gather");
-    const int64_t n = full.numel(), chunk = (n + size_ - 1) / size_;
-    torch::Tensor send = mine;
-    if (mine.numel() != chunk) {
-      send = torch::zeros({chunk}, mine.options());
-      send.narrow(0, 0, mine.numel()).copy_(mine);
-    }
-    torch::Tensor recv = chunk * size_ == n ? full : torch::empty({chunk * size_}, full.options());
-    SEDD_NCCL(ncclAllGather(send.data_ptr(), recv.data_ptr(), chunk, nccl_type(full), comm_, stream()));
-    if (recv.data_ptr() != full.data_ptr()) full.copy_(recv.narrow(0, 0, n));
-    wait("all_gather");
+    check_collective_tensor(t, device(), "NCCL", "all_reduce");
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    cudaStream_t s = compute_stream();
+    SEDD_NCCL(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t), nccl_op(op), comm_, s), "all_reduce");
+    watch_on(s, "all_reduce");
   }
 
   void broadcast(torch::Tensor& t, int root) override {
-    check(t, "broadcast");
-    SEDD_NCCL(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t), root, comm_, stream()));
-    wait("broadcast");
+    check_collective_tensor(t, device(), "NCCL", "broadcast");
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    cudaStream_t s = compute_stream();
+    SEDD_NCCL(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t), root, comm_, s), "broadcast");
+    watch_on(s, "broadcast");
   }
 
-  void barrier() override {
-    torch::Tensor one = torch::ones({1}, torch::TensorOptions().device(torch::kCUDA, device_));
-    all_reduce(one, ReduceOp::Sum);
+  std::unique_ptr<Work> reduce_scatter_async(const torch::Tensor& full, torch::Tensor& mine, ReduceOp op,
+                                             const std::string& what) override {
+    check_collective_tensor(full, device(), "NCCL", what);
+    check_collective_tensor(mine, device(), "NCCL", what);
+    SEDD_CHECK(full.numel() == mine.numel() * size_ && full.scalar_type() == mine.scalar_type(),
+               "NCCL communicator: {}: {} elements do not split into {} chunks of {}", what, full.numel(), size_,
+               mine.numel());
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    begin_on_comm_stream({full, mine});
+    SEDD_NCCL(ncclReduceScatter(full.data_ptr(), mine.data_ptr(), mine.numel(), nccl_type(full), nccl_op(op), comm_,
+                                comm_stream_),
+              what);
+    return finish_on_comm_stream(what, {full, mine});
+  }
+
+  std::unique_ptr<Work> all_gather_async(const torch::Tensor& mine, torch::Tensor& full,
+                                         const std::string& what) override {
+    check_collective_tensor(full, device(), "NCCL", what);
+    check_collective_tensor(mine, device(), "NCCL", what);
+    SEDD_CHECK(full.numel() == mine.numel() * size_ && full.scalar_type() == mine.scalar_type(),
+               "NCCL communicator: {}: {} elements do not split into {} chunks of {}", what, full.numel(), size_,
+               mine.numel());
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    begin_on_comm_stream({full, mine});
+    // In place when mine is full's chunk `rank` (NCCL allows exactly that aliasing).
+    SEDD_NCCL(ncclAllGather(mine.data_ptr(), full.data_ptr(), mine.numel(), nccl_type(full), comm_, comm_stream_),
+              what);
+    return finish_on_comm_stream(what, {full, mine});
   }
 
  private:
-  cudaStream_t stream() const {
+  cudaStream_t compute_stream() const {
     return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
   }
-  void check(const torch::Tensor& t, const char* what) const {
-    SEDD_CHECK(t.is_cuda() && t.get_device() == device_, "NCCL communicator: {} needs a tensor on cuda:{}",
-               what, device_);
-    SEDD_CHECK(t.is_contiguous(), "NCCL communicator: {} needs a contiguous tensor", what);
+  // The communication stream starts after everything queued so far on the compute stream.
+  void begin_on_comm_stream(const std::vector<torch::Tensor>& tensors) {
+    auto ready = std::make_shared<Event>(device_);
+    SEDD_CUDA(cudaEventRecord(ready->e, compute_stream()));
+    SEDD_CUDA(cudaStreamWaitEvent(comm_stream_, ready->e, 0));
+    auto comm = c10::cuda::getStreamFromExternal(comm_stream_, static_cast<c10::DeviceIndex>(device_));
+    for (const auto& t : tensors)  // the caching allocator must not reuse them while NCCL runs
+      c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm);
   }
-  friend class NcclWork;
-  // Waits for the collective with a watchdog: async NCCL errors and the timeout both abort.
-  void wait(const char* what) {
-    SEDD_CUDA(cudaEventRecord(done_, stream()));
-    wait_event(done_, what);
+  std::unique_ptr<Work> finish_on_comm_stream(const std::string& what, std::vector<torch::Tensor> keep) {
+    auto done = watch_on(comm_stream_, what);
+    return std::make_unique<NcclWork>(done, compute_stream(), device_, std::move(keep));
   }
-  void wait_event(cudaEvent_t event, const char* what) {
-    auto start = std::chrono::steady_clock::now();
-    for (;;) {
-      cudaError_t q = cudaEventQuery(event);
-      if (q == cudaSuccess) return;
-      if (q != cudaErrorNotReady) SEDD_CUDA(q);
-      ncclResult_t async_rc = ncclSuccess;
-      ncclCommGetAsyncError(comm_, &async_rc);
-      double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      if (async_rc != ncclSuccess || waited > timeout_s_) {
-        ncclCommAbort(comm_);
-        comm_ = nullptr;
-        fail("rank {}: NCCL {} {} (communicator aborted)", rank_, what,
-             async_rc != ncclSuccess ? std::string("failed: ") + ncclGetErrorString(async_rc)
-                                     : fmt::format("did not finish within {} s", timeout_s_));
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
+  // Records an event after the collective and lets the watchdog follow it to completion.
+  std::shared_ptr<Event> watch_on(cudaStream_t s, const std::string& what) {
+    auto ev = std::make_shared<Event>(device_);
+    SEDD_CUDA(cudaEventRecord(ev->e, s));
+    if (dog_) dog_->track(fmt::format("{} (NCCL, cuda:{})", what, device_), [ev] { return ev->done(); });
+    return ev;
   }
 
   int device_ = 0;
-  double timeout_s_ = 300;
+  Watchdog* dog_;
   int rank_ = 0, size_ = 1;
   ncclComm_t comm_ = nullptr;
-  cudaEvent_t done_ = nullptr;
   cudaStream_t comm_stream_ = nullptr;
+  struct State {
+    std::mutex mu;
+    ncclComm_t comm = nullptr;
+    bool gone = false;  // destroyed or aborted
+  };
+  std::shared_ptr<State> state_ = std::make_shared<State>();
 };
-
-NcclWork::~NcclWork() {
-  if (done_) cudaEventDestroy(done_);
-}
-
-void NcclWork::wait() {
-  owner_.wait_event(done_, "reduce_scatter_range");
-  cudaStreamWaitEvent(owner_.stream(), done_, 0);  // later work on the compute stream sees the result
-}
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_nccl_communicator(int device_index, double timeout_s) {
+std::unique_ptr<Communicator> make_nccl_communicator(int device_index, Watchdog* watchdog) {
   SEDD_CHECK(torch::cuda::is_available(), "NCCL communicator: no CUDA device is visible");
-  return std::make_unique<NcclCommunicator>(device_index, timeout_s);
+  return std::make_unique<NcclCommunicator>(device_index, watchdog);
 }
 
 bool nccl_available() { return torch::cuda::is_available(); }

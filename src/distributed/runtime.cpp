@@ -9,6 +9,10 @@
 
 #include "io/error.h"
 
+#ifdef SEDD_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace sedd {
 
 namespace {
@@ -23,10 +27,14 @@ Runtime& Runtime::init(int* argc, char*** argv, const std::string& device) {
   MPI_Initialized(&initialised);
   if (!initialised) {
     int provided = 0;
-    // Prefetch threads never call MPI; only the main thread does.
-    MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
+    // The main thread makes the MPI calls; the watchdog thread may call MPI_Abort, which needs
+    // MPI_THREAD_MULTIPLE (without it the watchdog exits the process instead).
+    MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided);
     rt.owns_mpi_ = true;
   }
+  int level = 0;
+  MPI_Query_thread(&level);
+  rt.mpi_thread_multiple = level == MPI_THREAD_MULTIPLE;
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   MPI_Comm_rank(MPI_COMM_WORLD, &rt.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &rt.world);
@@ -49,15 +57,28 @@ Runtime& Runtime::init(int* argc, char*** argv, const std::string& device) {
   } catch (...) {  // already set by an earlier torch call; harmless
   }
 
-  bool want_cuda = device == "cuda" || (device == "auto" && torch::cuda::is_available());
-  if (device == "cuda") SEDD_CHECK(torch::cuda::is_available(), "device 'cuda' requested but no GPU is visible");
-  SEDD_CHECK(device == "cpu" || device == "cuda" || device == "auto",
-             "device must be cpu, cuda or auto, got '{}'", device);
-  if (want_cuda) {
-    int n = static_cast<int>(torch::cuda::device_count());
-    rt.device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(rt.local_rank % n));
-  }
+  rt.select_device(device);
   return rt;
+}
+
+void Runtime::select_device(const std::string& name) {
+  SEDD_CHECK(name == "cpu" || name == "cuda" || name == "auto", "device must be cpu, cuda or auto, got '{}'", name);
+  if (name == "cuda") SEDD_CHECK(torch::cuda::is_available(), "device 'cuda' requested but no GPU is visible");
+  device = torch::kCPU;
+  if (name == "cuda" || (name == "auto" && torch::cuda::is_available())) {
+    int n = static_cast<int>(torch::cuda::device_count());
+    device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % n));
+  }
+}
+
+std::string Runtime::device_name() const {
+#ifdef SEDD_HAVE_CUDA
+  if (device.is_cuda()) {
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, device.index()) == cudaSuccess) return prop.name;
+  }
+#endif
+  return device.str();
 }
 
 Runtime& Runtime::get() {

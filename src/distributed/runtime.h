@@ -19,8 +19,12 @@ struct Runtime {
   // Initialises MPI (or adopts an initialised one), sets torch's thread count, picks the
   // device: "cpu", "cuda" (GPU = local rank) or "auto" (cuda when available).
   static Runtime& init(int* argc, char*** argv, const std::string& device = "auto");
+  // Picks the device again ("cpu", "cuda", "auto"), e.g. after the command line was parsed.
+  void select_device(const std::string& device);
   static Runtime& get();  // after init
   bool is_root() const { return rank == 0; }
+  std::string device_name() const;  // the GPU's name (cudaDeviceProp::name), or "cpu"
+  bool mpi_thread_multiple = false; // MPI calls are allowed from any thread (the watchdog's)
   // Kills the whole job (every rank) with `message` printed once by the caller's rank.
   [[noreturn]] void abort(const std::string& message, int code = 1) const;
   ~Runtime();

@@ -1,6 +1,9 @@
 // ZeRO-1 sharded AdamW; see zero.h.
 #include "distributed/zero.h"
 
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+
 #include <chrono>
 #include <cmath>
 
@@ -8,137 +11,268 @@
 
 namespace sedd {
 
-ShardedAdamW::ShardedAdamW(std::vector<torch::Tensor> params, Communicator& comm, AdamWConfig cfg)
+namespace {
+
+constexpr int64_t kAlign = 4;  // chunk sizes in multiples of 16 bytes (fp32) for the collectives
+
+// Runs after AccumulateGrad has added a parameter's gradient into its buffer.
+class AfterAccumulate final : public torch::autograd::FunctionPostHook {
+ public:
+  explicit AfterAccumulate(std::function<void()> fn) : fn_(std::move(fn)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list&) override {
+    fn_();
+    return outputs;
+  }
+
+ private:
+  std::function<void()> fn_;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+ShardedAdamW::ShardedAdamW(std::vector<ParamSpec> params, Communicator& comm, AdamWConfig cfg)
     : comm_(comm), cfg_(cfg), params_(std::move(params)) {
   SEDD_CHECK(!params_.empty(), "ShardedAdamW: no parameters");
-  const int W = comm_.size();
-  auto opts = params_[0].options().requires_grad(false);
-  for (const auto& p : params_) numel_ += p.numel();
-  int64_t padded = (numel_ + W - 1) / W * W;  // equal slices for every rank (NCCL needs them)
-  flat_param_ = torch::zeros({padded}, opts);
-  flat_grad_ = torch::zeros({padded}, opts);
-  int64_t off = 0;
-  torch::NoGradGuard no_grad;
-  for (auto& p : params_) {
-    auto view = flat_param_.narrow(0, off, p.numel()).view(p.sizes());
-    view.copy_(p);
-    p.set_data(view);  // the module now reads and writes the flat buffer
-    p.mutable_grad() = flat_grad_.narrow(0, off, p.numel()).view(p.sizes());
-    off += p.numel();
-  }
-  own_ = shard_range(padded, W, comm_.rank());
+  const int W = comm_.size(), r = comm_.rank();
+  const size_t P = params_.size();
+  param_index_of_param_.resize(P);
+  for (size_t i = 0; i < P; ++i) param_index_of_param_[i] = numel_, numel_ += params_[i].tensor.numel();
 
-  // Buckets of whole parameters, from the last parameter backwards; the padding joins the first
-  // bucket (the one at the end of the buffer).
-  bucket_of_param_.assign(params_.size(), 0);
-  int64_t end = padded, size = padded - numel_, first_param_offset = numel_;
-  int count = 0;
-  for (size_t i = params_.size(); i-- > 0;) {
-    first_param_offset -= params_[i].numel();
-    size += params_[i].numel();
-    bucket_of_param_[i] = static_cast<int>(buckets_.size());
-    ++count;
-    if (size >= cfg_.bucket_elems || i == 0) {
-      buckets_.push_back({first_param_offset, end, count});
-      end = first_param_offset;
-      size = 0;
-      count = 0;
+  // Buckets of whole parameters, from the last parameter backwards (backward's order).
+  bucket_of_param_.assign(P, 0);
+  size_t end = P;
+  while (end > 0) {
+    size_t first = end;
+    int64_t n = 0;
+    while (first > 0 && (n == 0 || n < cfg_.bucket_elems)) n += params_[--first].tensor.numel();
+    Bucket b{first, end, 0, n, 0, 0};
+    b.chunk = ((n + W - 1) / W + kAlign - 1) / kAlign * kAlign;
+    for (size_t i = first; i < end; ++i) bucket_of_param_[i] = static_cast<int>(buckets_.size());
+    buckets_.push_back(b);
+    end = first;
+  }
+  int64_t flat = 0;
+  for (auto& b : buckets_) {
+    b.flat_offset = flat;
+    b.shard_offset = shard_numel_;
+    flat += b.chunk * W;
+    shard_numel_ += b.chunk;
+  }
+
+  auto opts = params_[0].tensor.options().requires_grad(false);
+  flat_param_ = torch::zeros({flat}, opts);
+  flat_grad_ = torch::zeros({flat}, opts);
+  flat_offset_of_param_.resize(P);
+  torch::NoGradGuard no_grad;
+  for (const auto& b : buckets_) {
+    int64_t off = b.flat_offset;
+    for (size_t i = b.first_param; i < b.end_param; ++i) {
+      auto& p = params_[i].tensor;
+      flat_offset_of_param_[i] = off;
+      auto view = flat_param_.narrow(0, off, p.numel()).view(p.sizes());
+      view.copy_(p);
+      p.set_data(view);  // the module now reads and writes the flat buffer
+      p.mutable_grad() = flat_grad_.narrow(0, off, p.numel()).view(p.sizes());
+      off += p.numel();
     }
   }
-  arrived_.assign(buckets_.size(), 0);
-  param_seen_.assign(params_.size(), false);
-  for (size_t i = 0; i < params_.size(); ++i) {
-    if (params_[i].requires_grad()) params_[i].register_hook([this, i](const torch::Tensor&) { on_gradient(i); });
-    else param_seen_[i] = true, arrived_[bucket_of_param_[i]]++;  // never gets a gradient: never waited for
+
+  grad_shard_ = torch::zeros({shard_numel_}, opts);
+  exp_avg_ = torch::zeros({shard_numel_}, opts);
+  exp_avg_sq_ = torch::zeros({shard_numel_}, opts);
+  ema_ = torch::zeros({shard_numel_}, opts);
+  step_count_ = torch::zeros({}, opts.dtype(torch::kFloat));
+  for (const auto& b : buckets_) ema_.narrow(0, b.shard_offset, b.chunk).copy_(own_chunk(flat_param_, b));
+
+  // The rank's pieces (checkpoints) and its fused-AdamW operands, split at parameter boundaries so
+  // each piece has one weight-decay setting.
+  groups_ = {Group{cfg_.weight_decay, {}, {}, {}, {}, {}}, Group{0.0, {}, {}, {}, {}, {}}};
+  for (const auto& b : buckets_) {
+    const int64_t own_lo = r * b.chunk, own_hi = std::min(own_lo + b.chunk, b.numel);
+    int64_t local = 0;
+    for (size_t i = b.first_param; i < b.end_param; ++i) {
+      const int64_t n = params_[i].tensor.numel();
+      const int64_t lo = std::max(local, own_lo), hi = std::min(local + n, own_hi);
+      if (lo < hi) {
+        const int64_t shard_off = b.shard_offset + (lo - own_lo), count = hi - lo;
+        pieces_.push_back({param_index_of_param_[i] + (lo - local), count, shard_off});
+        Group& g = groups_[params_[i].decay && cfg_.weight_decay > 0 ? 0 : 1];
+        g.params.push_back(flat_param_.narrow(0, b.flat_offset + lo, count));
+        g.grads.push_back(grad_shard_.narrow(0, shard_off, count));
+        g.exp_avgs.push_back(exp_avg_.narrow(0, shard_off, count));
+        g.exp_avg_sqs.push_back(exp_avg_sq_.narrow(0, shard_off, count));
+        g.steps.push_back(step_count_);
+      }
+      local += n;
+    }
   }
-  exp_avg_ = torch::zeros({own_.size()}, opts);
-  exp_avg_sq_ = torch::zeros({own_.size()}, opts);
-  grad_shard_ = torch::zeros({own_.size()}, opts);
-  ema_ = flat_param_.narrow(0, own_.begin, own_.size()).clone();
+
+  arrived_.assign(buckets_.size(), 0);
+  param_seen_.assign(P, false);
+  for (size_t i = 0; i < P; ++i) {
+    if (!params_[i].tensor.requires_grad()) continue;
+    auto acc = torch::autograd::impl::grad_accumulator(params_[i].tensor);
+    acc->add_post_hook(std::make_unique<AfterAccumulate>([this, i] { on_gradient(i); }));
+    accumulators_.push_back(acc);
+  }
 }
+
+ShardedAdamW::~ShardedAdamW() {
+  try {
+    wait_in_flight();
+  } catch (...) {  // a failed collective already reported itself; nothing more to do here
+  }
+}
+
+torch::Tensor ShardedAdamW::bucket_view(const torch::Tensor& flat, const Bucket& b) const {
+  return flat.narrow(0, b.flat_offset, b.chunk * comm_.size());
+}
+
+torch::Tensor ShardedAdamW::own_chunk(const torch::Tensor& flat, const Bucket& b) const {
+  return flat.narrow(0, b.flat_offset + comm_.rank() * b.chunk, b.chunk);
+}
+
+void ShardedAdamW::zero_grad() { flat_grad_.zero_(); }
 
 void ShardedAdamW::overlap_next_backward() {
   armed_ = true;
   next_launch_ = 0;
   std::fill(arrived_.begin(), arrived_.end(), 0);
   for (size_t i = 0; i < params_.size(); ++i) {
-    param_seen_[i] = !params_[i].requires_grad();
+    param_seen_[i] = !params_[i].tensor.requires_grad();  // never gets a gradient: never waited for
     if (param_seen_[i]) arrived_[bucket_of_param_[i]]++;
   }
 }
 
-// Runs as each parameter's gradient is produced, *before* it is added into the flat buffer, so
-// a bucket is launched on the first hook after the one that completed it.
-void ShardedAdamW::on_gradient(size_t param_index) {
-  if (!armed_) return;
+void ShardedAdamW::on_gradient(size_t i) {
+  if (!armed_ || param_seen_[i]) return;
+  param_seen_[i] = true;
+  arrived_[bucket_of_param_[i]]++;
   launch_ready_buckets(false);
-  if (!param_seen_[param_index]) {
-    param_seen_[param_index] = true;
-    arrived_[bucket_of_param_[param_index]]++;
-  }
+}
+
+void ShardedAdamW::launch(size_t k) {
+  const Bucket& b = buckets_[k];
+  auto t0 = std::chrono::steady_clock::now();
+  auto mine = grad_shard_.narrow(0, b.shard_offset, b.chunk);
+  in_flight_.push_back(comm_.reduce_scatter_async(
+      bucket_view(flat_grad_, b), mine, ReduceOp::Mean,
+      fmt::format("reduce_scatter of gradient bucket {} of {}", k + 1, buckets_.size())));
+  comm_seconds_ += seconds_since(t0);
 }
 
 void ShardedAdamW::launch_ready_buckets(bool all) {
-  while (next_launch_ < buckets_.size() &&
-         (all || arrived_[next_launch_] == buckets_[next_launch_].params)) {
-    const Bucket& b = buckets_[next_launch_++];
-    in_flight_.push_back(comm_.reduce_scatter_range(flat_grad_, b.begin, b.end, grad_shard_, ReduceOp::Mean));
+  while (next_launch_ < buckets_.size()) {
+    const Bucket& b = buckets_[next_launch_];
+    if (!all && arrived_[next_launch_] < static_cast<int>(b.end_param - b.first_param)) break;
     if (!all) launched_early_++;
+    launch(next_launch_++);
   }
 }
 
-StepResult ShardedAdamW::step(double lr) {
-  torch::NoGradGuard no_grad;
-  StepResult res;
+void ShardedAdamW::wait_in_flight() {
   auto t0 = std::chrono::steady_clock::now();
-  if (armed_) {  // finish what backward did not launch, then wait for every bucket
-    launch_ready_buckets(true);
-    for (auto& w : in_flight_) w->wait();
-    in_flight_.clear();
-    armed_ = false;
-  } else {
-    comm_.reduce_scatter(flat_grad_, grad_shard_, ReduceOp::Mean);
-  }
-  torch::Tensor sq = grad_shard_.pow(2).sum().reshape({1}).to(torch::kDouble);
-  comm_.all_reduce(sq, ReduceOp::Sum);
-  comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  res.grad_norm = std::sqrt(sq.item<double>());
-  if (!std::isfinite(res.grad_norm)) {  // every rank sees the same norm, so every rank skips
-    res.skipped = true;
-    flat_grad_.zero_();
-    return res;
-  }
-  if (cfg_.grad_clip > 0 && res.grad_norm > cfg_.grad_clip) grad_shard_.mul_(cfg_.grad_clip / (res.grad_norm + 1e-6));
-
-  steps_++;
-  auto p = flat_param_.narrow(0, own_.begin, own_.size());
-  const double bc1 = 1 - std::pow(cfg_.beta1, static_cast<double>(steps_));
-  const double bc2 = 1 - std::pow(cfg_.beta2, static_cast<double>(steps_));
-  if (cfg_.weight_decay > 0) p.mul_(1 - lr * cfg_.weight_decay);  // decoupled weight decay
-  exp_avg_.mul_(cfg_.beta1).add_(grad_shard_, 1 - cfg_.beta1);
-  exp_avg_sq_.mul_(cfg_.beta2).addcmul_(grad_shard_, grad_shard_, 1 - cfg_.beta2);
-  auto denom = (exp_avg_sq_ / bc2).sqrt_().add_(cfg_.eps);
-  p.addcdiv_(exp_avg_, denom, -lr / bc1);
-  if (cfg_.ema > 0) ema_.mul_(cfg_.ema).add_(p, 1 - cfg_.ema);
-  else ema_.copy_(p);
-
-  torch::Tensor mine = p.clone();
-  auto t1 = std::chrono::steady_clock::now();
-  comm_.all_gather(mine, flat_param_);
-  comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-  flat_grad_.zero_();
-  return res;
+  for (auto& w : in_flight_) w->wait();
+  in_flight_.clear();
+  comm_seconds_ += seconds_since(t0);
 }
+
+void ShardedAdamW::discard() {
+  if (armed_) launch_ready_buckets(true);  // every rank launched the same buckets: finish them all
+  wait_in_flight();
+  armed_ = false;
+  flat_grad_.zero_();
+}
+
+StepStats ShardedAdamW::step(double lr, const torch::Tensor& local_loss) {
+  torch::NoGradGuard no_grad;
+  if (!armed_) next_launch_ = 0;
+  launch_ready_buckets(true);
+  wait_in_flight();
+  armed_ = false;
+
+  // Squared norm of the own shard and the loss, summed over ranks in one device all-reduce.
+  auto stats = torch::stack({grad_shard_.square().sum(torch::kDouble), local_loss.to(torch::kDouble).reshape({})});
+  auto t0 = std::chrono::steady_clock::now();
+  comm_.all_reduce(stats, ReduceOp::Sum);
+  comm_seconds_ += seconds_since(t0);
+  StepStats out;
+  out.grad_norm = stats[0].sqrt();
+  out.loss_sum = stats[1];
+  auto finite = torch::isfinite(out.grad_norm).logical_and(torch::isfinite(out.loss_sum));
+  auto found_inf = finite.logical_not().to(torch::kFloat);
+  out.skipped = found_inf;
+
+  // Clipping as a divisor of the gradients inside the fused kernel (1 when not clipping).
+  auto norm32 = out.grad_norm.to(torch::kFloat);
+  torch::Tensor grad_scale = torch::ones({}, step_count_.options());
+  if (cfg_.grad_clip > 0) {
+    grad_scale = torch::where(finite.logical_and(norm32 > cfg_.grad_clip), (norm32 + 1e-6f) / cfg_.grad_clip,
+                              torch::ones_like(norm32));
+  }
+  step_count_.add_(1);
+  for (auto& g : groups_) {
+    if (g.params.empty()) continue;
+    at::_fused_adamw_(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, {}, g.steps, lr, cfg_.beta1, cfg_.beta2,
+                      g.weight_decay, cfg_.eps, /*amsgrad=*/false, /*maximize=*/false, grad_scale, found_inf);
+  }
+  step_count_.sub_(found_inf);  // a skipped update does not count
+
+  // EMA of the own chunks; weight 0 when the update was skipped.
+  torch::Tensor ema_weight;
+  if (cfg_.ema <= 0) {
+    ema_weight = 1 - found_inf;
+  } else {
+    torch::Tensor decay = torch::full({}, cfg_.ema, step_count_.options());
+    if (cfg_.ema_warmup) decay = torch::minimum(decay, (1 + step_count_) / (10 + step_count_));
+    ema_weight = (1 - decay) * (1 - found_inf);
+  }
+  for (const auto& b : buckets_)
+    ema_.narrow(0, b.shard_offset, b.chunk).lerp_(own_chunk(flat_param_, b), ema_weight.to(ema_.scalar_type()));
+
+  // Every rank's updated chunks to everyone, bucket by bucket, in place.
+  auto t1 = std::chrono::steady_clock::now();
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    auto full = bucket_view(flat_param_, buckets_[k]);
+    in_flight_.push_back(comm_.all_gather_async(own_chunk(flat_param_, buckets_[k]), full,
+                                                fmt::format("all_gather of parameter bucket {} of {}", k + 1,
+                                                            buckets_.size())));
+  }
+  wait_in_flight();
+  comm_seconds_ += seconds_since(t1);
+  flat_grad_.zero_();
+  return out;
+}
+
+double ShardedAdamW::steps_taken() const { return step_count_.item<double>(); }
+
+void ShardedAdamW::set_steps_taken(double steps) { step_count_.fill_(steps); }
 
 torch::Tensor ShardedAdamW::gather_ema() {
-  torch::Tensor full = torch::empty_like(flat_param_);
-  comm_.all_gather(ema_, full);
-  return full;
+  torch::Tensor padded = torch::empty_like(flat_param_);
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    const Bucket& b = buckets_[k];
+    auto full = bucket_view(padded, b);
+    auto mine = own_chunk(padded, b);
+    mine.copy_(ema_.narrow(0, b.shard_offset, b.chunk));
+    comm_.all_gather_async(mine, full, fmt::format("all_gather of EMA bucket {} of {}", k + 1, buckets_.size()))->wait();
+  }
+  std::vector<torch::Tensor> parts;
+  for (size_t i = 0; i < params_.size(); ++i)
+    parts.push_back(padded.narrow(0, flat_offset_of_param_[i], params_[i].tensor.numel()));
+  return torch::cat(parts);
 }
 
 void ShardedAdamW::load_ema(const torch::Tensor& full) {
-  torch::NoGradGuard no_grad;
-  ema_.copy_(full.narrow(0, own_.begin, own_.size()));
+  SEDD_CHECK(full.numel() == numel_, "load_ema: {} elements for {} parameters", full.numel(), numel_);
+  torch::NoGradGuard ng;
+  auto src = full.to(ema_.device(), ema_.scalar_type());
+  for (const auto& p : pieces_) ema_.narrow(0, p.shard_offset, p.count).copy_(src.narrow(0, p.param_index, p.count));
 }
 
 int64_t ShardedAdamW::state_bytes() const {

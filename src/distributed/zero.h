@@ -1,11 +1,22 @@
-// ZeRO-1 sharded AdamW (DESIGN.md §6). The model's parameters are re-pointed into one flat,
-// contiguous buffer padded to a multiple of the world size W, and their gradients into a second
-// one; rank k owns slice k. A step: reduce-scatter the gradients (mean), global gradient norm
-// from the shards (one scalar all-reduce), clipping, AdamW with decoupled weight decay on the
-// own slice (moments exist only for that slice), EMA of the own slice, all-gather parameters.
-// Gradient accumulation needs no communication: backward adds into the flat gradient buffer.
+// ZeRO-1 sharded AdamW with bucketed, overlapped gradient reduction.
+//
+// The model's parameters are re-pointed into one flat buffer, their gradients into a second one.
+// The buffers are cut into buckets of whole parameters (train.bucket_elems, formed from the last
+// parameter backwards, the order backward produces gradients); each bucket is padded to W equal
+// chunks and rank r owns chunk r of every bucket. So every bucket is one equal-chunk
+// reduce-scatter (ncclReduceScatter / MPI_Ireduce_scatter_block), launched as soon as backward has
+// accumulated its last gradient, while backward goes on; and one in-place all-gather after the
+// update. The rank's shard (its chunks, concatenated) carries the AdamW moments and the EMA:
+// optimizer memory per rank is 1/W of the unsharded one.
+//
+// A step never synchronises with the host: the global gradient norm is reduced on the device
+// together with the training loss, the clip factor and a "non-finite" flag stay device tensors,
+// and the fused AdamW kernel skips the update (and the EMA) when the flag is set. Callers read
+// the returned tensors when they log.
 #pragma once
+#include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
+
 #include <string>
 #include <vector>
 
@@ -17,69 +28,100 @@ namespace sedd {
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
   double grad_clip = 1.0;  // <= 0: no clipping
-  double ema = 0.9999;     // <= 0: no EMA
-  int64_t bucket_elems = int64_t{1} << 22;  // gradient bucket size for overlapped reduction
+  double ema = 0.9999;     // <= 0: no EMA (it follows the weights)
+  bool ema_warmup = true;  // decay min(ema, (1 + n) / (10 + n)) at the n-th update, as SEDD's trainer
+  int64_t bucket_elems = int64_t{1} << 22;
 };
 
-struct StepResult {
-  double grad_norm = 0;    // before clipping
-  bool skipped = false;    // non-finite gradient: nothing was updated
+struct ParamSpec {
+  std::string name;
+  torch::Tensor tensor;
+  bool decay = true;  // decoupled weight decay applies (matrices; not biases, norms, embeddings)
+};
+
+// A step's results, as device tensors (reading them synchronises; do it when logging).
+struct StepStats {
+  torch::Tensor grad_norm;  // 0-dim float64: global gradient norm before clipping
+  torch::Tensor skipped;    // 0-dim float32: 1 when a non-finite norm or loss skipped the update
+  torch::Tensor loss_sum;   // 0-dim float64: the step's loss summed over ranks
 };
 
 class ShardedAdamW {
  public:
-  // Takes over the storage of `params` (in order). All ranks must pass the same shapes.
-  ShardedAdamW(std::vector<torch::Tensor> params, Communicator& comm, AdamWConfig cfg);
+  // Takes over the storage of the parameters (in model order). All ranks pass the same shapes.
+  ShardedAdamW(std::vector<ParamSpec> params, Communicator& comm, AdamWConfig cfg);
+  ~ShardedAdamW();
 
-  void zero_grad() { flat_grad_.zero_(); }
-  // Call right before the last micro-batch's backward: from then on, each gradient bucket is
-  // reduce-scattered as soon as backward has filled it, overlapping communication with the
-  // rest of backward. Earlier micro-batches only accumulate (no communication).
+  void zero_grad();
+  // Call right before the last micro-batch's backward: from then on each gradient bucket is
+  // reduce-scattered as soon as backward has filled it. Earlier micro-batches only accumulate.
   void overlap_next_backward();
-  // Call after the last micro-batch's backward.
-  StepResult step(double lr);
+  // Abandons this step's gradients: waits for buckets in flight, then zeroes the buffer.
+  void discard();
+  // After the last micro-batch's backward. `local_loss` (0-dim, on the device) is summed over
+  // ranks along with the gradient norm; a non-finite result skips the update.
+  StepStats step(double lr, const torch::Tensor& local_loss);
+
+  int64_t numel() const { return numel_; }              // real parameter elements
+  torch::Tensor flat_params() const { return flat_param_; }  // the buffer the parameters live in
+  int64_t shard_numel() const { return shard_numel_; }  // this rank's chunks, padding included
   int64_t buckets() const { return static_cast<int64_t>(buckets_.size()); }
   int64_t buckets_launched_during_backward() const { return launched_early_; }
+  double comm_seconds() const { return comm_seconds_; }  // host time spent in collectives
+  int64_t state_bytes() const;                           // moments + EMA held by this rank
 
-  int64_t numel() const { return numel_; }           // real parameters, without padding
-  int64_t padded_numel() const { return flat_param_.numel(); }
-  ShardRange own_range() const { return own_; }
-  int64_t steps_taken() const { return steps_; }
-  void set_steps_taken(int64_t s) { steps_ = s; }
-
-  torch::Tensor& exp_avg() { return exp_avg_; }       // [own slice]
+  // Checkpoints. A piece maps `count` shard elements starting at `shard_offset` to the parameter
+  // elements [param_index, param_index + count) of the unpadded, model-ordered parameter vector;
+  // this index space does not depend on the world size, so state re-shards on load.
+  struct Piece {
+    int64_t param_index, count, shard_offset;
+  };
+  const std::vector<Piece>& own_pieces() const { return pieces_; }
+  torch::Tensor& exp_avg() { return exp_avg_; }
   torch::Tensor& exp_avg_sq() { return exp_avg_sq_; }
   torch::Tensor& ema_shard() { return ema_; }
-  torch::Tensor flat_params() const { return flat_param_; }
-  // The full EMA vector (collective: every rank must call it).
+  double steps_taken() const;          // optimizer updates applied so far (reads the device)
+  void set_steps_taken(double steps);
+  // The full EMA as an unpadded, model-ordered vector [numel] (collective: every rank calls it).
   torch::Tensor gather_ema();
-  // Copies a full flat vector's own slice into the EMA shard (after loading a checkpoint).
+  // Loads the own pieces of a full unpadded vector into the EMA shard.
   void load_ema(const torch::Tensor& full);
-  // Bytes of optimizer state held by this rank (moments + EMA).
-  int64_t state_bytes() const;
-  double comm_seconds() const { return comm_seconds_; }  // wall time inside collectives so far
 
  private:
+  struct Bucket {
+    size_t first_param, end_param;  // parameters [first, end) in model order
+    int64_t flat_offset;            // start in the flat buffers
+    int64_t numel, chunk;           // real elements; per-rank chunk (W chunks >= numel)
+    int64_t shard_offset;           // this rank's chunk inside the shard
+  };
+  struct Group {  // fused AdamW operands sharing one weight decay
+    double weight_decay;
+    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+  };
+  torch::Tensor bucket_view(const torch::Tensor& flat, const Bucket& b) const;
+  torch::Tensor own_chunk(const torch::Tensor& flat, const Bucket& b) const;
+  void on_gradient(size_t param_index);
+  void launch(size_t bucket);
+  void launch_ready_buckets(bool all);
+  void wait_in_flight();
+
   Communicator& comm_;
   AdamWConfig cfg_;
-  std::vector<torch::Tensor> params_;
+  std::vector<ParamSpec> params_;
+  std::vector<int64_t> flat_offset_of_param_, param_index_of_param_;
   torch::Tensor flat_param_, flat_grad_;
-  torch::Tensor exp_avg_, exp_avg_sq_, ema_, grad_shard_;
-  ShardRange own_{0, 0};
-  int64_t numel_ = 0, steps_ = 0;
-
-  // Buckets: ranges of the flat buffer, launched in a fixed order (last parameters first, the
-  // order backward produces them), so every rank starts the same collectives in the same order.
-  struct Bucket {
-    int64_t begin, end;
-    int params;
-  };
-  void on_gradient(size_t param_index);
-  void launch_ready_buckets(bool all);
+  torch::Tensor grad_shard_, exp_avg_, exp_avg_sq_, ema_;
+  torch::Tensor step_count_;  // 0-dim float32 on the device: updates applied (fused AdamW's step)
+  int64_t numel_ = 0, shard_numel_ = 0;
   std::vector<Bucket> buckets_;
-  std::vector<int> bucket_of_param_;
-  std::vector<int> arrived_;         // per bucket, this backward
+  std::vector<Piece> pieces_;
+  std::vector<Group> groups_;
+
+  std::vector<int> bucket_of_param_, arrived_;
   std::vector<bool> param_seen_;
+  // The parameters' gradient accumulators carry our post-accumulation hooks; kept alive here.
+  using Accumulator = decltype(torch::autograd::impl::grad_accumulator(std::declval<torch::Tensor>()));
+  std::vector<Accumulator> accumulators_;
   size_t next_launch_ = 0;
   bool armed_ = false;
   int64_t launched_early_ = 0;

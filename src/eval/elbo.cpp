@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "diffusion/categorical.h"
+#include "diffusion/keyed_random.h"
 #include "diffusion/loss.h"
 #include "io/error.h"
 
@@ -18,17 +18,18 @@ void ElboConfig::validate() const {
   SEDD_CHECK(mc_samples >= 2, "--mc-samples must be at least 2 to estimate the standard error");
 }
 
-torch::Tensor elbo_times(const ElboConfig& cfg, uint64_t index) {
-  auto gen = keyed_generator(cfg.seed, 0x7157ull, index);
+torch::Tensor elbo_times(const ElboConfig& cfg, const torch::Tensor& indices) {
   const int64_t K = cfg.mc_samples;
+  RandomStream s{cfg.seed, purpose::kEvalTime, 0};
   torch::Tensor u;
   if (cfg.sampling == "antithetic") {
-    auto half = torch::rand({K / 2}, gen, torch::kDouble);
-    u = torch::cat({half, 1 - half});
+    auto half = keyed_uniform(s, indices, K / 2, torch::kDouble);
+    u = torch::cat({half, 1 - half}, 1);
   } else if (cfg.sampling == "stratified") {
-    u = (torch::arange(K, torch::kDouble) + torch::rand({K}, gen, torch::kDouble)) / static_cast<double>(K);
+    auto k = torch::arange(K, indices.options().dtype(torch::kDouble));
+    u = (k + keyed_uniform(s, indices, K, torch::kDouble)) / static_cast<double>(K);
   } else {
-    u = torch::rand({K}, gen, torch::kDouble);
+    u = keyed_uniform(s, indices, K, torch::kDouble);
   }
   return u.clamp(1e-6, 1 - 1e-6);
 }
@@ -45,28 +46,39 @@ double prior_kl_per_token(const Graph& graph, const Noise& noise) {
   return on * std::log(on * n) + (n - 1) * (off > 0 ? off * std::log(off * n) : 0.0);
 }
 
-ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
+ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0_in,
                       int64_t first_index, const ElboConfig& cfg, torch::Device device) {
   cfg.validate();
   torch::NoGradGuard ng;
-  const int64_t B = x0.size(0), L = x0.size(1), K = cfg.mc_samples;
-  torch::Tensor values = torch::empty({B, K}, torch::kDouble);
-  std::vector<torch::Tensor> times;
-  for (int64_t i = 0; i < B; ++i) times.push_back(elbo_times(cfg, static_cast<uint64_t>(first_index + i)));
+  auto x0 = x0_in.to(device);
+  const int64_t B = x0.size(0), L = x0.size(1), K = cfg.mc_samples, dim = graph.dim();
+  const auto lopts = torch::TensorOptions().dtype(torch::kLong).device(device);
+  auto indices = torch::arange(first_index, first_index + B, lopts);
+  auto times = elbo_times(cfg, indices);  // [B, K]
+  torch::Tensor values = torch::empty({B, K}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
   for (int64_t k = 0; k < K; ++k) {
-    std::vector<torch::Tensor> ts, xts;
-    for (int64_t i = 0; i < B; ++i) {
-      uint64_t index = static_cast<uint64_t>(first_index + i);
-      auto t = times[i].narrow(0, k, 1);
-      auto gen = keyed_generator(cfg.seed, index, static_cast<uint64_t>(k) + 1);
-      ts.push_back(t);
-      xts.push_back(graph.sample_transition(x0[i], noise.total(t), gen));
+    auto t = times.select(1, k).contiguous();
+    auto sigma = noise.total(t);
+    auto offset = torch::full({B}, k * L, lopts);
+    auto xt = graph.corrupt(x0, sigma, RandomStream{cfg.seed, purpose::kEvalCorrupt, 0},
+                            RandomStream{cfg.seed, purpose::kEvalRedraw, 0}, indices, offset);
+    model.evaluate(xt, sigma);
+    auto flat_xt = xt.view({-1}), flat_x0 = x0.reshape({-1});
+    torch::Tensor rows = graph.absorbing() ? (flat_xt == graph.tokens()).nonzero().squeeze(1)
+                                           : torch::arange(B * L, lopts);
+    auto per_seq = torch::zeros({B}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+    for (int64_t i = 0; i < rows.size(0); i += chunk) {
+      auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
+      auto batch = torch::div(r, L, "floor");
+      auto log_score = model.rows(r).to(torch::kDouble);
+      auto l = graph.score_entropy(log_score, sigma.index_select(0, batch), flat_xt.index_select(0, r),
+                                   flat_x0.index_select(0, r));
+      per_seq.index_add_(0, batch, l);
     }
-    auto t = torch::cat(ts).to(device);
-    auto xt = torch::stack(xts).to(device);
-    auto log_score = model.log_score(xt, noise.total(t).to(torch::kFloat)).to(torch::kDouble);
-    values.select(1, k).copy_(sequence_loss(graph, noise, log_score, t, xt, x0.to(device)).cpu());
+    values.select(1, k).copy_(noise.rate(t) * per_seq);
   }
+  values = values.cpu();
   ElboResult r;
   r.prior_nats = prior_kl_per_token(graph, noise) * static_cast<double>(L);
   if (cfg.sampling == "antithetic") {  // the independent units are the pairs

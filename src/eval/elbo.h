@@ -1,7 +1,9 @@
 // The likelihood bound (DESIGN.md §3): for a sequence x0,
 //   -log p(x0) <= int_0^1 sigma'(t) sum_l E[l_l(x_t)] dt + KL(p_1(.|x0) || p_base),
 // the integral estimated by Monte Carlo over t (iid, antithetic pairs or stratified), with the
-// corruption of each draw keyed by (seed, sequence index, draw). p_base is the forward process
+// times and corruptions of sequence i keyed by (seed, i, draw): a sequence's estimate never
+// depends on the batch, rank or device that computed it. Only positions with a non-zero loss are
+// scored (absorbing graph: the masked ones), in chunks of bounded size. p_base is the forward process
 // at t = 1 started from uniformly random tokens: for the uniform graph that is the uniform
 // distribution the sampler starts from; for the absorbing graph it puts e^-sigma(1) of its mass
 // on random tokens (e.g. 1e-3 for the log-linear schedule), and the KL term is what that costs.
@@ -19,6 +21,7 @@ struct ElboConfig {
   int64_t mc_samples = 32;
   std::string sampling = "antithetic";  // iid | antithetic | stratified
   uint64_t seed = 0;
+  int64_t chunk_elems = int64_t{1} << 27;  // bound on rows x dim per model call
   void validate() const;
 };
 
@@ -28,11 +31,12 @@ struct ElboResult {            // per sequence of the batch
   double prior_nats = 0;       // KL term per sequence (the same for every sequence)
 };
 
-// Times t in (0, 1) for sequence `index` (antithetic: u and 1-u; stratified: (k + u_k)/K).
-torch::Tensor elbo_times(const ElboConfig& cfg, uint64_t index);
+// Times t in (0, 1) [B, K] for the sequences `indices` [B] (antithetic: u and 1-u; stratified:
+// (k + u_k)/K), on indices' device.
+torch::Tensor elbo_times(const ElboConfig& cfg, const torch::Tensor& indices);
 // KL(p_1(.|x0) || p_base) for one position.
 double prior_kl_per_token(const Graph& graph, const Noise& noise);
-// x0 [B, L]; first_index: global index of row 0 (keys the draws).
+// x0 [B, L]; first_index: global index of row 0 (keys the draws). Results on the CPU.
 ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
                       int64_t first_index, const ElboConfig& cfg, torch::Device device);
 

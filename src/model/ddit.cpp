@@ -84,8 +84,8 @@ torch::Tensor RotaryImpl::apply(const torch::Tensor& x) const {
   return x * cos + rotate_half(x) * sin;
 }
 
-DDiTBlockImpl::DDiTBlockImpl(int64_t dim, int64_t heads, int64_t cond_dim, double p)
-    : n_heads(heads), dropout(p) {
+DDiTBlockImpl::DDiTBlockImpl(int64_t idx, int64_t dim, int64_t heads, int64_t cond_dim, double p)
+    : index(idx), n_heads(heads), dropout(p) {
   norm1 = register_module("norm1", BiasFreeLayerNorm(dim));
   attn_qkv = register_module("attn_qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, 3 * dim).bias(false)));
   attn_out = register_module("attn_out", torch::nn::Linear(torch::nn::LinearOptions(dim, dim).bias(false)));
@@ -99,7 +99,8 @@ DDiTBlockImpl::DDiTBlockImpl(int64_t dim, int64_t heads, int64_t cond_dim, doubl
   adaLN_modulation->bias.zero_();
 }
 
-torch::Tensor DDiTBlockImpl::forward(const torch::Tensor& x_in, const Rotary& rotary, const torch::Tensor& c) {
+torch::Tensor DDiTBlockImpl::forward(const torch::Tensor& x_in, const Rotary& rotary, const torch::Tensor& c,
+                                     const DropoutKey* key) {
   const int64_t B = x_in.size(0), L = x_in.size(1), D = x_in.size(2);
   auto mod = adaLN_modulation->forward(c).unsqueeze(1).chunk(6, 2);  // 6 x [B, 1, D]
   auto &shift_msa = mod[0], &scale_msa = mod[1], &gate_msa = mod[2];
@@ -111,9 +112,9 @@ torch::Tensor DDiTBlockImpl::forward(const torch::Tensor& x_in, const Rotary& ro
   // [B, H, L, Dh]; non-causal attention over the whole sequence.
   auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
   attn = attn.transpose(1, 2).reshape({B, L, D});
-  torch::Tensor h = x_in + gate_msa * F::dropout(attn_out->forward(attn), F::DropoutFuncOptions().p(dropout).training(is_training()));
+  torch::Tensor h = x_in + gate_msa * keyed_dropout(attn_out->forward(attn), dropout, is_training(), key, 2 * index);
   auto branch = mlp->forward(modulate(norm2->forward(h), shift_mlp, scale_mlp));
-  return h + gate_mlp * F::dropout(branch, F::DropoutFuncOptions().p(dropout).training(is_training()));
+  return h + gate_mlp * keyed_dropout(branch, dropout, is_training(), key, 2 * index + 1);
 }
 
 FinalLayerImpl::FinalLayerImpl(int64_t hidden, int64_t out, int64_t cond_dim) {
@@ -129,7 +130,11 @@ FinalLayerImpl::FinalLayerImpl(int64_t hidden, int64_t out, int64_t cond_dim) {
 
 torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& c) {
   auto mod = adaLN_modulation->forward(c).unsqueeze(1).chunk(2, 2);
-  return linear->forward(modulate(norm_final->forward(x), mod[0], mod[1]));
+  return linear->forward(features(x, mod[0], mod[1]));
+}
+
+torch::Tensor FinalLayerImpl::features(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale) {
+  return modulate(norm_final->forward(x), shift, scale);
 }
 
 TokenEmbeddingImpl::TokenEmbeddingImpl(int64_t vocab_dim, int64_t dim) {
@@ -144,36 +149,61 @@ DDiTImpl::DDiTImpl(ModelConfig c) : cfg(std::move(c)) {
   rotary_emb = register_module("rotary_emb", Rotary(cfg.head_dim()));
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < cfg.n_blocks; ++i)
-    blocks->push_back(DDiTBlock(cfg.hidden_size, cfg.n_heads, cfg.cond_dim, cfg.dropout));
+    blocks->push_back(DDiTBlock(i, cfg.hidden_size, cfg.n_heads, cfg.cond_dim, cfg.dropout));
   output_layer = register_module("output_layer", FinalLayer(cfg.hidden_size, cfg.vocab_dim(), cfg.cond_dim));
 }
 
-torch::Tensor DDiTImpl::forward(const torch::Tensor& indices, const torch::Tensor& sigma) {
-  return finish(forward_raw(indices, sigma), indices, sigma);
+torch::Tensor DDiTImpl::forward(const torch::Tensor& indices, const torch::Tensor& sigma, const DropoutKey* key) {
+  DDiTHidden hid = forward_hidden(indices, sigma, key);
+  torch::Tensor raw;
+  {
+    CudaAutocast autocast(bf16 && hid.h.is_cuda());
+    raw = at_least_float(output_layer->forward(hid.h, hid.c));
+  }
+  return finish(raw, indices, sigma);
 }
 
 torch::Tensor DDiTImpl::forward_raw(const torch::Tensor& indices, const torch::Tensor& sigma) {
+  DDiTHidden hid = forward_hidden(indices, sigma);
+  CudaAutocast autocast(bf16 && hid.h.is_cuda());
+  return at_least_float(output_layer->forward(hid.h, hid.c));
+}
+
+DDiTHidden DDiTImpl::forward_hidden(const torch::Tensor& indices, const torch::Tensor& sigma, const DropoutKey* key) {
   torch::Tensor x = vocab_embed->forward(indices);
   // Without time conditioning the network sees sigma = 0; the absorbing score's dependence on
   // sigma is then the analytic scale_by_sigma shift alone (exact caching while sampling).
   torch::Tensor sigma_in = cfg.time_conditioning ? sigma : torch::zeros_like(sigma);
   torch::Tensor c = F::silu(sigma_map->forward(sigma_in));
-  {
-    CudaAutocast autocast(bf16 && x.is_cuda());
-    for (const auto& block : *blocks) x = block->as<DDiTBlock>()->forward(x, rotary_emb, c);
-    x = output_layer->forward(x, c);
-  }
-  return at_least_float(x);
+  CudaAutocast autocast(bf16 && x.is_cuda());
+  for (const auto& block : *blocks) x = block->as<DDiTBlock>()->forward(x, rotary_emb, c, key);
+  return {at_least_float(x), c};
+}
+
+torch::Tensor DDiTImpl::output_features(const DDiTHidden& hid, const torch::Tensor& rows) {
+  const int64_t L = hid.h.size(1), D = hid.h.size(2);
+  CudaAutocast autocast(bf16 && hid.h.is_cuda());
+  auto mod = output_layer->adaLN_modulation->forward(hid.c).chunk(2, 1);  // 2 x [B, D]
+  auto batch = torch::div(rows, L, "floor");
+  auto h = hid.h.reshape({-1, D}).index_select(0, rows);
+  return at_least_float(output_layer->features(h, mod[0].index_select(0, batch), mod[1].index_select(0, batch)));
+}
+
+torch::Tensor DDiTImpl::output_logits(const torch::Tensor& features) {
+  CudaAutocast autocast(bf16 && features.is_cuda());
+  return at_least_float(output_layer->linear->forward(features));
+}
+
+torch::Tensor DDiTImpl::score_shift(const torch::Tensor& sigma) const {
+  if (!cfg.scale_by_sigma) return torch::zeros_like(sigma);
+  // -log(e^sigma - 1) - log(dim - 1): the log-score of a uniform guess over the mask.
+  auto esigm1 = torch::where(sigma < 0.5, torch::expm1(sigma), sigma.exp() - 1);
+  return -esigm1.log() - std::log(static_cast<double>(cfg.vocab_dim() - 1));
 }
 
 torch::Tensor DDiTImpl::finish(const torch::Tensor& raw, const torch::Tensor& indices, const torch::Tensor& sigma) const {
   torch::Tensor x = raw;
-  if (cfg.scale_by_sigma) {
-    // Shift by -log(e^sigma - 1) - log(dim - 1): the log-score of a uniform guess over the mask.
-    auto s = sigma.to(x.scalar_type());
-    auto esigm1 = torch::where(s < 0.5, torch::expm1(s), s.exp() - 1);
-    x = x - esigm1.log().view({-1, 1, 1}) - std::log(static_cast<double>(x.size(-1) - 1));
-  }
+  if (cfg.scale_by_sigma) x = x + score_shift(sigma.to(x.scalar_type())).view({-1, 1, 1});
   return torch::scatter(x, -1, indices.unsqueeze(-1), torch::zeros_like(x.narrow(-1, 0, 1)));
 }
 

@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "model/config.h"
+#include "model/dropout.h"
 
 namespace sedd {
 
@@ -38,9 +39,12 @@ struct RotaryImpl : torch::nn::Module {
 TORCH_MODULE(Rotary);
 
 struct DDiTBlockImpl : torch::nn::Module {
-  DDiTBlockImpl(int64_t dim, int64_t n_heads, int64_t cond_dim, double dropout);
-  torch::Tensor forward(const torch::Tensor& x, const Rotary& rotary, const torch::Tensor& c);
-  int64_t n_heads;
+  // `index`: the block's place in the stack; its dropout sites are 2 index (attention) and
+  // 2 index + 1 (MLP).
+  DDiTBlockImpl(int64_t index, int64_t dim, int64_t n_heads, int64_t cond_dim, double dropout);
+  torch::Tensor forward(const torch::Tensor& x, const Rotary& rotary, const torch::Tensor& c,
+                        const DropoutKey* dropout_key = nullptr);
+  int64_t index, n_heads;
   double dropout;
   BiasFreeLayerNorm norm1{nullptr}, norm2{nullptr};
   torch::nn::Linear attn_qkv{nullptr}, attn_out{nullptr}, adaLN_modulation{nullptr};
@@ -51,6 +55,8 @@ TORCH_MODULE(DDiTBlock);
 struct FinalLayerImpl : torch::nn::Module {
   FinalLayerImpl(int64_t hidden, int64_t out, int64_t cond_dim);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c);
+  // The input of `linear`: adaLN-modulated norm_final(x). x [..., D]; shift/scale broadcast.
+  torch::Tensor features(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale);
   BiasFreeLayerNorm norm_final{nullptr};
   torch::nn::Linear linear{nullptr}, adaLN_modulation{nullptr};
 };
@@ -63,16 +69,35 @@ struct TokenEmbeddingImpl : torch::nn::Module {
 };
 TORCH_MODULE(TokenEmbedding);
 
+// The transformer body's output: what the output layer needs for any subset of positions.
+struct DDiTHidden {
+  torch::Tensor h;  // [B, L, D] residual stream after the last block (float32)
+  torch::Tensor c;  // [B, cond_dim] conditioning, silu(sigma_map(sigma))
+};
+
 struct DDiTImpl : torch::nn::Module {
   explicit DDiTImpl(ModelConfig cfg);
   // indices [B, L] int64, sigma [B] -> log-score [B, L, vocab_dim] (float32; the entry of the
   // current token is 0). bf16 autocast for the blocks when the module lives on CUDA and
-  // `bf16` is set.
-  torch::Tensor forward(const torch::Tensor& indices, const torch::Tensor& sigma);
-  // forward() = finish(forward_raw()). The raw output of a model without time conditioning does
-  // not depend on sigma, which lets a sampler reuse it exactly while the input is unchanged.
+  // `bf16` is set. `dropout_key` keys the dropout masks per sequence (training with dropout).
+  torch::Tensor forward(const torch::Tensor& indices, const torch::Tensor& sigma,
+                        const DropoutKey* dropout_key = nullptr);
+  // forward() = finish(forward_raw()) = finish(output rows of forward_hidden()). The raw output
+  // of a model without time conditioning does not depend on sigma, which lets a sampler reuse it
+  // exactly while the input is unchanged.
+  DDiTHidden forward_hidden(const torch::Tensor& indices, const torch::Tensor& sigma,
+                            const DropoutKey* dropout_key = nullptr);
+  // The output layer's input for chosen positions: rows [R] index the flattened [B * L]
+  // positions; returns [R, D] (float32). Losses and samplers that need the vocabulary-wide
+  // output of only some positions (the masked ones) project just these rows.
+  torch::Tensor output_features(const DDiTHidden& hidden, const torch::Tensor& rows);
+  // Raw output (before scale_by_sigma and the current-token zero) of chosen rows' features:
+  // [R, D] -> [R, vocab_dim] float32.
+  torch::Tensor output_logits(const torch::Tensor& features);
   torch::Tensor forward_raw(const torch::Tensor& indices, const torch::Tensor& sigma);
   torch::Tensor finish(const torch::Tensor& raw, const torch::Tensor& indices, const torch::Tensor& sigma) const;
+  // The scale_by_sigma shift -log(e^sigma - 1) - log(vocab_dim - 1) per sigma [...] (0 when off).
+  torch::Tensor score_shift(const torch::Tensor& sigma) const;
   int64_t parameter_count() const;
   // Approximate training FLOPs per token (forward + backward) for MFU reports.
   double flops_per_token(int64_t seq_len) const;

@@ -16,7 +16,8 @@ using json = nlohmann::json;
 
 namespace {
 
-// Flat vector (padded) -> state dict of the model's parameters (buffers from the model).
+// Unpadded, model-ordered parameter vector -> state dict of the model's parameters (buffers from
+// the model).
 StateDict unflatten(DDiT& model, const torch::Tensor& flat) {
   StateDict sd = state_dict(*model);
   int64_t off = 0;
@@ -27,31 +28,24 @@ StateDict unflatten(DDiT& model, const torch::Tensor& flat) {
   return sd;
 }
 
-torch::Tensor flatten(DDiT& model, const StateDict& sd, int64_t padded) {
+torch::Tensor flatten(DDiT& model, const StateDict& sd) {
   std::vector<torch::Tensor> parts;
   for (const auto& p : model->named_parameters()) parts.push_back(sd.at(p.key()).reshape({-1}));
-  auto flat = torch::cat(parts);
-  return torch::cat({flat, torch::zeros({padded - flat.numel()}, flat.options())});
+  return torch::cat(parts);
 }
 
-// Every rank reports whether its part failed; all throw together so none waits forever.
-void agree(Communicator& comm, const std::string& local_error, const std::string& what) {
-  torch::Tensor flag = torch::tensor({local_error.empty() ? 0.0f : 1.0f});
-  comm.all_reduce(flag, ReduceOp::Max);
-  if (!local_error.empty()) fail("{}", local_error);
-  if (flag.item<float>() > 0) fail("{} failed on another rank", what);
-}
+constexpr int64_t kOptimFormat = 2;  // 1: one contiguous range per rank; 2: pieces
 
 }  // namespace
 
 Checkpointer::Checkpointer(std::string run_dir, int64_t keep) : root_(run_dir + "/checkpoints"), keep_(keep) {}
 
-std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& opt, Communicator& comm,
+std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& opt, ControlPlane& control,
                                const std::string& config_text) {
   const std::string name = fmt::format("step_{}", st.step);
   const std::string final_dir = root_ + "/" + name, tmp_dir = root_ + "/." + name + ".partial";
   std::string err;
-  if (comm.rank() == 0) {
+  if (control.rank() == 0) {
     try {
       stdfs::create_directories(root_);
       stdfs::remove_all(tmp_dir);
@@ -60,37 +54,39 @@ std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& 
       err = fmt::format("{}: cannot create checkpoint folder: {}", tmp_dir, e.what());
     }
   }
-  agree(comm, err, "creating " + tmp_dir);
+  control.agree(err, "creating " + tmp_dir);
   torch::Tensor ema = opt.gather_ema().to(torch::kCPU);  // collective
+  const double adam_steps = opt.steps_taken();
   try {
-    if (comm.rank() == 0) {
+    if (control.rank() == 0) {
       ModelFileInfo info{st.step, st.tokens_seen, true, st.tokenizer};
       StateDict weights;
       for (auto& [k, v] : state_dict(*model)) weights[k] = v.detach().to(torch::kCPU);
       save_model_file(tmp_dir + "/model.h5", model->cfg, weights, unflatten(model, ema), info);
     }
-    std::string path = fmt::format("{}/optim/rank_{}.h5", tmp_dir, comm.rank());
+    std::string path = fmt::format("{}/optim/rank_{}.h5", tmp_dir, control.rank());
     std::string tmp = fs::temp_name(path);
     {
       h5::File f(tmp, h5::Mode::Create);
       f.write("/exp_avg", opt.exp_avg().to(torch::kCPU));
       f.write("/exp_avg_sq", opt.exp_avg_sq().to(torch::kCPU));
-      f.set_attr("/", "range_begin", opt.own_range().begin);
-      f.set_attr("/", "range_end", opt.own_range().end);
+      std::vector<int64_t> pieces;
+      for (const auto& p : opt.own_pieces()) pieces.insert(pieces.end(), {p.param_index, p.count, p.shard_offset});
+      f.write("/pieces", torch::tensor(pieces, torch::kLong).view({-1, 3}));
+      f.set_attr("/", "format_version", kOptimFormat);
       f.set_attr("/", "numel", opt.numel());
-      f.set_attr("/", "padded_numel", opt.padded_numel());
-      f.set_attr("/", "adam_steps", opt.steps_taken());
-      f.set_attr("/", "world", static_cast<int64_t>(comm.size()));
+      f.set_attr("/", "adam_steps", static_cast<int64_t>(std::llround(adam_steps)));
+      f.set_attr("/", "world", static_cast<int64_t>(control.size()));
     }
     fs::commit_file(tmp, path);
   } catch (const std::exception& e) {
-    err = fmt::format("rank {}: writing checkpoint {}: {}", comm.rank(), tmp_dir, e.what());
+    err = fmt::format("rank {}: writing checkpoint {}: {}", control.rank(), tmp_dir, e.what());
   }
-  agree(comm, err, "writing " + tmp_dir);
-  if (comm.rank() == 0) {
+  control.agree(err, "writing " + tmp_dir);
+  if (control.rank() == 0) {
     try {
       json state = {{"step", st.step},         {"data_position", st.data_position}, {"tokens_seen", st.tokens_seen},
-                    {"world_size", comm.size()}, {"numel", opt.numel()},            {"format_version", 1},
+                    {"world_size", control.size()}, {"numel", opt.numel()},         {"format_version", 1},
                     {"config", config_text}};
       fs::write_text_atomic(tmp_dir + "/state.json", state.dump(2));
       fs::fsync_path(tmp_dir + "/optim");
@@ -103,7 +99,7 @@ std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& 
       err = fmt::format("committing checkpoint {}: {}", final_dir, e.what());
     }
   }
-  agree(comm, err, "committing " + final_dir);
+  control.agree(err, "committing " + final_dir);
   return final_dir;
 }
 
@@ -133,7 +129,7 @@ std::optional<std::string> Checkpointer::latest() const {
   return dir;
 }
 
-TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW& opt, Communicator& comm) {
+TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW& opt) {
   TrainState st;
   json state;
   try {
@@ -156,30 +152,54 @@ TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW&
     StateDict weights = read_state_dict(mf, "/model");
     load_state_dict(*model, weights, model_path);  // strict; writes through into the flat buffer
     StateDict ema = mf.is_group("/ema") ? read_state_dict(mf, "/ema") : weights;
-    opt.load_ema(flatten(model, ema, opt.padded_numel()).to(opt.ema_shard().device()));
+    opt.load_ema(flatten(model, ema));
   }
 
-  // Moments: copy every saved slice that overlaps this rank's range (any old world size).
-  auto own = opt.own_range();
-  const int64_t n = opt.numel();
-  int64_t covered = 0;
+  // Moments: copy every saved piece that overlaps one of this rank's pieces (any old world size).
+  const auto& own = opt.own_pieces();
+  int64_t covered = 0, want = 0;
+  for (const auto& p : own) want += p.count;
+  auto m_dst = torch::zeros({opt.shard_numel()}, torch::kDouble), v_dst = torch::zeros_like(m_dst);
   for (int k = 0; k < st.world; ++k) {
     std::string path = fmt::format("{}/optim/rank_{}.h5", dir, k);
     h5::File f(path, h5::Mode::Read);
-    int64_t b = f.attr_int("/", "range_begin"), e = std::min(f.attr_int("/", "range_end"), n);
-    int64_t lo = std::max(b, own.begin), hi = std::min(e, own.end);
-    if (k == comm.rank() || lo < hi) opt.set_steps_taken(f.attr_int("/", "adam_steps"));
-    if (lo >= hi) continue;
-    auto m = f.read("/exp_avg", opt.exp_avg().scalar_type()), v = f.read("/exp_avg_sq", opt.exp_avg().scalar_type());
-    SEDD_CHECK(m.numel() >= e - b && v.numel() >= e - b, "{}: moments are shorter than their range (damaged?)", path);
-    torch::NoGradGuard ng;
-    opt.exp_avg().narrow(0, lo - own.begin, hi - lo).copy_(m.narrow(0, lo - b, hi - lo));
-    opt.exp_avg_sq().narrow(0, lo - own.begin, hi - lo).copy_(v.narrow(0, lo - b, hi - lo));
-    covered += hi - lo;
+    int64_t version = f.has_attr("/", "format_version") ? f.attr_int("/", "format_version") : 1;
+    SEDD_CHECK(version == 1 || version == kOptimFormat,
+               "{}: optimizer state format_version {} is not one this build reads (1 or {}); a newer sedd wrote it",
+               path, version, kOptimFormat);
+    std::vector<ShardedAdamW::Piece> saved;
+    if (version == 1) {  // one range of the old contiguous layout (= parameter index space)
+      int64_t b = f.attr_int("/", "range_begin"), e = std::min(f.attr_int("/", "range_end"), opt.numel());
+      if (e > b) saved.push_back({b, e - b, 0});
+    } else {
+      auto pieces = f.read("/pieces", torch::kLong).view({-1, 3});
+      auto acc = pieces.accessor<int64_t, 2>();
+      for (int64_t i = 0; i < pieces.size(0); ++i) saved.push_back({acc[i][0], acc[i][1], acc[i][2]});
+    }
+    if (k == 0) opt.set_steps_taken(static_cast<double>(f.attr_int("/", "adam_steps")));
+    torch::Tensor m, v;
+    for (const auto& sp : saved)
+      for (const auto& op : own) {
+        int64_t lo = std::max(sp.param_index, op.param_index);
+        int64_t hi = std::min(sp.param_index + sp.count, op.param_index + op.count);
+        if (lo >= hi) continue;
+        if (!m.defined()) {
+          m = f.read("/exp_avg", torch::kDouble);
+          v = f.read("/exp_avg_sq", torch::kDouble);
+        }
+        const int64_t src = sp.shard_offset + (lo - sp.param_index), dst = op.shard_offset + (lo - op.param_index);
+        SEDD_CHECK(src + (hi - lo) <= m.numel() && src + (hi - lo) <= v.numel(),
+                   "{}: moments are shorter than their pieces (damaged?)", path);
+        m_dst.narrow(0, dst, hi - lo).copy_(m.narrow(0, src, hi - lo));
+        v_dst.narrow(0, dst, hi - lo).copy_(v.narrow(0, src, hi - lo));
+        covered += hi - lo;
+      }
   }
-  int64_t want = std::max<int64_t>(0, std::min(own.end, n) - own.begin);
   SEDD_CHECK(covered == want, "{}: optimizer shards cover {} of this rank's {} parameters (missing rank files?)", dir,
              covered, want);
+  torch::NoGradGuard ng;
+  opt.exp_avg().copy_(m_dst);
+  opt.exp_avg_sq().copy_(v_dst);
   return st;
 }
 

@@ -8,7 +8,7 @@
 #include <optional>
 #include <string>
 
-#include "distributed/communicator.h"
+#include "distributed/control.h"
 #include "distributed/zero.h"
 #include "model/ddit.h"
 #include "model/weights.h"
@@ -28,13 +28,13 @@ class Checkpointer {
   Checkpointer(std::string run_dir, int64_t keep);
   std::string root() const { return root_; }
   // Collective: every rank calls it. Returns the committed folder.
-  std::string save(const TrainState& st, DDiT& model, ShardedAdamW& opt, Communicator& comm,
+  std::string save(const TrainState& st, DDiT& model, ShardedAdamW& opt, ControlPlane& control,
                    const std::string& config_text);
   // The committed checkpoint `latest` points to, if any (validated: it must have model.h5 and state.json).
   std::optional<std::string> latest() const;
   // Collective: loads weights, EMA and this rank's moments (re-sharded from the saved ranges,
   // any world size). Throws naming the file when something does not fit.
-  TrainState load(const std::string& dir, DDiT& model, ShardedAdamW& opt, Communicator& comm);
+  TrainState load(const std::string& dir, DDiT& model, ShardedAdamW& opt);
 
  private:
   void prune(int64_t newest_step);

@@ -32,6 +32,13 @@ void TrainingConfig::validate(int world) const {
   SEDD_CHECK(train.log_every > 0, "train.log_every must be positive");
   SEDD_CHECK(train.keep_ckpts > 0, "train.keep_ckpts must be at least 1");
   SEDD_CHECK(train.bucket_elems > 0, "train.bucket_elems must be positive, got {}", train.bucket_elems);
+  SEDD_CHECK(train.time_sampling == "iid" || train.time_sampling == "antithetic" || train.time_sampling == "stratified",
+             "train.time_sampling must be iid, antithetic or stratified, got '{}'", train.time_sampling);
+  SEDD_CHECK(train.time_sampling != "antithetic" || train.batch_size % 2 == 0,
+             "train.time_sampling = antithetic pairs sequences: train.batch_size ({}) must be even", train.batch_size);
+  SEDD_CHECK(train.loss_chunk_elems > 0, "train.loss_chunk_elems must be positive");
+  SEDD_CHECK(train.peak_tflops >= 0, "train.peak_tflops must be >= 0 (0: from the GPU's name)");
+  SEDD_CHECK(dist.timeout_s >= 0, "dist.timeout_s must be >= 0 (0: no timeout), got {}", dist.timeout_s);
   SEDD_CHECK(train.eval_every == 0 || !data.valid.empty(), "train.eval_every > 0 needs data.valid");
   SEDD_CHECK(run.device == "cpu" || run.device == "cuda" || run.device == "auto",
              "run.device must be cpu, cuda or auto, got '{}'", run.device);

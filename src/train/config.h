@@ -39,8 +39,20 @@ struct TrainSection {
   int64_t eval_batches = 4;
   int64_t ckpt_every = 0;             // 0: only at the end; < 0: never (benchmarks)
   int64_t keep_ckpts = 3;
-  double comm_timeout_s = 300;        // NCCL watchdog
   int64_t bucket_elems = int64_t{1} << 22;  // gradient bucket reduced while backward still runs
+  std::string time_sampling = "iid";  // iid | antithetic | stratified (over the global batch)
+  bool fused_loss = true;             // masked-rows projection fused with the loss (else full logits)
+  int64_t loss_chunk_elems = int64_t{1} << 26;  // logits per chunk of the fused loss
+  double peak_tflops = 0;             // MFU denominator per GPU; 0: from the GPU's name
+};
+
+struct DistSection {
+  double timeout_s = 600;             // watchdog: a collective without progress this long ends the job
+};
+
+// Fault injection for tests of the failure paths (never set in real runs).
+struct DebugSection {
+  int64_t nan_at_step = 0;            // > 0: rank 0's loss at this step is NaN (the step must be skipped)
 };
 
 struct TrainingConfig {
@@ -48,6 +60,8 @@ struct TrainingConfig {
   DataSection data;
   ModelConfig model;                  // model.tokens comes from the data
   TrainSection train;
+  DistSection dist;
+  DebugSection debug;
 
   void validate(int world) const;
   int64_t rows_per_rank(int world) const { return train.batch_size / world; }

@@ -38,4 +38,14 @@ void MetricsLog::write(const nlohmann::json& row) {
   std::fflush(file_);
 }
 
+double gpu_peak_bf16_flops(const std::string& name) {
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  if (has("H100")) return has("PCIe") ? 756e12 : has("NVL") ? 835e12 : 989e12;
+  if (has("H200") || has("GH200")) return 989e12;
+  if (has("B200")) return 2250e12;
+  if (has("A100")) return 312e12;
+  if (has("L40S")) return 362e12;
+  return 0;
+}
+
 }  // namespace sedd

@@ -18,4 +18,13 @@ class MetricsLog {
   std::FILE* file_ = nullptr;
 };
 
+// Dense bf16 peak FLOP/s of one GPU, by its CUDA device name (H100 SXM/PCIe/NVL, H200, GH200,
+// A100, L40S, B200); 0 when the name is not in the table (then MFU needs train.peak_tflops).
+double gpu_peak_bf16_flops(const std::string& device_name);
+
+// Model FLOPs utilisation: tokens/s (all ranks) x FLOPs per token / (ranks x peak per GPU).
+inline double model_flops_utilisation(double tokens_per_s, double flops_per_token, int ranks, double peak_per_gpu) {
+  return peak_per_gpu > 0 ? tokens_per_s * flops_per_token / (ranks * peak_per_gpu) : 0.0;
+}
+
 }  // namespace sedd

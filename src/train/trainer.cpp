@@ -6,7 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 
-#include "diffusion/categorical.h"
+#include "diffusion/keyed_random.h"
 #include "diffusion/loss.h"
 #include "io/error.h"
 #include "train/metrics.h"
@@ -15,7 +15,6 @@ namespace sedd {
 
 namespace {
 constexpr uint64_t kValidKey = 0xFFFFFFFFull;  // step key of validation draws (never a training step)
-constexpr double kH100PeakBf16 = 989e12;        // dense bf16 FLOP/s, for the MFU figure
 
 std::string human_seconds(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
@@ -24,19 +23,37 @@ std::string human_seconds(double s) {
   if (t >= 60) return fmt::format("{}m{:02d}s", t / 60, t % 60);
   return fmt::format("{}s", t);
 }
+
+double since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 }  // namespace
 
+// What a log line reports, accumulated on the device between lines.
 struct Trainer::Log {
   std::unique_ptr<MetricsLog> metrics;
   std::chrono::steady_clock::time_point start, window_start;
-  int64_t window_tokens = 0;
+  int64_t window_tokens = 0, window_steps = 0;
   double elapsed_before = 0;  // from earlier segments of a resumed run
   int64_t first_step = 0;
+  double peak_flops = 0;      // per GPU, for MFU
+  torch::Tensor loss_sum, loss_steps, skipped, grad_norm;  // device scalars (float64)
+  void reset(torch::Device device) {
+    auto opts = torch::TensorOptions().dtype(torch::kDouble).device(device);
+    loss_sum = torch::zeros({}, opts);
+    loss_steps = torch::zeros({}, opts);
+    skipped = torch::zeros({}, opts);
+    grad_norm = torch::zeros({}, opts);
+    window_tokens = window_steps = 0;
+  }
 };
 
-Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::string config_text)
-    : cfg_(std::move(cfg)), rt_(rt), comm_(comm), config_text_(std::move(config_text)), log_(new Log) {
+Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPlane& control, std::string config_text)
+    : cfg_(std::move(cfg)), rt_(rt), comm_(comm), control_(control), config_text_(std::move(config_text)),
+      log_(new Log) {
   cfg_.validate(comm_.size());
+  SEDD_CHECK(comm_.device() == rt_.device, "Trainer: the communicator works on {}, the run on {}",
+             comm_.device().str(), rt_.device.str());
   TokenStreamConfig tc;
   tc.data = cfg_.data.train;
   tc.seq_len = cfg_.data.seq_len;
@@ -45,6 +62,7 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::strin
   tc.world = comm_.size();
   tc.seed = cfg_.run.seed;
   tc.prefetch = cfg_.data.prefetch;
+  tc.pin_memory = rt_.device.is_cuda();
   train_ = std::make_unique<TokenStream>(tc);
   if (!cfg_.data.valid.empty()) {
     tc.data = cfg_.data.valid;
@@ -57,19 +75,29 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::strin
   cfg_.model.length = cfg_.data.seq_len;
   graph_ = make_graph(cfg_.model.graph, cfg_.model.tokens);
   noise_ = make_noise(cfg_.model.noise);
+  loss_options_.fused = cfg_.train.fused_loss;
+  loss_options_.chunk_elems = cfg_.train.loss_chunk_elems;
 
   dtype_ = cfg_.train.precision == "fp64" ? torch::kDouble : torch::kFloat;
   torch::manual_seed(cfg_.run.seed);  // the same initial weights on every rank
   model_ = DDiT(cfg_.model);
   model_->to(rt_.device, dtype_);
   model_->bf16 = cfg_.train.precision == "bf16";
-  AdamWConfig ac{cfg_.train.beta1, cfg_.train.beta2, cfg_.train.adam_eps, cfg_.train.weight_decay,
-                 cfg_.train.grad_clip, cfg_.train.ema, cfg_.train.bucket_elems};
-  opt_ = std::make_unique<ShardedAdamW>(model_->parameters(), comm_, ac);
+  if (rt_.device.is_cuda()) {
+    // TF32 for the fp32 matmuls that remain (bf16 runs do their matmuls in bf16 anyway).
+    at::globalContext().setAllowTF32CuBLAS(true);
+    at::globalContext().setAllowTF32CuDNN(true);
+  }
+  AdamWConfig ac{cfg_.train.beta1,     cfg_.train.beta2, cfg_.train.adam_eps, cfg_.train.weight_decay,
+                 cfg_.train.grad_clip, cfg_.train.ema,   true,                cfg_.train.bucket_elems};
+  std::vector<ParamSpec> params;
+  for (auto& p : model_->named_parameters())  // decoupled decay on matrices only, as reference trainers do
+    params.push_back({p.key(), p.value(), p.value().dim() >= 2 && p.key() != "vocab_embed.embedding"});
+  opt_ = std::make_unique<ShardedAdamW>(std::move(params), comm_, ac);
   ckpt_ = std::make_unique<Checkpointer>(cfg_.run.dir, cfg_.train.keep_ckpts);
 
   if (auto latest = ckpt_->latest()) {
-    TrainState st = ckpt_->load(*latest, model_, *opt_, comm_);
+    TrainState st = ckpt_->load(*latest, model_, *opt_);
     step_ = st.step;
     tokens_seen_ = st.tokens_seen;
     last_saved_ = st.step;
@@ -78,15 +106,23 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::strin
       std::printf("[train] resumed from %s (step %lld, saved by %d ranks, now %d)\n", latest->c_str(),
                   static_cast<long long>(st.step), st.world, comm_.size());
   }
+
+  if (rt_.device.is_cuda()) {
+    std::string name = rt_.device_name();
+    log_->peak_flops = cfg_.train.peak_tflops > 0 ? cfg_.train.peak_tflops * 1e12 : gpu_peak_bf16_flops(name);
+    if (comm_.rank() == 0 && log_->peak_flops == 0)
+      std::printf("[train] no peak FLOP/s known for '%s': MFU is not reported (set train.peak_tflops)\n", name.c_str());
+  }
   if (comm_.rank() == 0) {
     std::filesystem::create_directories(cfg_.run.dir);
     log_->metrics = std::make_unique<MetricsLog>(cfg_.run.dir + "/metrics.jsonl", step_);
     std::printf("[train] %s; %lld parameters\n", cfg_.model.summary().c_str(),
                 static_cast<long long>(model_->parameter_count()));
-    std::printf("[train] %d ranks x %d threads on %s; global batch %lld = %d ranks x %lld micro x %lld accumulation; "
-                "optimizer+EMA state %.2f MB per rank; %lld gradient buckets\n",
-                comm_.size(), rt_.threads, rt_.device.str().c_str(), static_cast<long long>(cfg_.train.batch_size),
-                comm_.size(), static_cast<long long>(cfg_.micro_batch(comm_.size())),
+    std::printf("[train] %d ranks x %d threads on %s (%s collectives); global batch %lld = %d ranks x %lld micro x "
+                "%lld accumulation; optimizer+EMA state %.2f MB per rank; %lld gradient buckets\n",
+                comm_.size(), rt_.threads, rt_.device_name().c_str(), comm_.backend().c_str(),
+                static_cast<long long>(cfg_.train.batch_size), comm_.size(),
+                static_cast<long long>(cfg_.micro_batch(comm_.size())),
                 static_cast<long long>(cfg_.rows_per_rank(comm_.size()) / cfg_.micro_batch(comm_.size())),
                 opt_->state_bytes() / 1e6, static_cast<long long>(opt_->buckets()));
     std::fflush(stdout);
@@ -95,26 +131,41 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::strin
 
 Trainer::~Trainer() = default;
 
-double Trainer::micro_batch(const torch::Tensor& x0_cpu, int64_t first_index, int64_t step_key, double scale,
-                            bool train) {
-  const int64_t n = x0_cpu.size(0);
-  std::vector<torch::Tensor> ts, xts;
-  for (int64_t i = 0; i < n; ++i) {
-    auto gen = keyed_generator(cfg_.run.seed, static_cast<uint64_t>(step_key), static_cast<uint64_t>(first_index + i));
-    auto t = training_time(torch::rand({1}, gen, torch::kDouble));
-    auto sigma = noise_->total(t);
-    ts.push_back(t);
-    xts.push_back(graph_->sample_transition(x0_cpu[i], sigma, gen));
+void Trainer::sync_for_timing() const {
+  if (time_phases_ && rt_.device.is_cuda()) torch::cuda::synchronize(rt_.device.index());
+}
+
+// Times u in [0, 1) of the rows (global indices in their batch) -> t = (1 - eps) u + eps.
+// stratified: row k of B takes (k + U_k) / B; antithetic: rows k and k + B/2 take U_k and 1 - U_k.
+// Keyed by the global row, so the times never depend on the number of ranks.
+torch::Tensor Trainer::diffusion_times(const torch::Tensor& rows, uint64_t step_key, bool training) const {
+  const std::string mode = training ? cfg_.train.time_sampling : "iid";
+  const int64_t B = cfg_.train.batch_size;
+  RandomStream s{cfg_.run.seed, purpose::kTrainTime, step_key};
+  torch::Tensor u;
+  if (mode == "antithetic") {
+    auto half = rows.remainder(B / 2);
+    u = keyed_uniform(s, half, 1, torch::kDouble).squeeze(1);
+    u = torch::where(rows >= B / 2, 1 - u, u);
+  } else {
+    u = keyed_uniform(s, rows, 1, torch::kDouble).squeeze(1);
+    if (mode == "stratified") u = (rows.to(torch::kDouble) + u) / static_cast<double>(B);
   }
-  auto t = torch::cat(ts).to(rt_.device, dtype_);
-  auto xt = torch::stack(xts).to(rt_.device);
-  auto x0 = x0_cpu.to(rt_.device);
-  torch::manual_seed(cfg_.run.seed ^ (static_cast<uint64_t>(step_key) << 20) ^ static_cast<uint64_t>(first_index));
-  auto log_score = model_->forward(xt, noise_->total(t));
-  auto seq_loss = sequence_loss(*graph_, *noise_, log_score.to(dtype_), t, xt, x0);  // [n]
+  return training_time(u);
+}
+
+torch::Tensor Trainer::micro_batch(const torch::Tensor& x0, int64_t first_row, uint64_t step_key, double scale,
+                                   bool train) {
+  const int64_t n = x0.size(0);
+  auto rows = torch::arange(first_row, first_row + n, torch::TensorOptions().dtype(torch::kLong).device(x0.device()));
+  auto t = diffusion_times(rows, step_key, train);
+  auto xt = graph_->corrupt(x0, noise_->total(t), RandomStream{cfg_.run.seed, purpose::kCorrupt, step_key},
+                            RandomStream{cfg_.run.seed, purpose::kRedraw, step_key}, rows);
+  DropoutKey key{cfg_.run.seed, step_key, rows};
+  auto seq_loss = model_sequence_loss(model_, *graph_, *noise_, xt, x0, t, train ? &key : nullptr, loss_options_);
   auto total = seq_loss.sum();
   if (train) (total * scale).backward();
-  return total.item<double>();
+  return total.detach().to(torch::kDouble);
 }
 
 double Trainer::validation_loss(int64_t batches) {
@@ -122,23 +173,22 @@ double Trainer::validation_loss(int64_t batches) {
   torch::NoGradGuard ng;
   model_->eval();
   valid_->seek(0);
-  double sum = 0;
+  auto sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(rt_.device));
   const int64_t rows = cfg_.rows_per_rank(comm_.size()), mb = cfg_.micro_batch(comm_.size());
   for (int64_t b = 0; b < batches; ++b) {
-    auto x0 = valid_->next();
+    auto x0 = valid_->next().to(rt_.device, /*non_blocking=*/true);
     for (int64_t m = 0; m < rows; m += mb)
       sum += micro_batch(x0.narrow(0, m, mb), b * cfg_.train.batch_size + comm_.rank() * rows + m, kValidKey, 0, false);
   }
   model_->train();
-  auto t = torch::tensor({sum}, torch::TensorOptions().dtype(torch::kDouble).device(rt_.device));
-  comm_.all_reduce(t, ReduceOp::Sum);
-  return t.item<double>() / static_cast<double>(batches * cfg_.train.batch_size * cfg_.data.seq_len);
+  double total = control_.sum(sum.item<double>(), "validation loss");
+  return total / static_cast<double>(batches * cfg_.train.batch_size * cfg_.data.seq_len);
 }
 
 void Trainer::save_checkpoint() {
   if (last_saved_ == step_) return;
   TrainState st{step_, train_->position(), tokens_seen_, comm_.size(), train_->tokenizer()};
-  auto dir = ckpt_->save(st, model_, *opt_, comm_, config_text_);
+  auto dir = ckpt_->save(st, model_, *opt_, control_, config_text_);
   last_saved_ = step_;
   if (comm_.rank() == 0) {
     std::printf("[train] checkpoint %s\n", dir.c_str());
@@ -146,85 +196,102 @@ void Trainer::save_checkpoint() {
   }
 }
 
-void Trainer::log_step(double loss, double lr, double grad_norm, bool skipped, double valid_loss) {
-  if (comm_.rank() != 0) return;
-  auto now = std::chrono::steady_clock::now();
-  double window = std::chrono::duration<double>(now - log_->window_start).count();
-  double elapsed = log_->elapsed_before + std::chrono::duration<double>(now - log_->start).count();
-  double tps = log_->window_tokens / std::max(window, 1e-9);
-  double per_step = std::chrono::duration<double>(now - log_->start).count() /
-                    static_cast<double>(std::max<int64_t>(1, step_ - log_->first_step));
-  nlohmann::json row = {{"step", step_},   {"loss", loss},          {"lr", lr},
-                        {"grad_norm", grad_norm}, {"tokens_per_s", tps}, {"elapsed_s", elapsed},
-                        {"tokens_seen", tokens_seen_}};
-  if (skipped) row["skipped"] = true;
-  if (std::isfinite(valid_loss)) row["valid_loss"] = valid_loss;
-  std::string mfu;
-  if (rt_.device.is_cuda()) {
-    // tps counts every rank's tokens, so the peak is that of all ranks' GPUs together.
-    double m = tps * model_->flops_per_token(cfg_.data.seq_len) / (kH100PeakBf16 * comm_.size());
-    row["mfu"] = m;
-    mfu = fmt::format(" | MFU {:.1f}%", 100 * m);
+void Trainer::log_step(double lr, double valid_loss) {
+  // Reading the device accumulators is the only synchronisation of the training loop.
+  const double loss_steps = log_->loss_steps.item<double>();
+  const double loss = loss_steps > 0 ? log_->loss_sum.item<double>() / loss_steps : std::nan("");
+  const int64_t skipped = static_cast<int64_t>(std::llround(log_->skipped.item<double>()));
+  const double grad_norm = log_->grad_norm.item<double>();
+  if (comm_.rank() == 0) {
+    auto now = std::chrono::steady_clock::now();
+    double window = std::chrono::duration<double>(now - log_->window_start).count();
+    double elapsed = log_->elapsed_before + std::chrono::duration<double>(now - log_->start).count();
+    double tps = log_->window_tokens / std::max(window, 1e-9);
+    double per_step = std::chrono::duration<double>(now - log_->start).count() /
+                      static_cast<double>(std::max<int64_t>(1, step_ - log_->first_step));
+    nlohmann::json row = {{"step", step_},           {"loss", loss},          {"lr", lr},
+                          {"grad_norm", grad_norm},  {"tokens_per_s", tps},   {"elapsed_s", elapsed},
+                          {"tokens_seen", tokens_seen_}};
+    if (skipped > 0) row["skipped"] = skipped;
+    if (std::isfinite(valid_loss)) row["valid_loss"] = valid_loss;
+    std::string mfu;
+    if (rt_.device.is_cuda() && log_->peak_flops > 0) {
+      double m = model_flops_utilisation(tps, model_->flops_per_token(cfg_.data.seq_len), comm_.size(), log_->peak_flops);
+      row["mfu"] = m;
+      mfu = fmt::format(" | MFU {:.1f}%", 100 * m);
+    }
+    log_->metrics->write(row);
+    std::printf("step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s (all ranks)%s | ETA %s%s%s\n",
+                static_cast<long long>(step_), static_cast<long long>(cfg_.train.steps), loss, lr, grad_norm, tps,
+                mfu.c_str(), human_seconds(per_step * static_cast<double>(cfg_.train.steps - step_)).c_str(),
+                skipped > 0 ? fmt::format(" | {} step(s) SKIPPED (non-finite)", skipped).c_str() : "",
+                std::isfinite(valid_loss) ? fmt::format(" | valid {:.4f}", valid_loss).c_str() : "");
+    std::fflush(stdout);
+    log_->window_start = now;
   }
-  log_->metrics->write(row);
-  std::printf("step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s (all ranks)%s | ETA %s%s%s\n",
-              static_cast<long long>(step_), static_cast<long long>(cfg_.train.steps), loss, lr, grad_norm, tps,
-              mfu.c_str(), human_seconds(per_step * static_cast<double>(cfg_.train.steps - step_)).c_str(),
-              skipped ? " | SKIPPED (non-finite)" : "",
-              std::isfinite(valid_loss) ? fmt::format(" | valid {:.4f}", valid_loss).c_str() : "");
-  std::fflush(stdout);
-  log_->window_start = now;
-  log_->window_tokens = 0;
+  log_->reset(rt_.device);
 }
 
-TrainOutcome Trainer::run(const std::atomic<int>* stop_signal) {
+TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_step) {
+  const int64_t last_step = until_step >= 0 ? std::min(until_step, cfg_.train.steps) : cfg_.train.steps;
   model_->train();
   const int W = comm_.size();
   const int64_t rows = cfg_.rows_per_rank(W), mb = cfg_.micro_batch(W), B = cfg_.train.batch_size;
   const int64_t L = cfg_.data.seq_len;
   log_->start = log_->window_start = std::chrono::steady_clock::now();
   log_->first_step = step_;
-  auto device_opts = torch::TensorOptions().dtype(torch::kDouble).device(rt_.device);
-  while (step_ < cfg_.train.steps) {
-    // Pre-emption: a signal on any rank stops every rank at this step boundary.
-    auto flag = torch::tensor({stop_signal && stop_signal->load() ? 1.0 : 0.0}, device_opts);
-    comm_.all_reduce(flag, ReduceOp::Max);
-    if (flag.item<double>() > 0) {
-      if (comm_.rank() == 0) std::printf("[train] stop requested at step %lld: saving a checkpoint\n",
-                                         static_cast<long long>(step_));
+  log_->reset(rt_.device);
+  const auto dev_double = torch::TensorOptions().dtype(torch::kDouble).device(rt_.device);
+  ControlPlane::Vote stop_vote(control_);
+  while (step_ < last_step) {
+    // Pre-emption: the vote started a step ago is read now, so every rank stops at the same step
+    // boundary without waiting for the others in the middle of a step.
+    if (stop_vote.result()) {
+      if (comm_.rank() == 0)
+        std::printf("[train] stop requested: saving a checkpoint at step %lld\n", static_cast<long long>(step_));
       save_checkpoint();
       return TrainOutcome::Preempted;
     }
+    stop_vote.start(stop_signal && stop_signal->load() != 0);
     const int64_t step = step_ + 1;
     const double lr = learning_rate(cfg_.train, step);
-    auto x0 = train_->next();  // [rows, L]
-    double loss_sum = 0;
-    opt_->zero_grad();
+
+    auto t0 = std::chrono::steady_clock::now();
+    auto x0 = train_->next().to(rt_.device, /*non_blocking=*/true);  // [rows, L], pinned on GPU runs
+    sync_for_timing();
+    phases_.data += since(t0);
+
+    auto t1 = std::chrono::steady_clock::now();
+    auto loss = torch::zeros({}, dev_double);
     for (int64_t m = 0; m < rows; m += mb) {
       if (m + mb >= rows) opt_->overlap_next_backward();  // reduce buckets while backward runs
-      loss_sum += micro_batch(x0.narrow(0, m, mb), comm_.rank() * rows + m, step, 1.0 / rows, true);
+      loss += micro_batch(x0.narrow(0, m, mb), comm_.rank() * rows + m, static_cast<uint64_t>(step), 1.0 / rows, true);
     }
-    auto loss_t = torch::tensor({loss_sum}, device_opts);
-    comm_.all_reduce(loss_t, ReduceOp::Sum);
-    const double loss = loss_t.item<double>() / static_cast<double>(B * L);
-    StepResult res;
-    if (!std::isfinite(loss)) {
-      res.skipped = true;
-      res.grad_norm = std::nan("");
-      opt_->zero_grad();
-    } else {
-      res = opt_->step(lr);
-    }
+    if (cfg_.debug.nan_at_step == step && comm_.rank() == 0) loss += std::nan("");
+    sync_for_timing();
+    phases_.forward_backward += since(t1);
+
+    auto t2 = std::chrono::steady_clock::now();
+    StepStats st = opt_->step(lr, loss);
+    sync_for_timing();
+    phases_.optimizer += since(t2);
+
+    auto ok = 1 - st.skipped.to(torch::kDouble);
+    log_->loss_sum += torch::where(ok > 0, st.loss_sum, torch::zeros_like(st.loss_sum)) / static_cast<double>(B * L);
+    log_->loss_steps += ok;
+    log_->skipped += st.skipped.to(torch::kDouble);
+    log_->grad_norm.copy_(st.grad_norm);
     step_ = step;
     tokens_seen_ += B * L;
     log_->window_tokens += B * L;
     double valid = std::nan("");
     if (cfg_.train.eval_every > 0 && step_ % cfg_.train.eval_every == 0) valid = validation_loss(cfg_.train.eval_batches);
-    if (step_ % cfg_.train.log_every == 0 || res.skipped || step_ == log_->first_step + 1 || std::isfinite(valid))
-      log_step(loss, lr, res.grad_norm, res.skipped, valid);
+    if (step_ % cfg_.train.log_every == 0 || step_ == log_->first_step + 1 || std::isfinite(valid) ||
+        step_ == cfg_.train.steps)
+      log_step(lr, valid);
     if (cfg_.train.ckpt_every > 0 && step_ % cfg_.train.ckpt_every == 0) save_checkpoint();
   }
-  if (cfg_.train.ckpt_every >= 0) save_checkpoint();
+  if (cfg_.train.ckpt_every >= 0 && step_ == cfg_.train.steps) save_checkpoint();
   return TrainOutcome::Finished;
 }
 

@@ -1,8 +1,12 @@
 // Trainer: the training loop of one rank. Streams its rows of every global batch, corrupts them
-// with randomness keyed by (seed, step, global sequence index), accumulates gradients over
-// micro-batches without communication, steps the ZeRO-1 optimizer, logs, validates, saves
-// checkpoints, resumes from `latest`, and stops cleanly (checkpoint first) when any rank was
-// signalled. Parallelism enters only through the Communicator.
+// with keyed draws (seed, step, global sequence index), accumulates gradients over micro-batches
+// without communication, steps the ZeRO-1 optimizer, logs, validates, saves checkpoints, resumes
+// from `latest`, and stops cleanly (checkpoint first) when any rank was signalled.
+//
+// Parallelism enters only through the Communicator (data plane: gradients, parameters, the
+// device-side step statistics) and the ControlPlane (host agreement: the stop vote, checkpoint
+// votes, validation sums). A step does not wait for the GPU: its loss, gradient norm and skip flag
+// stay device tensors until a log line reads them.
 #pragma once
 #include <atomic>
 #include <memory>
@@ -12,9 +16,11 @@
 #include "diffusion/graph.h"
 #include "diffusion/noise.h"
 #include "distributed/communicator.h"
+#include "distributed/control.h"
 #include "distributed/runtime.h"
 #include "distributed/zero.h"
 #include "model/ddit.h"
+#include "model/score.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 
@@ -25,37 +31,52 @@ enum class TrainOutcome { Finished, Preempted };
 class Trainer {
  public:
   // config_text: the resolved settings, stored in every checkpoint's state.json.
-  Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::string config_text);
+  Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPlane& control, std::string config_text);
   ~Trainer();
-  // Runs until train.steps or until *stop_signal becomes non-zero on any rank.
-  TrainOutcome run(const std::atomic<int>* stop_signal);
+  // Runs until train.steps (or `until_step` when given) or until *stop_signal becomes non-zero on
+  // any rank.
+  TrainOutcome run(const std::atomic<int>* stop_signal, int64_t until_step = -1);
 
   DDiT& model() { return model_; }
   ShardedAdamW& optimizer() { return *opt_; }
   int64_t step() const { return step_; }
   // Mean loss in nats/token over `batches` validation batches (same draws every call).
   double validation_loss(int64_t batches);
+  // Wall time of the phases of run() so far, for benchmarks (only measured when timing is on:
+  // it synchronises the device after each phase).
+  struct PhaseTimes {
+    double data = 0, forward_backward = 0, optimizer = 0;
+  };
+  void enable_phase_timing() { time_phases_ = true; }
+  const PhaseTimes& phase_times() const { return phases_; }
 
  private:
-  // Loss summed over the rows (per-sequence losses), with keyed draws; backward when `train`.
-  double micro_batch(const torch::Tensor& x0, int64_t first_index, int64_t step_key, double scale, bool train);
-  void log_step(double loss, double lr, double grad_norm, bool skipped, double valid_loss);
+  // Sum of the per-sequence losses of rows [first_row, first_row + n) of the global batch, with
+  // keyed draws (device tensor, float64); backward when `train`.
+  torch::Tensor micro_batch(const torch::Tensor& x0, int64_t first_row, uint64_t step_key, double scale, bool train);
+  torch::Tensor diffusion_times(const torch::Tensor& rows, uint64_t step_key, bool training) const;
+  void log_step(double lr, double valid_loss);
   void save_checkpoint();
+  void sync_for_timing() const;
 
   TrainingConfig cfg_;
   Runtime& rt_;
   Communicator& comm_;
+  ControlPlane& control_;
   std::string config_text_;
   std::unique_ptr<TokenStream> train_, valid_;
   std::unique_ptr<Graph> graph_;
   std::unique_ptr<Noise> noise_;
   DDiT model_{nullptr};
+  LossOptions loss_options_;
   std::unique_ptr<ShardedAdamW> opt_;
   std::unique_ptr<Checkpointer> ckpt_;
   struct Log;
   std::unique_ptr<Log> log_;
   torch::Dtype dtype_ = torch::kFloat;
   int64_t step_ = 0, tokens_seen_ = 0, last_saved_ = -1;
+  bool time_phases_ = false;
+  PhaseTimes phases_;
 };
 
 }  // namespace sedd

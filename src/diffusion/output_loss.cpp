@@ -1,0 +1,192 @@
+// Fused, chunked output layer + loss; see output_loss.h.
+#include "diffusion/output_loss.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
+
+#include <cmath>
+
+#include "io/error.h"
+
+namespace sedd {
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Loss per row [C] of logits s [C, N] and, when asked, d loss / d s [C, N].
+std::pair<Tensor, Tensor> row_loss_and_grad(RowLoss kind, const Tensor& s, const OutputLossRows& r, bool want_grad) {
+  const auto dtype = s.scalar_type();
+  const int64_t N = s.size(1);
+  auto target = r.target.unsqueeze(1);
+  Tensor loss, grad;
+  switch (kind) {
+    case RowLoss::SeddAbsorb: {
+      auto a = r.a.to(dtype), b = r.b.to(dtype);
+      auto e = torch::exp(s + a.unsqueeze(1));
+      loss = e.sum(1) - b * (s.gather(1, target).squeeze(1) + a) + b * (b.log() - 1);
+      if (want_grad) grad = e.scatter_add_(1, target, -b.unsqueeze(1));
+      break;
+    }
+    case RowLoss::SeddUniform: {
+      auto a = r.a.to(dtype), rho = r.b.to(dtype);
+      const double n = static_cast<double>(N);
+      auto current = r.current.unsqueeze(1);
+      auto stay = r.target == r.current;
+      auto e = torch::exp(s).scatter_(1, current, 0.0);      // the current token's score is 0: not summed
+      auto s_other = s.scatter(1, current, 0.0);
+      auto M = e.sum(1) / n, m = s_other.sum(1) / n;
+      auto s_x0 = torch::where(stay, torch::zeros_like(a), s.gather(1, target).squeeze(1));
+      auto cst = torch::where(stay, (n - 1) / n * rho * (rho.log() - 1), ((-rho.log() - 1) / rho - (n - 2)) / n);
+      loss = torch::where(stay, M - rho * m, M - (a * s_x0 + m)) + cst;
+      if (want_grad) {
+        auto coef_m = torch::where(stay, rho, torch::ones_like(rho));
+        grad = (e - coef_m.unsqueeze(1)) / n;
+        grad.scatter_add_(1, target, -(a * (~stay).to(dtype)).unsqueeze(1));
+        grad.scatter_(1, current, 0.0);
+      }
+      break;
+    }
+    case RowLoss::CrossEntropy: {
+      auto lse = torch::logsumexp(s, 1);
+      loss = lse - s.gather(1, target).squeeze(1);
+      if (want_grad) grad = torch::exp(s - lse.unsqueeze(1)).scatter_add_(1, target, -torch::ones_like(target, dtype));
+      break;
+    }
+  }
+  return {loss, grad};
+}
+
+OutputLossRows slice(const OutputLossRows& r, int64_t begin, int64_t n) {
+  OutputLossRows out;
+  out.target = r.target.narrow(0, begin, n);
+  if (r.current.defined()) out.current = r.current.narrow(0, begin, n);
+  if (r.a.defined()) out.a = r.a.narrow(0, begin, n);
+  if (r.b.defined()) out.b = r.b.narrow(0, begin, n);
+  return out;
+}
+
+// a [C, D] x b^T [N, D] -> [C, N] in float32 (float64 stays float64).
+Tensor matmul_nt(const Tensor& a, const Tensor& b, const Tensor& bias) {
+  Tensor out = bias.defined() ? at::addmm(bias, a, b.t()) : at::mm(a, b.t());
+  return out.scalar_type() == torch::kDouble ? out : out.to(torch::kFloat);
+}
+
+// a^T [D, C] x g [C, N]... accumulated into acc (float32/float64).
+void add_mm(Tensor& acc, const Tensor& a, const Tensor& b) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  if (a.is_cuda() && a.scalar_type() == torch::kBFloat16) {
+    acc.add_(at::mm(a, b, torch::kFloat));  // bf16 inputs, fp32 accumulation and output
+    return;
+  }
+#endif
+  acc.add_(at::mm(a, b).to(acc.scalar_type()));
+}
+
+struct Saved {
+  RowLoss kind;
+  int64_t columns, chunk;
+};
+
+class FusedOutputLoss : public torch::autograd::Function<FusedOutputLoss> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& features, const Tensor& weight, const Tensor& bias,
+                        const Tensor& target, const Tensor& current, const Tensor& a, const Tensor& b, int64_t kind,
+                        int64_t columns, bool low_precision, int64_t chunk) {
+    // Autocast must not re-cast inside: the casts below are the ones we want.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const bool bf16 = low_precision && features.is_cuda();
+    const auto mm_dtype = bf16 ? torch::kBFloat16 : features.scalar_type();
+    Tensor w = weight.narrow(0, 0, columns).to(mm_dtype);
+    Tensor bb = bias.defined() ? bias.narrow(0, 0, columns).to(mm_dtype) : Tensor();
+    Tensor f = features.to(mm_dtype);
+    OutputLossRows rows{target, current, a, b};
+    const int64_t R = f.size(0);
+    Tensor loss = torch::empty({R}, features.options().dtype(features.scalar_type() == torch::kDouble ? torch::kDouble
+                                                                                                   : torch::kFloat));
+    for (int64_t i = 0; i < R; i += chunk) {
+      const int64_t n = std::min(chunk, R - i);
+      auto logits = matmul_nt(f.narrow(0, i, n), w, bb);
+      loss.narrow(0, i, n).copy_(row_loss_and_grad(static_cast<RowLoss>(kind), logits, slice(rows, i, n), false).first);
+    }
+    ctx->save_for_backward({f, w, bb, target, current, a, b});
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["columns"] = columns;
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["has_bias"] = bias.defined();
+    ctx->saved_data["weight_rows"] = weight.size(0);
+    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
+    ctx->saved_data["feature_dtype"] = static_cast<int64_t>(features.scalar_type());
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto saved = ctx->get_saved_variables();
+    Tensor f = saved[0], w = saved[1], bb = saved[2];
+    OutputLossRows rows{saved[3], saved[4], saved[5], saved[6]};
+    const auto kind = static_cast<RowLoss>(ctx->saved_data["kind"].toInt());
+    const int64_t columns = ctx->saved_data["columns"].toInt(), chunk = ctx->saved_data["chunk"].toInt();
+    const auto weight_dtype = static_cast<torch::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
+    const auto feature_dtype = static_cast<torch::ScalarType>(ctx->saved_data["feature_dtype"].toInt());
+    const auto acc_dtype = weight_dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
+    Tensor g_loss = grad_out[0];
+    const int64_t R = f.size(0), D = f.size(1);
+    Tensor g_f = torch::empty({R, D}, f.options().dtype(feature_dtype));
+    Tensor g_w = torch::zeros({columns, D}, f.options().dtype(acc_dtype));
+    Tensor g_b = torch::zeros({columns}, f.options().dtype(acc_dtype));
+    for (int64_t i = 0; i < R; i += chunk) {
+      const int64_t n = std::min(chunk, R - i);
+      auto fc = f.narrow(0, i, n);
+      auto logits = matmul_nt(fc, w, bb);
+      auto g = row_loss_and_grad(kind, logits, slice(rows, i, n), true).second;
+      g.mul_(g_loss.narrow(0, i, n).to(g.scalar_type()).unsqueeze(1));
+      g_b.add_(g.sum(0).to(acc_dtype));
+      auto g_mm = g.to(f.scalar_type());
+      g_f.narrow(0, i, n).copy_(at::mm(g_mm, w));
+      add_mm(g_w, g_mm.t(), fc);
+    }
+    const int64_t V = ctx->saved_data["weight_rows"].toInt();
+    Tensor grad_weight = torch::zeros({V, D}, f.options().dtype(weight_dtype));
+    grad_weight.narrow(0, 0, columns).copy_(g_w);
+    Tensor grad_bias;
+    if (ctx->saved_data["has_bias"].toBool()) {
+      grad_bias = torch::zeros({V}, f.options().dtype(weight_dtype));
+      grad_bias.narrow(0, 0, columns).copy_(g_b);
+    }
+    return {g_f, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor fused_output_loss(RowLoss kind, const torch::Tensor& features, const torch::Tensor& weight,
+                                const torch::Tensor& bias, const OutputLossRows& rows, int64_t columns,
+                                bool low_precision, int64_t chunk_elems) {
+  SEDD_CHECK(features.dim() == 2 && weight.dim() == 2 && features.size(1) == weight.size(1),
+             "fused_output_loss: features [R, D] and weight [V, D] expected, got {} and {}",
+             c10::str(features.sizes()), c10::str(weight.sizes()));
+  SEDD_CHECK(columns >= 1 && columns <= weight.size(0), "fused_output_loss: {} columns of a {}-row weight", columns,
+             weight.size(0));
+  SEDD_CHECK(rows.target.size(0) == features.size(0), "fused_output_loss: {} targets for {} rows", rows.target.size(0),
+             features.size(0));
+  SEDD_CHECK(kind != RowLoss::SeddUniform || rows.current.defined(), "fused_output_loss: the uniform loss needs current tokens");
+  auto constant = [&](const torch::Tensor& t) { return t.defined() ? t : torch::zeros_like(rows.target, features.options()); };
+  const int64_t chunk = std::max<int64_t>(1, chunk_elems / columns);
+  torch::Tensor current = rows.current.defined() ? rows.current : rows.target;
+  return FusedOutputLoss::apply(features, weight, bias, rows.target, current, constant(rows.a), constant(rows.b),
+                                static_cast<int64_t>(kind), columns, low_precision, chunk);
+}
+
+torch::Tensor row_loss_from_logits(RowLoss kind, const torch::Tensor& logits, const OutputLossRows& rows,
+                                   int64_t columns) {
+  OutputLossRows r = rows;
+  if (!r.current.defined()) r.current = r.target;
+  if (!r.a.defined()) r.a = torch::zeros_like(r.target, logits.options());
+  if (!r.b.defined()) r.b = torch::zeros_like(r.target, logits.options());
+  return row_loss_and_grad(kind, logits.narrow(1, 0, columns), r, false).first;
+}
+
+}  // namespace sedd
