@@ -219,11 +219,11 @@ def resolve_config(shapes, args, input_path, bare):
                     time_conditioning=True, noise="loglinear", eps=1e-3, sigma_min=1e-4, sigma_max=20.0)
     cfg = {**defaults, **inferred, **cfg}
     if cfg["graph"] not in ("absorb", "uniform"):
-        fail(f"{config_path or '--graph'}: graph must be absorb or uniform, got '{cfg['graph']}'")
+        fail(f"{source.get('graph', '--graph')}: graph must be absorb or uniform, got '{cfg['graph']}'")
     if cfg["noise"] not in ("loglinear", "geometric"):
-        fail(f"{config_path or '--noise'}: noise must be loglinear or geometric, got '{cfg['noise']}'")
+        fail(f"{source.get('noise', '--noise')}: noise must be loglinear or geometric, got '{cfg['noise']}'")
     if cfg["hidden_size"] % cfg["n_heads"] != 0:
-        fail(f"{config_path or '--n-heads'}: n_heads {cfg['n_heads']} does not divide hidden_size {cfg['hidden_size']}")
+        fail(f"{source.get('n_heads', '--n-heads')}: n_heads {cfg['n_heads']} does not divide hidden_size {cfg['hidden_size']}")
     return cfg, given, config_path
 
 
