@@ -1,6 +1,10 @@
 // The DDiT score network: config validation, strict weight files, PyTorch interop, gradients.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
 #include "diffusion/loss.h"
 #include "golden.h"
 #include "io/error.h"
@@ -213,6 +217,241 @@ TEST(ModelInterop, PyTorchCheckpointRoundTripThroughTheConverter) {
   std::string out;
   EXPECT_NE(run(python() + " " + conv + " to-h5 " + golden_path() + " " + (tmp / "x.h5"), &out), 0);
   EXPECT_NE(out.find("cannot read"), std::string::npos) << out;
+}
+
+namespace {
+
+std::string converter() { return python() + " " + source_dir() + "/tools/sedd_convert.py "; }
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  EXPECT_TRUE(in.good()) << path;
+  return nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+}
+
+void expect_same_weights(const DDiT& a, const DDiT& b) {
+  auto sa = state_dict(*a), sb = state_dict(*b);
+  ASSERT_EQ(sa.size(), sb.size());
+  for (auto& [k, v] : sa) EXPECT_TRUE(torch::equal(v, sb.at(k))) << k;
+}
+
+// A config no default reproduces: dropout 0.1, no time conditioning, 4 heads of 4 (the converter's
+// guess would be 1), geometric noise with unusual bounds.
+ModelConfig unusual_config() {
+  auto c = tiny_config();
+  c.dropout = 0.1;
+  c.time_conditioning = false;
+  c.n_heads = 4;
+  c.length = 48;
+  c.noise.kind = "geometric";
+  c.noise.eps = 0.02;
+  c.noise.sigma_min = 2e-4;
+  c.noise.sigma_max = 17.5;
+  return c;
+}
+
+}  // namespace
+
+// model.h5 -> .safetensors / .bin + config.json (+ tokenizer.json) -> model.h5: the same tensors
+// and the same root attributes, every config field included.
+TEST(ModelInteropConfig, RoundTripThroughSafetensorsAndBinKeepsEveryAttribute) {
+  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
+  TempDir tmp;
+  const auto cfg = unusual_config();
+  DDiT m(cfg);
+  randomize(m, 11);
+  const std::string tokenizer_json = R"({"version": "1.0", "model": {"type": "BPE", "vocab": {"ü": 0}}})";
+  for (const auto& [ext, tokenizer] : {std::pair<std::string, std::string>{"safetensors", tokenizer_json},
+                                       std::pair<std::string, std::string>{"bin", "byte"}}) {
+    std::string dir = tmp / ext, src = dir + "/model.h5", hf = dir + "/hf/model." + ext, back = dir + "/back.h5";
+    std::filesystem::create_directories(dir + "/hf");
+    save_model_file(src, cfg, state_dict(*m), {}, {42, 987654, false, tokenizer});
+    std::string out;
+    ASSERT_EQ(run(converter() + "to-torch " + src + " " + hf, &out), 0) << out;
+
+    auto j = read_json(dir + "/hf/config.json");
+    EXPECT_EQ(j.value("model_type", ""), "sedd");
+    EXPECT_EQ(j.value("vocab_size", 0), 12);  // 11 tokens + the absorbing mask
+    EXPECT_EQ(j.value("tokens", 0), 11);
+    EXPECT_EQ(j.value("hidden_size", 0), 16);
+    EXPECT_EQ(j.value("n_heads", 0), 4);
+    EXPECT_EQ(j.value("n_blocks", 0), 2);
+    EXPECT_EQ(j.value("cond_dim", 0), 8);
+    EXPECT_EQ(j.value("length", 0), 48);
+    EXPECT_EQ(j.value("dropout", 0.0), 0.1);
+    EXPECT_EQ(j.value("time_conditioning", true), false);
+    EXPECT_EQ(j.value("scale_by_sigma", false), true);
+    EXPECT_EQ(j.value("graph", ""), "absorb");
+    EXPECT_EQ(j.value("noise", ""), "geometric");
+    EXPECT_EQ(j.value("eps", 0.0), 0.02);
+    EXPECT_EQ(j.value("sigma_min", 0.0), 2e-4);
+    EXPECT_EQ(j.value("sigma_max", 0.0), 17.5);
+    EXPECT_EQ(j.value("step", 0), 42);
+    EXPECT_EQ(j.value("tokens_seen", 0), 987654);
+    bool json_tokenizer = tokenizer != "byte";
+    ASSERT_EQ(std::filesystem::exists(dir + "/hf/tokenizer.json"), json_tokenizer);
+    if (json_tokenizer) {
+      std::ifstream in(dir + "/hf/tokenizer.json");
+      EXPECT_EQ(std::string((std::istreambuf_iterator<char>(in)), {}), tokenizer_json);
+    }
+
+    // Back, with no flags: config.json beside the weights says everything.
+    ASSERT_EQ(run(converter() + "to-h5 " + hf + " " + back, &out), 0) << out;
+    ModelFileInfo info;
+    DDiT b = load_model_file(back, false, &info);
+    EXPECT_EQ(b->cfg.summary(), cfg.summary());
+    EXPECT_EQ(b->cfg.dropout, 0.1);
+    EXPECT_FALSE(b->cfg.time_conditioning);
+    EXPECT_EQ(b->cfg.noise.eps, 0.02);
+    EXPECT_EQ(b->cfg.noise.sigma_min, 2e-4);
+    EXPECT_EQ(b->cfg.noise.sigma_max, 17.5);
+    EXPECT_EQ(info.step, 42);
+    EXPECT_EQ(info.tokens_seen, 987654);
+    EXPECT_EQ(info.tokenizer, tokenizer);
+    expect_same_weights(m, b);
+    // Every root attribute: the same names, types and values.
+    std::string cmp = fmt::format(
+        "{} -c \"import h5py\n"
+        "a, b = h5py.File('{}', 'r').attrs, h5py.File('{}', 'r').attrs\n"
+        "assert sorted(a) == sorted(b), (sorted(a), sorted(b))\n"
+        "for k in a:\n"
+        "    assert type(a[k]) == type(b[k]) and a[k] == b[k], (k, a[k], b[k])\n"
+        "print(len(a), 'attributes identical')\"",
+        python(), src, back);
+    ASSERT_EQ(run(cmp, &out), 0) << out;
+    EXPECT_NE(out.find("19 attributes identical"), std::string::npos) << out;
+  }
+}
+
+// A config.json that describes other weights is refused naming both files and the field, and
+// writes nothing; flags override what the config says.
+TEST(ModelInteropConfig, ConfigIsCheckedAgainstTheWeightsAndFlagsOverrideIt) {
+  ASSERT_FALSE(python().empty());
+  TempDir tmp;
+  const auto cfg = unusual_config();
+  DDiT m(cfg);
+  randomize(m, 12);
+  save_model_file(tmp / "model.h5", cfg, state_dict(*m), {}, {});
+  std::filesystem::create_directories(tmp / "hf");
+  std::string hf = tmp / "hf/model.safetensors", back = tmp / "back.h5", out;
+  ASSERT_EQ(run(converter() + "to-torch " + tmp / "model.h5" + " " + hf, &out), 0) << out;
+  const auto good = read_json(tmp / "hf/config.json");
+  auto with = [&](const char* field, int value) {
+    auto j = good;
+    j[field] = value;
+    std::ofstream(tmp / "hf/config.json") << j.dump(2);
+  };
+  with("hidden_size", 32);
+  EXPECT_NE(run(converter() + "to-h5 " + hf + " " + back, &out), 0);
+  EXPECT_NE(out.find(tmp / "hf/config.json: hidden_size is 32 but the weights in " + hf + " have 16"), std::string::npos)
+      << out;
+  EXPECT_FALSE(std::filesystem::exists(back));
+  with("n_blocks", 3);
+  EXPECT_NE(run(converter() + "to-h5 " + hf + " " + back, &out), 0);
+  EXPECT_NE(out.find("config.json: n_blocks is 3"), std::string::npos) << out;
+  with("vocab_size", 99);
+  EXPECT_NE(run(converter() + "to-h5 " + hf + " " + back, &out), 0);
+  EXPECT_NE(out.find("config.json: vocab_size is 99 but the weights in " + hf + " have 12"), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(back));
+  std::filesystem::path leftovers = tmp.path;
+  for (const auto& e : std::filesystem::directory_iterator(leftovers))
+    EXPECT_NE(e.path().filename().string().rfind(".back.h5", 0), 0u) << "temporary file left: " << e.path();
+
+  with("n_heads", 4);  // the good config again
+  // The head count is fixed by the rotary buffer (head dim = 2 x its length): a flag cannot change it.
+  EXPECT_NE(run(converter() + "to-h5 " + hf + " " + back + " --n-heads 2", &out), 0);
+  EXPECT_NE(out.find("--n-heads: n_heads is 2 but the weights in " + hf + " have 4"), std::string::npos) << out;
+  ASSERT_EQ(run(converter() + "to-h5 " + hf + " " + back + " --dropout 0.25 --length 64 --time-conditioning 1", &out), 0)
+      << out;
+  DDiT b = load_model_file(back, false);
+  EXPECT_EQ(b->cfg.dropout, 0.25);
+  EXPECT_EQ(b->cfg.length, 64);
+  EXPECT_TRUE(b->cfg.time_conditioning);
+  EXPECT_EQ(b->cfg.n_heads, 4);  // from the config
+  EXPECT_EQ(b->cfg.noise.sigma_max, 17.5);
+}
+
+// The official training run: checkpoints-meta/checkpoint.pth ({'model', 'ema', 'step'}, DDP names)
+// and its Hydra config .hydra/config.yaml, which --config names.
+TEST(ModelInteropConfig, HydraConfigOfATrainingRunIsRead) {
+  ASSERT_FALSE(python().empty());
+  TempDir tmp;
+  auto cfg = tiny_config();  // 2x16, 2 heads, cond 8, 11 tokens, L=6
+  DDiT m(cfg);
+  randomize(m, 13);
+  save_model_file(tmp / "model.h5", cfg, state_dict(*m), {}, {});
+  std::filesystem::create_directories(tmp / "run/.hydra");
+  std::filesystem::create_directories(tmp / "run/checkpoints-meta");
+  std::string out;
+  // EMA as SEDD keeps it: shadow copies of the parameters, in order (here: the weights + 1).
+  ASSERT_EQ(run(fmt::format("{} -c \"import h5py, torch\n"
+                            "sd = {{k: torch.from_numpy(v[()]) for k, v in h5py.File('{}', 'r')['model'].items()}}\n"
+                            "shadow = [v + 1 for k, v in sd.items() if not k.endswith('inv_freq')]\n"
+                            "torch.save({{'model': {{'module.' + k: v for k, v in sd.items()}}, 'step': 5,\n"
+                            "            'ema': {{'decay': 0.9999, 'num_updates': 5, 'shadow_params': shadow}}}},\n"
+                            "           '{}')\"",
+                            python(), tmp / "model.h5", tmp / "run/checkpoints-meta/checkpoint.pth"),
+                &out),
+            0)
+      << out;
+  // As Hydra saves it; YAML 1.1 reads 1e-4 as a string.
+  const std::string yaml = R"(ngpus: 8
+tokens: 11
+training:
+  batch_size: 512
+  ema: 0.9999
+data:
+  train: openwebtext
+  valid: wikitext103
+graph:
+  type: absorb
+  file: data
+  report_all: false
+noise:
+  type: geometric
+  sigma_min: 1e-4
+  sigma_max: 20
+sampling:
+  predictor: euler
+  steps: 128
+model:
+  name: small
+  type: ddit
+  hidden_size: 16
+  cond_dim: 8
+  length: 6
+  n_blocks: 2
+  n_heads: 2
+  scale_by_sigma: True
+  dropout: 0.1
+)";
+  std::ofstream(tmp / "run/.hydra/config.yaml") << yaml;
+  std::string ckpt = tmp / "run/checkpoints-meta/checkpoint.pth", h5 = tmp / "converted.h5";
+  ASSERT_EQ(run(converter() + "to-h5 " + ckpt + " " + h5 + " --config " + tmp / "run/.hydra/config.yaml", &out), 0)
+      << out;
+  ModelFileInfo info;
+  DDiT b = load_model_file(h5, false, &info);
+  EXPECT_EQ(b->cfg.n_heads, 2);
+  EXPECT_EQ(b->cfg.dropout, 0.1);
+  EXPECT_EQ(b->cfg.length, 6);
+  EXPECT_TRUE(b->cfg.scale_by_sigma);
+  EXPECT_EQ(b->cfg.graph, "absorb");
+  EXPECT_EQ(b->cfg.noise.kind, "geometric");
+  EXPECT_EQ(b->cfg.noise.sigma_min, 1e-4);
+  EXPECT_EQ(b->cfg.noise.sigma_max, 20.0);
+  EXPECT_EQ(info.step, 5);
+  EXPECT_TRUE(info.has_ema);
+  expect_same_weights(m, b);
+  DDiT e = load_model_file(h5, /*use_ema=*/true);
+  EXPECT_TRUE(torch::equal(state_dict(*e).at("vocab_embed.embedding"), state_dict(*m).at("vocab_embed.embedding") + 1));
+
+  // A run whose config describes other weights.
+  std::string wrong = yaml;
+  wrong.replace(wrong.find("n_blocks: 2"), 11, "n_blocks: 3");
+  std::ofstream(tmp / "run/.hydra/config.yaml") << wrong;
+  EXPECT_NE(run(converter() + "to-h5 " + ckpt + " " + tmp / "x.h5" + " --config " + tmp / "run/.hydra/config.yaml", &out),
+            0);
+  EXPECT_NE(out.find("config.yaml: n_blocks is 3 but the weights in " + ckpt + " have 2"), std::string::npos) << out;
 }
 
 // CUDA: bf16 autocast in the blocks, LayerNorm and the log-score in fp32. Skips without a GPU.

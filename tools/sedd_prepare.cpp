@@ -1,5 +1,5 @@
-// sedd-prepare: text / JSONL files -> HDF5 token shards. Runs under mpirun (ranks split the
-// inputs); shards appear in --out only when every rank succeeded.
+// sedd-prepare: text / JSONL / Parquet / Arrow files -> HDF5 token shards. Runs under mpirun
+// (ranks split the inputs); shards appear in --out only when every rank succeeded.
 #include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
@@ -16,10 +16,16 @@ using namespace sedd;
 int main(int argc, char** argv) {
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");
   PrepareOptions opt;
-  po::options_description desc("sedd-prepare: text/JSONL -> token shards");
+  std::string format, jsonl_field;
+  po::options_description desc("sedd-prepare: text / JSONL / Parquet / Arrow -> token shards");
   desc.add_options()("help,h", "show this help")(
-      "input", po::value(&opt.inputs)->multitoken()->required(), "input files (plain text: one document each; JSONL with --jsonl-field)")(
-      "jsonl-field", po::value(&opt.jsonl_field), "JSON field holding each document's text")(
+      "input", po::value(&opt.inputs)->multitoken()->required(), "input files")(
+      "format", po::value(&format),
+      "text (a file is one document), jsonl (a JSON object per line), parquet, or arrow (Arrow IPC stream or "
+      "file, e.g. Hugging Face datasets' data-*.arrow); default: from each file's extension (.parquet, .arrow, "
+      ".jsonl/.json, else text)")(
+      "field", po::value(&opt.field)->default_value("text"), "JSON field (jsonl) or string column (parquet, arrow) holding the text")(
+      "jsonl-field", po::value(&jsonl_field), "the older spelling of --format jsonl --field NAME")(
       "tokenizer", po::value(&opt.tokenizer)->default_value("byte"), "byte, or PATH/tokenizer.json (byte-level BPE)")(
       "out", po::value(&opt.out)->required(), "output folder for shard-*.h5")(
       "shard-tokens", po::value(&opt.shard_tokens)->default_value(int64_t{1} << 24), "maximum tokens per shard");
@@ -31,6 +37,13 @@ int main(int argc, char** argv) {
       return 0;
     }
     po::notify(vm);
+    if (!jsonl_field.empty()) {
+      if (!vm["field"].defaulted() && opt.field != jsonl_field)
+        throw po::error("--jsonl-field and --field name different fields; give one of them");
+      opt.field = jsonl_field;
+      if (format.empty()) format = "jsonl";
+    }
+    if (!format.empty()) opt.format = parse_input_format(format);
   } catch (const std::exception& e) {
     if (rt.is_root()) std::fprintf(stderr, "sedd-prepare: error: %s (see --help)\n", e.what());
     return 2;

@@ -1,18 +1,22 @@
-// Corpus preparation: text / JSONL files -> token shards. Each rank tokenizes its share of the
-// inputs (file i goes to rank i mod W) into a staging folder; the caller publishes the shards
-// into the output folder only after every rank has succeeded, so a failed run leaves nothing
-// that looks like a dataset.
+// Corpus preparation: text / JSONL / Parquet / Arrow files -> token shards (text_source.h reads
+// the documents). Each rank tokenizes its share of the inputs (file i goes to rank i mod W) into a
+// staging folder; the caller publishes the shards into the output folder only after every rank
+// has succeeded, so a failed run leaves nothing that looks like a dataset.
 #pragma once
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "data/text_source.h"
 
 namespace sedd {
 
 struct PrepareOptions {
   std::vector<std::string> inputs;
-  std::string jsonl_field;          // empty: each input file is one plain-text document
-  std::string tokenizer = "byte";   // "byte" or a tokenizer.json path
+  std::optional<InputFormat> format;  // every input's format; unset: from each file's extension
+  std::string field = "text";         // JSON field (jsonl) or column (parquet, arrow) of the text
+  std::string tokenizer = "byte";     // "byte" or a tokenizer.json path
   std::string out;
   int64_t shard_tokens = 1 << 24;
 };
