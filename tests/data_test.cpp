@@ -64,15 +64,6 @@ std::vector<std::unique_ptr<TokenStream>> make_ranks(const std::string& data, in
   return v;
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const sedd::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
 }  // namespace
 
 TEST(DataStream, OneGlobalOrderForAnyWorldSize) {

@@ -3,7 +3,7 @@
 
 #include "diffusion/keyed_random.h"
 #include "diffusion/output_loss.h"
-#include "model/score.h"
+#include "model/objective.h"
 
 using namespace sedd;
 
@@ -53,7 +53,7 @@ std::pair<torch::Tensor, std::vector<torch::Tensor>> loss_and_grads(DDiT& m, con
   LossOptions o;
   o.fused = fused;
   o.chunk_elems = chunk;
-  auto loss = model_sequence_loss(m, g, noise, b.xt, b.x0, b.t, nullptr, o);
+  auto loss = sedd_sequence_loss(m, g, noise, b.xt, b.x0, b.t, nullptr, o);
   loss.sum().backward();
   std::vector<torch::Tensor> grads;
   for (auto& p : m->parameters()) grads.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));

@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <random>
 
+#include "io/error.h"
+
 namespace sedd::test {
 
 namespace fs = std::filesystem;
@@ -49,6 +51,15 @@ int run(const std::string& cmd, std::string* output) {
   int status = pclose(pipe);
   if (output) *output = out;
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const sedd::Error& e) {
+    return e.what();
+  }
+  return "<no error>";
 }
 
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale) {

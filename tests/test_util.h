@@ -1,6 +1,7 @@
 // Helpers shared by the test suites: scratch folders, the golden file's path, running tools.
 #pragma once
 #include <torch/torch.h>
+#include <functional>
 #include <string>
 
 namespace sedd::test {
@@ -23,6 +24,9 @@ int run(const std::string& cmd, std::string* output = nullptr);
 
 // "mpirun" with root allowed and oversubscription (this machine has 2 cores).
 extern const std::string kMpirun;
+
+// The message of the sedd::Error that fn throws, or "<no error>".
+std::string error_of(const std::function<void()>& fn);
 
 // Largest elementwise |a-b| / (|b| + atol_scale) over two tensors of equal shape.
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale = 1e-12);

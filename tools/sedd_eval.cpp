@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
     auto m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
     const auto& cfg = m.model->cfg;
     ElboConfig ec{mc, sampling, static_cast<uint64_t>(seed)};
+    ec.objective = tools::objective_of(cfg);
     ec.validate();
     SEDD_CHECK(batch > 0, "--batch-size must be positive");
     TokenStreamConfig tc;

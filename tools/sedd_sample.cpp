@@ -44,13 +44,16 @@ int main(int argc, char** argv) {
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");
   std::string checkpoint, predictor = "analytic", prefix, suffix, fixed, out, device = "auto", precision = "auto";
   int64_t num_samples = 4, steps = 128, length = 0, seed = 0, batch = 16;
+  double temperature = 1.0, top_p = 1.0;
   bool float64 = false, no_cache = false, raw_weights = false;
   po::options_description desc("sedd-sample: text from a trained SEDD model");
   desc.add_options()("help,h", "show this help")(
       "checkpoint", po::value(&checkpoint)->required(), "run folder, checkpoint folder or model.h5")(
       "num-samples", po::value(&num_samples)->default_value(4), "samples to draw (split across ranks)")(
       "steps", po::value(&steps)->default_value(128), "reverse-process steps")(
-      "predictor", po::value(&predictor)->default_value("analytic"), "euler | analytic")(
+      "predictor", po::value(&predictor)->default_value("analytic"), "euler | analytic (score-entropy models)")(
+      "temperature", po::value(&temperature)->default_value(1.0), "autoregressive models: logits / temperature")(
+      "top-p", po::value(&top_p)->default_value(1.0), "autoregressive models: nucleus sampling (1: off)")(
       "length", po::value(&length)->default_value(0), "tokens per sample (0: the training length)")(
       "prefix", po::value(&prefix), "text the samples start with")(
       "suffix", po::value(&suffix), "text the samples end with")(
@@ -88,6 +91,9 @@ int main(int argc, char** argv) {
     }
     if (!fixed.empty()) parse_fixed(fixed, cons);
     SamplerConfig sc;
+    sc.objective = tools::objective_of(cfg);
+    sc.temperature = temperature;
+    sc.top_p = top_p;
     sc.predictor = predictor;
     sc.steps = steps;
     sc.float64 = float64;

@@ -9,6 +9,7 @@
 #include "distributed/control.h"
 #include "distributed/runtime.h"
 #include "distributed/watchdog.h"
+#include "io/error.h"
 #include "train/trainer.h"
 #include "train_options.h"
 
@@ -66,6 +67,9 @@ int main(int argc, char** argv) {
       return 3;
     }
     if (rt->is_root()) std::printf("[train] done: %lld steps\n", static_cast<long long>(trainer.step()));
+  } catch (const OptionError& e) {  // every rank throws it alike: no rank waits, all exit 2
+    if (rt->is_root()) std::fprintf(stderr, "sedd-train: error: %s\n", e.what());
+    return 2;
   } catch (const std::exception& e) {
     rt->abort(std::string("sedd-train: ") + e.what());  // ends every rank within seconds
   }

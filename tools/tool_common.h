@@ -8,6 +8,7 @@
 #include <string>
 
 #include "data/tokenizer.h"
+#include "diffusion/sampler.h"
 #include "distributed/runtime.h"
 #include "io/error.h"
 #include "model/weights.h"
@@ -55,6 +56,8 @@ inline bool use_bf16(const std::string& precision, const torch::Device& device) 
   SEDD_CHECK(!(precision == "bf16" && device.is_cpu()), "--precision bf16 needs a GPU (--device cuda); CPUs run fp32");
   return device.is_cuda() && precision != "fp32";
 }
+
+inline ObjectiveSpec objective_of(const ModelConfig& c) { return ObjectiveSpec{c.objective, c.timesteps, c.bos}; }
 
 inline LoadedModel load_checkpoint(const std::string& arg, bool use_ema, torch::Device device, bool bf16) {
   LoadedModel m;

@@ -42,9 +42,12 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "model.dropout", &c.model.dropout, "dropout probability");
   add(t, "model.scale_by_sigma", &c.model.scale_by_sigma, "absorbing graph: shift the score by -log(e^sigma - 1)");
   add(t, "model.time_conditioning", &c.model.time_conditioning, "feed sigma to the network (absorbing: may be off)");
+  add(t, "diffusion.objective", &c.model.objective, "sedd | mdlm | d3pm | ar (see the README's objectives)");
   add(t, "diffusion.graph", &c.model.graph, "absorb | uniform");
-  add(t, "diffusion.noise", &c.model.noise.kind, "loglinear | geometric");
-  add(t, "diffusion.eps", &c.model.noise.eps, "log-linear schedule epsilon");
+  add(t, "diffusion.noise", &c.model.noise.kind, "loglinear | geometric | cosine");
+  add(t, "diffusion.timesteps", &c.model.timesteps, "d3pm: steps T of the discrete chain");
+  add(t, "diffusion.lambda_ce", &c.train.lambda_ce, "d3pm: weight of the auxiliary cross entropy");
+  add(t, "diffusion.eps", &c.model.noise.eps, "log-linear / cosine schedule epsilon");
   add(t, "diffusion.sigma_min", &c.model.noise.sigma_min, "geometric schedule sigma_min");
   add(t, "diffusion.sigma_max", &c.model.noise.sigma_max, "geometric schedule sigma_max");
   add(t, "train.steps", &c.train.steps, "optimizer steps");
@@ -71,6 +74,7 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "train.fused_loss", &c.train.fused_loss, "project only rows with a loss, fused with the loss (false: full logits)");
   add(t, "train.loss_chunk_elems", &c.train.loss_chunk_elems, "logits per chunk of the fused loss");
   add(t, "train.peak_tflops", &c.train.peak_tflops, "GPU peak TFLOP/s for MFU (0: from the GPU's name)");
+  add(t, "resume.allow", &c.resume.allow, "checked settings that may differ from the checkpoint's (comma list)");
   add(t, "dist.timeout_s", &c.dist.timeout_s, "watchdog: a collective without progress this long ends the job (0: off)");
   add(t, "debug.nan_at_step", &c.debug.nan_at_step, "tests only: rank 0's loss is NaN at this step (0: off)");
 }

@@ -147,6 +147,9 @@ ShardInfo read_shard_info(const std::string& path) {
   info.vocab_size = f.attr_int("/", "vocab_size");
   info.eot_id = f.attr_int("/", "eot_id");
   info.tokenizer = f.attr_string("/", "tokenizer");
+  if (f.has_attr("/", "tokenizer_hash"))  // written since the tokenizer travels with the data
+    SEDD_CHECK(f.attr_string("/", "tokenizer_hash") == fs::content_hash(info.tokenizer),
+               "{}: the stored tokenizer does not match its tokenizer_hash (damaged file?)", path);
   SEDD_CHECK(info.vocab_size >= 2 && info.eot_id >= 0 && info.eot_id < info.vocab_size,
              "{}: inconsistent attributes vocab_size={} eot_id={}", path, info.vocab_size, info.eot_id);
   SEDD_CHECK(info.dtype == torch::kUInt32 || info.vocab_size <= 65536,
@@ -187,7 +190,9 @@ void write_shard(const std::string& path, const torch::Tensor& tokens, int64_t v
     f.set_attr("/", "vocab_size", vocab_size);
     f.set_attr("/", "eot_id", eot_id);
     f.set_attr("/", "tokenizer", tokenizer);
+    f.set_attr("/", "tokenizer_hash", fs::content_hash(tokenizer));
     f.set_attr("/", "format_version", kShardFormatVersion);
+    f.close();
   }
   fs::commit_file(tmp, path);
 }

@@ -1,5 +1,6 @@
-// Token shards (DESIGN.md §5): one HDF5 file each, dataset /tokens (1-D, uint16 when the
-// vocabulary fits, else uint32, chunked), root attributes vocab_size, eot_id, tokenizer,
+// Token shards (docs/DESIGN.md, "Token shards"): one HDF5 file each, dataset /tokens (1-D, uint16
+// when the vocabulary fits, else uint32, chunked), root attributes vocab_size, eot_id, tokenizer
+// ("byte" or the whole tokenizer.json text, so the data carries its tokenizer), tokenizer_hash,
 // format_version. Writers commit a shard by rename, so a crash never leaves a file that looks
 // complete; readers validate every attribute before use.
 #pragma once

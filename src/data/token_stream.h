@@ -53,6 +53,7 @@ class TokenStream {
   int64_t windows_per_epoch() const { return total_windows_; }
   WindowRef locate(int64_t k) const;        // global sequence k -> its window
   const ShardInfo& shard(int i) const { return shards_[i]; }
+  size_t shard_count() const { return shards_.size(); }
   int64_t vocab_size() const { return shards_[0].vocab_size; }
   int64_t eot_id() const { return shards_[0].eot_id; }
   const std::string& tokenizer() const { return shards_[0].tokenizer; }

@@ -29,6 +29,28 @@ torch::Tensor Graph::sample_rate(const torch::Tensor& x, const torch::Tensor& ra
   return sample_categorical(one_hot(x, rate.scalar_type()) + rate, gen);
 }
 
+namespace {
+// The clean-token distribution [..., N] widened to [..., dim] (a zero mask column for absorbing).
+torch::Tensor widen(const torch::Tensor& p0, int64_t dim) {
+  if (p0.size(-1) == dim) return p0;
+  auto shape = p0.sizes().vec();
+  shape.back() = dim - p0.size(-1);
+  return torch::cat({p0, torch::zeros(shape, p0.options())}, -1);
+}
+
+torch::Tensor normalise(const torch::Tensor& w) { return w / w.sum(-1, /*keepdim=*/true).clamp_min(1e-300); }
+}  // namespace
+
+torch::Tensor Graph::posterior(const torch::Tensor& xt, const torch::Tensor& x0, const torch::Tensor& sigma_s,
+                               const torch::Tensor& sigma_t) const {
+  return normalise(transp_transition(xt, sigma_t - sigma_s) * transition(x0, sigma_s));
+}
+
+torch::Tensor Graph::model_posterior(const torch::Tensor& xt, const torch::Tensor& p0, const torch::Tensor& sigma_s,
+                                     const torch::Tensor& sigma_t) const {
+  return normalise(transp_transition(xt, sigma_t - sigma_s) * transition_of(widen(p0, dim()), sigma_s));
+}
+
 std::unique_ptr<Graph> make_graph(const std::string& kind, int64_t tokens) {
   SEDD_CHECK(tokens >= 2, "graph: the vocabulary needs at least 2 tokens, got {}", tokens);
   if (kind == "absorb") return std::make_unique<AbsorbingGraph>(tokens);
@@ -92,6 +114,13 @@ torch::Tensor AbsorbingGraph::staggered_score(const torch::Tensor& score, const 
   torch::Tensor mask_col = one_hot(torch::full_like(score.select(-1, 0), mask_id(), torch::kLong),
                                    score.scalar_type());
   return out + extra * mask_col;
+}
+
+torch::Tensor AbsorbingGraph::transition_of(const torch::Tensor& probs, const torch::Tensor& sigma) const {
+  // Every token keeps its mass with e^-sigma and hands the rest to the mask.
+  auto keep = torch::exp(-sigma.to(probs.scalar_type())).unsqueeze(-1);
+  auto tokens = probs.narrow(-1, 0, tokens_), mask = probs.narrow(-1, tokens_, 1);
+  return torch::cat({tokens * keep, mask + (1 - keep) * tokens.sum(-1, /*keepdim=*/true)}, -1);
 }
 
 torch::Tensor AbsorbingGraph::score_entropy(const torch::Tensor& log_score, const torch::Tensor& sigma,
@@ -170,6 +199,11 @@ torch::Tensor UniformGraph::sample_limit(torch::IntArrayRef shape, torch::Genera
 torch::Tensor UniformGraph::staggered_score(const torch::Tensor& score, const torch::Tensor& dsigma) const {
   torch::Tensor epow = torch::exp(-dsigma.to(score.scalar_type())).unsqueeze(-1);
   return ((epow - 1) / (static_cast<double>(dim()) * epow)) * score.sum(-1, /*keepdim=*/true) + score / epow;
+}
+
+torch::Tensor UniformGraph::transition_of(const torch::Tensor& probs, const torch::Tensor& sigma) const {
+  auto keep = torch::exp(-sigma.to(probs.scalar_type())).unsqueeze(-1);
+  return probs * keep + (1 - keep) * probs.sum(-1, /*keepdim=*/true) / static_cast<double>(dim());
 }
 
 torch::Tensor UniformGraph::score_entropy(const torch::Tensor& log_score, const torch::Tensor& sigma,

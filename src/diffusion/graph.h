@@ -42,6 +42,19 @@ class Graph {
   virtual torch::Tensor sample_limit(torch::IntArrayRef shape, torch::Generator& gen,
                                      torch::Device device = torch::kCPU) const = 0;
 
+  // A distribution pushed through the forward process: probs [..., dim] -> probs exp(sigma Q),
+  // sigma broadcast against probs' leading dimensions.
+  virtual torch::Tensor transition_of(const torch::Tensor& probs, const torch::Tensor& sigma) const = 0;
+  // q(x_s | x_t, x0) of the forward process with total noise sigma_s < sigma_t:
+  //   proportional to transp_transition(x_t, sigma_t - sigma_s) * transition(x0, sigma_s).
+  // With the clean token x0 replaced by a distribution p0 [..., N] over tokens (the network's
+  // prediction), the same product with transition_of(p0, sigma_s) is the x0-parameterised reverse
+  // step of masked diffusion and D3PM. Both return normalised [..., dim] probabilities.
+  torch::Tensor posterior(const torch::Tensor& xt, const torch::Tensor& x0, const torch::Tensor& sigma_s,
+                          const torch::Tensor& sigma_t) const;
+  torch::Tensor model_posterior(const torch::Tensor& xt, const torch::Tensor& p0, const torch::Tensor& sigma_s,
+                                const torch::Tensor& sigma_t) const;
+
   // transp_rate(x) * score with the diagonal entry set to minus the sum of the others.
   torch::Tensor reverse_rate(const torch::Tensor& x, const torch::Tensor& score) const;
   // One Euler step: Cat(onehot(x) + rate).
@@ -80,6 +93,7 @@ class AbsorbingGraph final : public Graph {
   torch::Tensor staggered_score(const torch::Tensor& score, const torch::Tensor& dsigma) const override;
   torch::Tensor score_entropy(const torch::Tensor& log_score, const torch::Tensor& sigma,
                               const torch::Tensor& x, const torch::Tensor& x0) const override;
+  torch::Tensor transition_of(const torch::Tensor& probs, const torch::Tensor& sigma) const override;
 };
 
 // Uniform graph: Q = 11^T / N - I, dim = tokens.
@@ -103,6 +117,7 @@ class UniformGraph final : public Graph {
   torch::Tensor staggered_score(const torch::Tensor& score, const torch::Tensor& dsigma) const override;
   torch::Tensor score_entropy(const torch::Tensor& log_score, const torch::Tensor& sigma,
                               const torch::Tensor& x, const torch::Tensor& x0) const override;
+  torch::Tensor transition_of(const torch::Tensor& probs, const torch::Tensor& sigma) const override;
 };
 
 // "absorb" | "uniform"; tokens = vocabulary size N without the mask.

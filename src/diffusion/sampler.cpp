@@ -1,6 +1,7 @@
 // Samplers; see sampler.h.
 #include "diffusion/sampler.h"
 
+#include "diffusion/discrete.h"
 #include "diffusion/keyed_random.h"
 #include "io/error.h"
 
@@ -15,6 +16,8 @@ torch::Tensor ScoreModel::log_score(const torch::Tensor& x, const torch::Tensor&
 void SamplerConfig::validate() const {
   SEDD_CHECK(predictor == "euler" || predictor == "analytic", "--predictor must be euler or analytic, got '{}'",
              predictor);
+  SEDD_CHECK(temperature > 0, "--temperature must be positive, got {}", temperature);
+  SEDD_CHECK(top_p > 0 && top_p <= 1, "--top-p must be in (0, 1], got {}", top_p);
   SEDD_CHECK(steps >= 1, "--steps must be at least 1, got {}", steps);
   SEDD_CHECK(eps > 0 && eps < 1, "sampling eps must be in (0, 1)");
   SEDD_CHECK(chunk_elems > 0, "sampler chunk must be positive");
@@ -66,26 +69,22 @@ torch::Tensor next_token_weights(const StepRule& rule, const torch::Tensor& log_
   return w.clamp_min(0);
 }
 
-}  // namespace
+// The start of the reverse process: all masks (absorbing) or keyed uniform tokens.
+torch::Tensor start_tokens(const Graph& graph, const SamplerConfig& cfg, const torch::Tensor& ids, int64_t L) {
+  if (graph.absorbing()) return torch::full({ids.size(0), L}, graph.tokens(), ids.options());
+  auto u = keyed_uniform(RandomStream{cfg.seed, purpose::kSampleStart, 0}, ids, L, torch::kDouble);
+  return (u * static_cast<double>(graph.dim())).floor().clamp_max(static_cast<double>(graph.dim() - 1)).to(torch::kLong);
+}
 
-torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t length,
-                     const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& sample_ids,
-                     torch::Device device, const std::function<void(int64_t, int64_t)>& progress) {
-  cfg.validate();
-  constraint.validate(length, graph.tokens());
-  torch::NoGradGuard no_grad;
+torch::Tensor sample_sedd(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t length,
+                          const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& sample_ids,
+                          torch::Device device, const std::function<void(int64_t, int64_t)>& progress) {
   const int64_t B = sample_ids.size(0), L = length, dim = graph.dim();
   const auto ids = sample_ids.to(device, torch::kLong);
   const auto lopts = torch::TensorOptions().dtype(torch::kLong).device(device);
   const auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(device);
 
-  torch::Tensor x;
-  if (graph.absorbing()) {
-    x = torch::full({B, L}, graph.tokens(), lopts);
-  } else {
-    auto u = keyed_uniform(RandomStream{cfg.seed, purpose::kSampleStart, 0}, ids, L, torch::kDouble);
-    x = (u * static_cast<double>(dim)).floor().clamp_max(static_cast<double>(dim - 1)).to(torch::kLong);
-  }
+  torch::Tensor x = start_tokens(graph, cfg, ids, L);
   // The time grid, once, on the host: no device read inside the loop.
   std::vector<double> grid(cfg.steps + 1);
   for (int64_t i = 0; i <= cfg.steps; ++i)
@@ -129,6 +128,106 @@ torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, 
     constraint.apply(x);
   }
   return x;
+}
+
+// Masked diffusion and D3PM: x_t -> x_s through the x0-parameterised posterior, on a grid of
+// noise levels from sigma(1) down to 0 (clean), drawing only the rows that can change.
+torch::Tensor sample_ancestral(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t L,
+                               const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& ids,
+                               const std::function<void(int64_t, int64_t)>& progress) {
+  const int64_t B = ids.size(0), dim = graph.dim(), N = graph.tokens();
+  const auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(ids.device());
+  // Noise levels of the grid, once, on the host.
+  std::vector<double> sigmas;
+  if (cfg.objective.name == "d3pm") {
+    const int64_t T = cfg.objective.timesteps, S = std::min(cfg.steps, T);
+    for (int64_t k = 0; k <= S; ++k) {
+      int64_t t = static_cast<int64_t>(std::llround(static_cast<double>(T) * static_cast<double>(S - k) / S));
+      sigmas.push_back(discrete_sigma(noise, torch::full({1}, t, torch::kLong), T).item<double>());
+    }
+  } else {
+    for (int64_t k = 0; k <= cfg.steps; ++k) {
+      double t = 1.0 - static_cast<double>(k) / static_cast<double>(cfg.steps);
+      sigmas.push_back(k == cfg.steps ? 0.0 : noise.total(torch::full({1}, t, torch::kDouble)).item<double>());
+    }
+  }
+  const int64_t steps = static_cast<int64_t>(sigmas.size()) - 1;
+  const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
+  const auto dtype = cfg.float64 ? torch::kDouble : torch::kFloat;
+  torch::Tensor x = start_tokens(graph, cfg, ids, L);
+  for (int64_t k = 0; k < steps; ++k) {
+    constraint.apply(x);
+    auto sigma_t = torch::full({B}, sigmas[k], dopts);
+    model.evaluate(x, sigma_t);
+    auto flat = x.view({-1});
+    torch::Tensor rows = graph.absorbing() ? (flat == N).nonzero().squeeze(1) : torch::arange(B * L, flat.options());
+    RandomStream stream{cfg.seed, purpose::kSample, static_cast<uint64_t>(k)};
+    for (int64_t i = 0; i < rows.size(0); i += chunk) {
+      auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
+      auto batch = torch::div(r, L, "floor"), pos = r - batch * L;
+      auto p0 = model.rows(r).to(dtype).exp();
+      auto n = r.size(0);
+      auto w = graph.model_posterior(flat.index_select(0, r), p0, torch::full({n}, sigmas[k + 1], dopts).to(dtype),
+                                     torch::full({n}, sigmas[k], dopts).to(dtype));
+      flat.index_copy_(0, r, keyed_categorical(w.clamp_min(0), stream, ids.index_select(0, batch), pos * dim));
+    }
+    if (progress) progress(k + 1, steps);
+  }
+  constraint.apply(x);
+  return x;
+}
+
+// Left to right: position j draws from p(x_j | bos, x_<j), with temperature and top-p.
+torch::Tensor sample_autoregressive(ScoreModel& model, int64_t N, int64_t L, const SamplerConfig& cfg,
+                                    const Constraint& constraint, const torch::Tensor& ids,
+                                    const std::function<void(int64_t, int64_t)>& progress) {
+  const int64_t B = ids.size(0);
+  std::vector<int64_t> fixed(L, -1);
+  for (size_t i = 0; i < constraint.positions.size(); ++i) fixed[constraint.positions[i]] = constraint.tokens[i];
+  int64_t prefix = 0;
+  while (prefix < L && fixed[prefix] >= 0) ++prefix;
+  for (int64_t j = prefix; j < L; ++j)
+    SEDD_CHECK(fixed[j] < 0,
+               "an autoregressive model conditions on a prefix only: position {} is fixed after free positions (--suffix "
+               "and --fix beyond the prefix need a diffusion model)",
+               j);
+  const auto dtype = cfg.float64 ? torch::kDouble : torch::kFloat;
+  auto x = torch::zeros({B, L}, ids.options());
+  constraint.apply(x);
+  auto zeros = torch::zeros({B}, torch::TensorOptions().dtype(torch::kDouble).device(ids.device()));
+  for (int64_t j = prefix; j < L; ++j) {
+    auto input = torch::cat({torch::full({B, 1}, cfg.objective.bos, x.options()), x.narrow(1, 0, j)}, 1);  // [B, j + 1]
+    model.evaluate(input, zeros);
+    auto last = torch::arange(B, x.options()) * (j + 1) + j;
+    auto logp = model.rows(last).to(dtype) / cfg.temperature;
+    auto w = torch::softmax(logp, 1);
+    if (cfg.top_p < 1) {  // the smallest set of most likely tokens holding top_p of the mass
+      auto sorted = w.sort(1, /*descending=*/true);
+      auto probs = std::get<0>(sorted), order = std::get<1>(sorted);
+      auto before = probs.cumsum(1) - probs;
+      w = torch::zeros_like(w).scatter(1, order, torch::where(before < cfg.top_p, probs, torch::zeros_like(probs)));
+    }
+    RandomStream stream{cfg.seed, purpose::kSample, static_cast<uint64_t>(j)};
+    x.select(1, j).copy_(keyed_categorical(w, stream, ids, torch::full({B}, j * N, x.options())));
+    if (progress) progress(j - prefix + 1, L - prefix);
+  }
+  return x;
+}
+
+}  // namespace
+
+torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t length,
+                     const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& sample_ids,
+                     torch::Device device, const std::function<void(int64_t, int64_t)>& progress) {
+  cfg.validate();
+  constraint.validate(length, graph.tokens());
+  torch::NoGradGuard no_grad;
+  const auto ids = sample_ids.to(device, torch::kLong);
+  const auto& name = cfg.objective.name;
+  if (name == "sedd") return sample_sedd(graph, noise, model, length, cfg, constraint, ids, device, progress);
+  if (name == "mdlm" || name == "d3pm") return sample_ancestral(graph, noise, model, length, cfg, constraint, ids, progress);
+  SEDD_CHECK(name == "ar", "sampler: unknown objective '{}'", name);
+  return sample_autoregressive(model, graph.tokens(), length, cfg, constraint, ids, progress);
 }
 
 }  // namespace sedd

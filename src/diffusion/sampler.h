@@ -20,27 +20,38 @@
 
 namespace sedd {
 
+// Which objective a model was trained with, as samplers and bounds need it (the model's config).
+struct ObjectiveSpec {
+  std::string name = "sedd";  // sedd | mdlm | d3pm | ar
+  int64_t timesteps = 1000;   // d3pm
+  int64_t bos = -1;           // ar: the first input token
+};
+
 // The network as samplers and the likelihood bound see it.
 class ScoreModel {
  public:
   virtual ~ScoreModel() = default;
   // Runs the network on x [B, L] (int64) at sigma [B]; rows() then serves its log-scores.
   virtual void evaluate(const torch::Tensor& x, const torch::Tensor& sigma) = 0;
-  // Log-scores [R, dim] (float32 or float64; the current token's entry is 0) of positions `rows`
-  // (int64 [R], flat indices into [B * L]) of the last evaluate().
+  // For positions `rows` (int64 [R], flat indices into [B * L]) of the last evaluate(): log-scores
+  // [R, dim] (sedd; the current token's entry is 0), or log-probabilities [R, N] of the clean
+  // token (mdlm, d3pm) or of the next token (ar).
   virtual torch::Tensor rows(const torch::Tensor& rows) = 0;
   // The whole log-score [B, L, dim].
   torch::Tensor log_score(const torch::Tensor& x, const torch::Tensor& sigma);
 };
 
 struct SamplerConfig {
-  std::string predictor = "analytic";  // euler | analytic
+  ObjectiveSpec objective;
+  std::string predictor = "analytic";  // sedd: euler | analytic (mdlm and d3pm sample ancestrally)
   int64_t steps = 128;
   bool denoise = true;
   bool float64 = false;                // probabilities and draws in float64 (else float32 weights)
   double eps = 1e-5;
   uint64_t seed = 0;
   int64_t chunk_elems = int64_t{1} << 27;  // bound on rows x dim per model call
+  double temperature = 1.0;            // ar: logits / temperature
+  double top_p = 1.0;                  // ar: nucleus sampling (1: off)
   void validate() const;
 };
 
@@ -54,6 +65,10 @@ struct Constraint {
 
 // Draws the samples whose global indices are `sample_ids` (int64 [B]): returns [B, length] int64
 // token ids on `device`. `progress(step, steps)` is called after every step when given.
+//  - sedd: Euler or analytic predictor, then the final denoising step;
+//  - mdlm, d3pm: ancestral steps x_t -> x_s through the x0-parameterised posterior
+//    Graph::model_posterior (mdlm: `steps` times on [0, 1]; d3pm: min(steps, T) of the T steps);
+//  - ar: token by token, left to right (temperature, top-p); conditioning on a prefix only.
 torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t length,
                      const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& sample_ids,
                      torch::Device device, const std::function<void(int64_t, int64_t)>& progress = {});

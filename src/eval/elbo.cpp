@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "diffusion/discrete.h"
 #include "diffusion/keyed_random.h"
 #include "diffusion/loss.h"
 #include "io/error.h"
@@ -57,30 +58,65 @@ ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model,
   auto times = elbo_times(cfg, indices);  // [B, K]
   torch::Tensor values = torch::empty({B, K}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
-  for (int64_t k = 0; k < K; ++k) {
-    auto t = times.select(1, k).contiguous();
-    auto sigma = noise.total(t);
+  const auto& obj = cfg.objective.name;
+  auto flat_x0 = x0.reshape({-1});
+  auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(device);
+  if (obj == "ar") {  // exact: one pass, the same value in every column (no Monte Carlo error)
+    auto input = torch::cat({torch::full({B, 1}, cfg.objective.bos, x0.options()), x0.narrow(1, 0, L - 1)}, 1);
+    model.evaluate(input, torch::zeros({B}, dopts));
+    auto per_seq = torch::zeros({B}, dopts);
+    auto all = torch::arange(B * L, lopts);
+    for (int64_t i = 0; i < B * L; i += chunk) {
+      auto r = all.narrow(0, i, std::min(chunk, B * L - i));
+      auto logp = model.rows(r).to(torch::kDouble);
+      per_seq.index_add_(0, torch::div(r, L, "floor"), -logp.gather(1, flat_x0.index_select(0, r).unsqueeze(1)).squeeze(1));
+    }
+    values.copy_(per_seq.unsqueeze(1).expand({B, K}));
+  }
+  for (int64_t k = 0; k < K && obj != "ar"; ++k) {
+    auto u = times.select(1, k).contiguous();
+    torch::Tensor t = u, sigma, sigma_prev, step;
+    if (obj == "d3pm") {
+      step = discrete_step(u, cfg.objective.timesteps);
+      sigma = discrete_sigma(noise, step, cfg.objective.timesteps);
+      sigma_prev = discrete_sigma(noise, step - 1, cfg.objective.timesteps);
+    } else {
+      sigma = noise.total(t);
+    }
     auto offset = torch::full({B}, k * L, lopts);
     auto xt = graph.corrupt(x0, sigma, RandomStream{cfg.seed, purpose::kEvalCorrupt, 0},
                             RandomStream{cfg.seed, purpose::kEvalRedraw, 0}, indices, offset);
     model.evaluate(xt, sigma);
-    auto flat_xt = xt.view({-1}), flat_x0 = x0.reshape({-1});
+    auto flat_xt = xt.view({-1});
     torch::Tensor rows = graph.absorbing() ? (flat_xt == graph.tokens()).nonzero().squeeze(1)
                                            : torch::arange(B * L, lopts);
-    auto per_seq = torch::zeros({B}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+    auto per_seq = torch::zeros({B}, dopts);
     for (int64_t i = 0; i < rows.size(0); i += chunk) {
       auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
       auto batch = torch::div(r, L, "floor");
-      auto log_score = model.rows(r).to(torch::kDouble);
-      auto l = graph.score_entropy(log_score, sigma.index_select(0, batch), flat_xt.index_select(0, r),
-                                   flat_x0.index_select(0, r));
+      auto out = model.rows(r).to(torch::kDouble);
+      auto x_r = flat_xt.index_select(0, r), x0_r = flat_x0.index_select(0, r);
+      torch::Tensor l;
+      if (obj == "sedd") {
+        l = graph.score_entropy(out, sigma.index_select(0, batch), x_r, x0_r);
+      } else if (obj == "mdlm") {
+        l = -out.gather(1, x0_r.unsqueeze(1)).squeeze(1);
+      } else {  // d3pm: KL between the true and the model's posterior over x_{t-1}
+        auto ss = sigma_prev.index_select(0, batch), st = sigma.index_select(0, batch);
+        auto q = graph.posterior(x_r, x0_r, ss, st), p = graph.model_posterior(x_r, out.exp(), ss, st);
+        l = (torch::xlogy(q, q) - q * torch::log(p.clamp_min(1e-300))).sum(1);
+      }
       per_seq.index_add_(0, batch, l);
     }
-    values.select(1, k).copy_(noise.rate(t) * per_seq);
+    torch::Tensor weight;
+    if (obj == "sedd") weight = noise.rate(t);
+    else if (obj == "mdlm") weight = noise.rate(t) / torch::expm1(sigma);
+    else weight = torch::full({B}, static_cast<double>(cfg.objective.timesteps), dopts);
+    values.select(1, k).copy_(weight * per_seq);
   }
   values = values.cpu();
   ElboResult r;
-  r.prior_nats = prior_kl_per_token(graph, noise) * static_cast<double>(L);
+  r.prior_nats = cfg.objective.name == "ar" ? 0.0 : prior_kl_per_token(graph, noise) * static_cast<double>(L);
   if (cfg.sampling == "antithetic") {  // the independent units are the pairs
     auto pairs = (values.narrow(1, 0, K / 2) + values.narrow(1, K / 2, K / 2)) / 2;
     r.bound = pairs.mean(1) + r.prior_nats;

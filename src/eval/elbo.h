@@ -1,5 +1,8 @@
-// The likelihood bound (DESIGN.md §3): for a sequence x0,
-//   -log p(x0) <= int_0^1 sigma'(t) sum_l E[l_l(x_t)] dt + KL(p_1(.|x0) || p_base),
+// The likelihood bound (docs/DESIGN.md, "Likelihood bound") of each objective, for a sequence x0:
+//   sedd: -log p(x0) <= int_0^1 sigma'(t) sum_l E[l_l(x_t)] dt + KL(p_1(.|x0) || p_base)
+//   mdlm: the same with sigma'(t) / (e^sigma - 1) sum_{masked l} -log p(x0_l | x_t) as integrand
+//   d3pm: T E_t[KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t))] + KL(q(x_T|x0) || p_base), t ~ U{1..T}
+//   ar:   the exact negative log-likelihood sum_l -log p(x0_l | bos, x0_<l) (no Monte Carlo)
 // the integral estimated by Monte Carlo over t (iid, antithetic pairs or stratified), with the
 // times and corruptions of sequence i keyed by (seed, i, draw): a sequence's estimate never
 // depends on the batch, rank or device that computed it. Only positions with a non-zero loss are
@@ -22,6 +25,7 @@ struct ElboConfig {
   std::string sampling = "antithetic";  // iid | antithetic | stratified
   uint64_t seed = 0;
   int64_t chunk_elems = int64_t{1} << 27;  // bound on rows x dim per model call
+  ObjectiveSpec objective;                 // the model's (sedd, mdlm, d3pm; ar is exact)
   void validate() const;
 };
 

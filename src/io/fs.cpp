@@ -4,7 +4,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -15,16 +17,32 @@ namespace sedd::fs {
 
 void fsync_path(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY);
-  SEDD_CHECK(fd >= 0, "{}: cannot open for fsync", path);
-  ::fsync(fd);
-  ::close(fd);
+  SEDD_CHECK(fd >= 0, "{}: cannot open for fsync: {}", path, std::strerror(errno));
+  int rc = ::fsync(fd);
+  int err = errno;
+  int closed = ::close(fd);
+  SEDD_CHECK(rc == 0, "{}: fsync failed: {} (the data may not be on disk)", path, std::strerror(err));
+  SEDD_CHECK(closed == 0, "{}: close after fsync failed: {}", path, std::strerror(errno));
 }
 
 void commit_file(const std::string& tmp, const std::string& final) {
   fsync_path(tmp);
-  SEDD_CHECK(std::rename(tmp.c_str(), final.c_str()) == 0, "{}: cannot rename {} into place", final, tmp);
-  auto dir = std::filesystem::path(final).parent_path();
+  rename_durably(tmp, final);
+}
+
+void rename_durably(const std::string& from, const std::string& to) {
+  SEDD_CHECK(std::rename(from.c_str(), to.c_str()) == 0, "{}: cannot rename {} into place: {}", to, from,
+             std::strerror(errno));
+  auto dir = std::filesystem::path(to).parent_path();
   fsync_path(dir.empty() ? "." : dir.string());
+}
+
+std::string content_hash(const std::string& bytes) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : bytes) h = (h ^ c) * 0x100000001b3ull;
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "fnv1a64:%016llx", static_cast<unsigned long long>(h));
+  return buf;
 }
 
 std::string temp_name(const std::string& final) { return final + ".tmp." + std::to_string(::getpid()); }
@@ -43,8 +61,8 @@ void write_text_atomic(const std::string& path, const std::string& text) {
     std::ofstream out(tmp);
     SEDD_CHECK(out.good(), "{}: cannot write", tmp);
     out << text;
-    out.flush();
-    SEDD_CHECK(out.good(), "{}: write failed (disk full?)", tmp);
+    out.close();
+    SEDD_CHECK(!out.fail(), "{}: write failed (disk full?)", tmp);
   }
   commit_file(tmp, path);
 }

@@ -358,7 +358,15 @@ void File::set_attr(const std::string& obj, const std::string& name, const std::
 
 void File::flush() {
   H5Guard guard;
-  H5Fflush(id(), H5F_SCOPE_GLOBAL);
+  SEDD_CHECK(H5Fflush(id(), H5F_SCOPE_GLOBAL) >= 0, "{}: flushing the HDF5 file failed (disk full?)", path_);
+}
+
+void File::close() {
+  H5Guard guard;
+  if (!file_.valid()) return;
+  flush();
+  hid_t id = file_.release();  // H5Fclose's result is checked here, not ignored by the handle
+  SEDD_CHECK(H5Fclose(id) >= 0, "{}: closing the HDF5 file failed (disk full or I/O error?)", path_);
 }
 
 }  // namespace sedd::h5

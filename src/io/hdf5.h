@@ -21,6 +21,11 @@ class Handle {
   Handle& operator=(const Handle&) = delete;
   ~Handle() { reset(); }
   void reset();
+  hid_t release() {  // gives up ownership without closing
+    hid_t id = id_;
+    id_ = -1;
+    return id;
+  }
   hid_t get() const { return id_; }
   bool valid() const { return id_ >= 0; }
 
@@ -66,6 +71,10 @@ class File {
   void set_attr(const std::string& obj, const std::string& name, const std::string& v);
 
   void flush();
+  // Flushes and closes the file, checking both: a writer calls it so that a failed write (disk
+  // full, I/O error) is an error naming the file, not a silently short file. The destructor closes
+  // without checking.
+  void close();
 
  private:
   Handle open_object(const std::string& obj) const;

@@ -84,8 +84,8 @@ torch::Tensor RotaryImpl::apply(const torch::Tensor& x) const {
   return x * cos + rotate_half(x) * sin;
 }
 
-DDiTBlockImpl::DDiTBlockImpl(int64_t idx, int64_t dim, int64_t heads, int64_t cond_dim, double p)
-    : index(idx), n_heads(heads), dropout(p) {
+DDiTBlockImpl::DDiTBlockImpl(int64_t idx, int64_t dim, int64_t heads, int64_t cond_dim, double p, bool is_causal)
+    : index(idx), n_heads(heads), dropout(p), causal(is_causal) {
   norm1 = register_module("norm1", BiasFreeLayerNorm(dim));
   attn_qkv = register_module("attn_qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, 3 * dim).bias(false)));
   attn_out = register_module("attn_out", torch::nn::Linear(torch::nn::LinearOptions(dim, dim).bias(false)));
@@ -109,8 +109,8 @@ torch::Tensor DDiTBlockImpl::forward(const torch::Tensor& x_in, const Rotary& ro
   torch::Tensor x = modulate(norm1->forward(x_in), shift_msa, scale_msa);
   auto qkv = attn_qkv->forward(x).view({B, L, 3, n_heads, D / n_heads});  // [B, L, 3, H, Dh]
   auto q = rotary->apply(qkv.select(2, 0)), k = rotary->apply(qkv.select(2, 1)), v = qkv.select(2, 2);
-  // [B, H, L, Dh]; non-causal attention over the whole sequence.
-  auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+  // [B, H, L, Dh]; attention over the whole sequence (diffusion) or the earlier positions (autoregressive).
+  auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, causal);
   attn = attn.transpose(1, 2).reshape({B, L, D});
   torch::Tensor h = x_in + gate_msa * keyed_dropout(attn_out->forward(attn), dropout, is_training(), key, 2 * index);
   auto branch = mlp->forward(modulate(norm2->forward(h), shift_mlp, scale_mlp));
@@ -149,7 +149,7 @@ DDiTImpl::DDiTImpl(ModelConfig c) : cfg(std::move(c)) {
   rotary_emb = register_module("rotary_emb", Rotary(cfg.head_dim()));
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < cfg.n_blocks; ++i)
-    blocks->push_back(DDiTBlock(i, cfg.hidden_size, cfg.n_heads, cfg.cond_dim, cfg.dropout));
+    blocks->push_back(DDiTBlock(i, cfg.hidden_size, cfg.n_heads, cfg.cond_dim, cfg.dropout, cfg.causal()));
   output_layer = register_module("output_layer", FinalLayer(cfg.hidden_size, cfg.vocab_dim(), cfg.cond_dim));
 }
 

@@ -41,11 +41,12 @@ TORCH_MODULE(Rotary);
 struct DDiTBlockImpl : torch::nn::Module {
   // `index`: the block's place in the stack; its dropout sites are 2 index (attention) and
   // 2 index + 1 (MLP).
-  DDiTBlockImpl(int64_t index, int64_t dim, int64_t n_heads, int64_t cond_dim, double dropout);
+  DDiTBlockImpl(int64_t index, int64_t dim, int64_t n_heads, int64_t cond_dim, double dropout, bool causal = false);
   torch::Tensor forward(const torch::Tensor& x, const Rotary& rotary, const torch::Tensor& c,
                         const DropoutKey* dropout_key = nullptr);
   int64_t index, n_heads;
   double dropout;
+  bool causal;  // attention to earlier positions only (the autoregressive baseline)
   BiasFreeLayerNorm norm1{nullptr}, norm2{nullptr};
   torch::nn::Linear attn_qkv{nullptr}, attn_out{nullptr}, adaLN_modulation{nullptr};
   torch::nn::Sequential mlp{nullptr};

@@ -1,4 +1,7 @@
-// The DDiT as a ScoreModel for samplers and the likelihood bound, with exact caching.
+// The DDiT as a ScoreModel for samplers and the likelihood bound, with exact caching. rows()
+// returns what the objective's sampler and bound read: log-scores [R, dim] (sedd), or
+// log-probabilities [R, N] of the clean token (mdlm, d3pm: the mask excluded) or of the next token
+// (ar).
 //
 // For a model trained without time conditioning the raw network output depends only on the
 // tokens, so a row whose tokens did not change since the last call reuses its raw output; the
@@ -14,19 +17,6 @@
 #include "model/ddit.h"
 
 namespace sedd {
-
-struct LossOptions {
-  // Project only the rows with a non-zero loss (absorbing graph: the masked positions) and fuse the
-  // projection with the loss chunk by chunk; off = full logits, then the loss (the reference).
-  bool fused = true;
-  int64_t chunk_elems = int64_t{1} << 26;  // logits per chunk of the fused loss
-};
-
-// Per-sequence training loss [B] = sigma'(t) * sum_l l_l of the network at (xt, sigma(t)).
-// xt, x0 [B, L] int64; t [B] (float64). In the model's dtype (float32, or float64 for checks).
-torch::Tensor model_sequence_loss(DDiT& model, const Graph& graph, const Noise& noise, const torch::Tensor& xt,
-                                  const torch::Tensor& x0, const torch::Tensor& t, const DropoutKey* dropout,
-                                  const LossOptions& options);
 
 class DDiTScore final : public ScoreModel {
  public:

@@ -78,6 +78,9 @@ ModelConfig read_model_config(const h5::File& f, const std::string& obj) {
   if (f.has_attr(obj, "eps")) c.noise.eps = f.attr_double(obj, "eps");
   if (f.has_attr(obj, "sigma_min")) c.noise.sigma_min = f.attr_double(obj, "sigma_min");
   if (f.has_attr(obj, "sigma_max")) c.noise.sigma_max = f.attr_double(obj, "sigma_max");
+  if (f.has_attr(obj, "objective")) c.objective = f.attr_string(obj, "objective");  // absent: SEDD weights
+  if (f.has_attr(obj, "timesteps")) c.timesteps = f.attr_int(obj, "timesteps");
+  if (f.has_attr(obj, "bos")) c.bos = f.attr_int(obj, "bos");
   try {
     c.validate();
   } catch (const Error& e) {
@@ -101,6 +104,9 @@ void write_model_config(h5::File& f, const std::string& obj, const ModelConfig& 
   f.set_attr(obj, "eps", c.noise.eps);
   f.set_attr(obj, "sigma_min", c.noise.sigma_min);
   f.set_attr(obj, "sigma_max", c.noise.sigma_max);
+  f.set_attr(obj, "objective", c.objective);
+  f.set_attr(obj, "timesteps", c.timesteps);
+  f.set_attr(obj, "bos", c.bos);
 }
 
 void save_model_file(const std::string& path, const ModelConfig& cfg, const StateDict& weights,
@@ -109,13 +115,14 @@ void save_model_file(const std::string& path, const ModelConfig& cfg, const Stat
   {
     h5::File f(tmp, h5::Mode::Create);
     f.set_attr("/", "format", std::string("sedd-model"));
-    f.set_attr("/", "format_version", int64_t{1});
+    f.set_attr("/", "format_version", kModelFormatVersion);
     write_model_config(f, "/", cfg);
     f.set_attr("/", "step", info.step);
     f.set_attr("/", "tokens_seen", info.tokens_seen);
     if (!info.tokenizer.empty()) f.set_attr("/", "tokenizer", info.tokenizer);
     write_state_dict(f, "/model", weights);
     if (!ema.empty()) write_state_dict(f, "/ema", ema);
+    f.close();
   }
   fs::commit_file(tmp, path);
 }
@@ -123,6 +130,11 @@ void save_model_file(const std::string& path, const ModelConfig& cfg, const Stat
 DDiT load_model_file(const std::string& path, bool use_ema, ModelFileInfo* info) {
   h5::File f(path, h5::Mode::Read);
   SEDD_CHECK(f.is_group("/model"), "{}: not a sedd model file (no /model group)", path);
+  const int64_t version = f.has_attr("/", "format_version") ? f.attr_int("/", "format_version") : 1;
+  if (version < 1 || version > kModelFormatVersion)
+    throw OptionError(fmt::format("{}: model file format_version {} is not one this build reads (1..{}); a newer sedd "
+                                  "wrote it",
+                                  path, version, kModelFormatVersion));
   ModelConfig cfg = read_model_config(f, "/");
   DDiT model(cfg);
   bool has_ema = f.is_group("/ema");

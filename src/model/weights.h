@@ -15,6 +15,8 @@ namespace sedd {
 
 using StateDict = std::map<std::string, torch::Tensor>;
 
+constexpr int64_t kModelFormatVersion = 1;
+
 StateDict state_dict(const torch::nn::Module& m);       // parameters and buffers, by name
 // Copies `sd` into `m`; throws naming `source` with every missing / unexpected / mis-shaped name.
 void load_state_dict(torch::nn::Module& m, const StateDict& sd, const std::string& source);
@@ -23,8 +25,9 @@ void load_state_dict(torch::nn::Module& m, const StateDict& sd, const std::strin
 StateDict read_state_dict(const h5::File& f, const std::string& group);
 void write_state_dict(h5::File& f, const std::string& group, const StateDict& sd);
 
-// Config <-> attributes of `obj`. Keys: tokens, graph, hidden_size, n_heads, n_blocks, cond_dim,
-// length, dropout, scale_by_sigma, time_conditioning, noise, eps, sigma_min, sigma_max.
+// Config <-> attributes of `obj`. Keys: objective, tokens, graph, hidden_size, n_heads, n_blocks,
+// cond_dim, length, dropout, scale_by_sigma, time_conditioning, noise, eps, sigma_min, sigma_max,
+// timesteps (objective absent: "sedd", as in files converted from the official SEDD weights).
 ModelConfig read_model_config(const h5::File& f, const std::string& obj);
 void write_model_config(h5::File& f, const std::string& obj, const ModelConfig& cfg);
 

@@ -77,6 +77,7 @@ std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& 
       f.set_attr("/", "numel", opt.numel());
       f.set_attr("/", "adam_steps", static_cast<int64_t>(std::llround(adam_steps)));
       f.set_attr("/", "world", static_cast<int64_t>(control.size()));
+      f.close();
     }
     fs::commit_file(tmp, path);
   } catch (const std::exception& e) {
@@ -85,14 +86,23 @@ std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& 
   control.agree(err, "writing " + tmp_dir);
   if (control.rank() == 0) {
     try {
-      json state = {{"step", st.step},         {"data_position", st.data_position}, {"tokens_seen", st.tokens_seen},
-                    {"world_size", control.size()}, {"numel", opt.numel()},         {"format_version", 1},
+      json state = {{"format_version", kStateFormatVersion},
+                    {"step", st.step},
+                    {"data_position", st.data_position},
+                    {"tokens_seen", st.tokens_seen},
+                    {"elapsed_s", st.elapsed_s},
+                    {"world_size", control.size()},
+                    {"numel", opt.numel()},
+                    {"fingerprint", st.fingerprint},
                     {"config", config_text}};
+      // The tokenizer travels with the weights: a copy beside model.h5 for other tools.
+      if (!st.tokenizer.empty() && st.tokenizer.front() == '{')
+        fs::write_text_atomic(tmp_dir + "/tokenizer.json", st.tokenizer);
       fs::write_text_atomic(tmp_dir + "/state.json", state.dump(2));
       fs::fsync_path(tmp_dir + "/optim");
+      fs::fsync_path(tmp_dir);
       stdfs::remove_all(final_dir);
-      stdfs::rename(tmp_dir, final_dir);
-      fs::fsync_path(root_);
+      fs::rename_durably(tmp_dir, final_dir);                  // every file inside is already durable
       fs::write_text_atomic(root_ + "/latest", name + "\n");  // the commit point
       prune(st.step);
     } catch (const std::exception& e) {
@@ -118,29 +128,83 @@ void Checkpointer::prune(int64_t newest_step) {
     if (found[i].first != newest_step) stdfs::remove_all(found[i].second);
 }
 
+namespace {
+// step_N folders (committed checkpoints), newest first.
+std::vector<std::pair<int64_t, std::string>> committed(const std::string& root) {
+  std::vector<std::pair<int64_t, std::string>> found;
+  if (!stdfs::is_directory(root)) return found;
+  std::regex pat("step_([0-9]+)");
+  std::smatch m;
+  for (const auto& e : stdfs::directory_iterator(root)) {
+    std::string n = e.path().filename().string();
+    if (e.is_directory() && std::regex_match(n, m, pat)) found.push_back({std::stoll(m[1]), e.path().string()});
+  }
+  std::sort(found.rbegin(), found.rend());
+  return found;
+}
+
+bool looks_complete(const std::string& dir) {
+  return stdfs::exists(dir + "/model.h5") && stdfs::exists(dir + "/state.json") && stdfs::is_directory(dir + "/optim");
+}
+}  // namespace
+
+std::vector<std::string> Checkpointer::resume_candidates(std::string* note) const {
+  std::vector<std::string> out;
+  std::string pointer = root_ + "/latest", named;
+  if (stdfs::exists(pointer)) {
+    try {
+      named = fs::read_text(pointer);
+    } catch (const std::exception& e) {
+      if (note) *note = fmt::format("{}: unreadable ({})", pointer, e.what());
+    }
+    while (!named.empty() && (named.back() == '\n' || named.back() == ' ')) named.pop_back();
+    if (!named.empty()) {
+      if (looks_complete(root_ + "/" + named)) out.push_back(root_ + "/" + named);
+      else if (note) *note = fmt::format("{}: points to '{}', which is missing or incomplete", pointer, named);
+    }
+  } else if (note && !committed(root_).empty()) {
+    *note = fmt::format("{}: missing", pointer);
+  }
+  for (const auto& [step, dir] : committed(root_))
+    if ((out.empty() || dir != out.front()) && looks_complete(dir)) out.push_back(dir);
+  return out;
+}
+
 std::optional<std::string> Checkpointer::latest() const {
-  std::string pointer = root_ + "/latest";
-  if (!stdfs::exists(pointer)) return std::nullopt;
-  std::string name = fs::read_text(pointer);
-  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-  std::string dir = root_ + "/" + name;
-  SEDD_CHECK(stdfs::exists(dir + "/model.h5") && stdfs::exists(dir + "/state.json"),
-             "{}: points to '{}', which is missing or incomplete (damaged run folder?)", pointer, name);
-  return dir;
+  auto c = resume_candidates();
+  if (c.empty()) return std::nullopt;
+  return c.front();
+}
+
+TrainState Checkpointer::read_state(const std::string& dir) const {
+  const std::string path = dir + "/state.json";
+  json state;
+  try {
+    state = json::parse(fs::read_text(path));
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON ({})", path, e.what());
+  }
+  TrainState st;
+  try {
+    int64_t version = state.value("format_version", int64_t{1});
+    if (version < 1 || version > kStateFormatVersion)
+      throw OptionError(fmt::format("{}: format_version {} is not one this build reads (1..{}); a newer sedd wrote it",
+                                    path, version, kStateFormatVersion));
+    st.step = state.at("step").get<int64_t>();
+    st.data_position = state.at("data_position").get<int64_t>();
+    st.tokens_seen = state.at("tokens_seen").get<int64_t>();
+    st.world = state.at("world_size").get<int>();
+    st.elapsed_s = state.value("elapsed_s", 0.0);
+    if (state.contains("fingerprint")) st.fingerprint = state["fingerprint"];
+  } catch (const json::exception& e) {
+    fail("{}: a field is missing or has the wrong type ({})", path, e.what());
+  }
+  return st;
 }
 
 TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW& opt) {
-  TrainState st;
-  json state;
-  try {
-    state = json::parse(fs::read_text(dir + "/state.json"));
-  } catch (const json::exception& e) {
-    fail("{}/state.json: not valid JSON ({})", dir, e.what());
-  }
-  st.step = state.at("step").get<int64_t>();
-  st.data_position = state.at("data_position").get<int64_t>();
-  st.tokens_seen = state.at("tokens_seen").get<int64_t>();
-  st.world = state.at("world_size").get<int>();
+  TrainState st = read_state(dir);
+  json state = json::parse(fs::read_text(dir + "/state.json"));
   SEDD_CHECK(state.at("numel").get<int64_t>() == opt.numel(),
              "{}: checkpoint has {} parameters, this model {} (another model shape?)", dir,
              state.at("numel").get<int64_t>(), opt.numel());
@@ -164,9 +228,10 @@ TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW&
     std::string path = fmt::format("{}/optim/rank_{}.h5", dir, k);
     h5::File f(path, h5::Mode::Read);
     int64_t version = f.has_attr("/", "format_version") ? f.attr_int("/", "format_version") : 1;
-    SEDD_CHECK(version == 1 || version == kOptimFormat,
-               "{}: optimizer state format_version {} is not one this build reads (1 or {}); a newer sedd wrote it",
-               path, version, kOptimFormat);
+    if (version != 1 && version != kOptimFormat)
+      throw OptionError(fmt::format(
+          "{}: optimizer state format_version {} is not one this build reads (1 or {}); a newer sedd wrote it", path,
+          version, kOptimFormat));
     std::vector<ShardedAdamW::Piece> saved;
     if (version == 1) {  // one range of the old contiguous layout (= parameter index space)
       int64_t b = f.attr_int("/", "range_begin"), e = std::min(f.attr_int("/", "range_end"), opt.numel());

@@ -5,8 +5,10 @@
 // temporary folder name and counts only once `latest` has been switched to it atomically, after
 // every rank finished; an interrupted save never replaces the last good one.
 #pragma once
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "distributed/control.h"
 #include "distributed/zero.h"
@@ -20,8 +22,12 @@ struct TrainState {
   int64_t data_position = 0;   // global sequences consumed
   int64_t tokens_seen = 0;
   int world = 1;
-  std::string tokenizer;       // stored in model.h5 so tools can decode
+  std::string tokenizer;       // stored in model.h5 (and tokenizer.json beside it) so tools can decode
+  double elapsed_s = 0;        // wall time of the run up to this checkpoint, over all its segments
+  nlohmann::json fingerprint;  // run_fingerprint() of the run that wrote it (null in old checkpoints)
 };
+
+constexpr int64_t kStateFormatVersion = 2;  // 1: no fingerprint, no elapsed_s
 
 class Checkpointer {
  public:
@@ -30,8 +36,14 @@ class Checkpointer {
   // Collective: every rank calls it. Returns the committed folder.
   std::string save(const TrainState& st, DDiT& model, ShardedAdamW& opt, ControlPlane& control,
                    const std::string& config_text);
-  // The committed checkpoint `latest` points to, if any (validated: it must have model.h5 and state.json).
+  // The newest usable checkpoint: the one `latest` points to when it is complete, else the newest
+  // complete step_N folder (latest lost or damaged); none when there is no checkpoint.
   std::optional<std::string> latest() const;
+  // Every committed checkpoint, the one `latest` names first, then the others newest first; `note`
+  // says why `latest` itself is not first when it cannot be used.
+  std::vector<std::string> resume_candidates(std::string* note = nullptr) const;
+  // The checkpoint's state.json, validated; throws naming the file.
+  TrainState read_state(const std::string& dir) const;
   // Collective: loads weights, EMA and this rank's moments (re-sharded from the saved ranges,
   // any world size). Throws naming the file when something does not fit.
   TrainState load(const std::string& dir, DDiT& model, ShardedAdamW& opt);

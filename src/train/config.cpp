@@ -36,6 +36,7 @@ void TrainingConfig::validate(int world) const {
              "train.time_sampling must be iid, antithetic or stratified, got '{}'", train.time_sampling);
   SEDD_CHECK(train.time_sampling != "antithetic" || train.batch_size % 2 == 0,
              "train.time_sampling = antithetic pairs sequences: train.batch_size ({}) must be even", train.batch_size);
+  SEDD_CHECK(train.lambda_ce >= 0, "diffusion.lambda_ce must be >= 0, got {}", train.lambda_ce);
   SEDD_CHECK(train.loss_chunk_elems > 0, "train.loss_chunk_elems must be positive");
   SEDD_CHECK(train.peak_tflops >= 0, "train.peak_tflops must be >= 0 (0: from the GPU's name)");
   SEDD_CHECK(dist.timeout_s >= 0, "dist.timeout_s must be >= 0 (0: no timeout), got {}", dist.timeout_s);

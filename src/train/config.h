@@ -44,6 +44,11 @@ struct TrainSection {
   bool fused_loss = true;             // masked-rows projection fused with the loss (else full logits)
   int64_t loss_chunk_elems = int64_t{1} << 26;  // logits per chunk of the fused loss
   double peak_tflops = 0;             // MFU denominator per GPU; 0: from the GPU's name
+  double lambda_ce = 0.01;            // d3pm: weight of the auxiliary cross entropy (hybrid loss)
+};
+
+struct ResumeSection {
+  std::string allow;                  // fingerprint keys that may differ from the checkpoint's (comma list)
 };
 
 struct DistSection {
@@ -60,6 +65,7 @@ struct TrainingConfig {
   DataSection data;
   ModelConfig model;                  // model.tokens comes from the data
   TrainSection train;
+  ResumeSection resume;
   DistSection dist;
   DebugSection debug;
 

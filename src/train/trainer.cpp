@@ -9,6 +9,7 @@
 #include "diffusion/keyed_random.h"
 #include "diffusion/loss.h"
 #include "io/error.h"
+#include "train/fingerprint.h"
 #include "train/metrics.h"
 
 namespace sedd {
@@ -73,10 +74,12 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
   }
   cfg_.model.tokens = train_->vocab_size();
   cfg_.model.length = cfg_.data.seq_len;
+  cfg_.model.bos = train_->eot_id();
   graph_ = make_graph(cfg_.model.graph, cfg_.model.tokens);
   noise_ = make_noise(cfg_.model.noise);
   loss_options_.fused = cfg_.train.fused_loss;
   loss_options_.chunk_elems = cfg_.train.loss_chunk_elems;
+  loss_options_.lambda_ce = cfg_.train.lambda_ce;
 
   dtype_ = cfg_.train.precision == "fp64" ? torch::kDouble : torch::kFloat;
   torch::manual_seed(cfg_.run.seed);  // the same initial weights on every rank
@@ -96,16 +99,8 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
   opt_ = std::make_unique<ShardedAdamW>(std::move(params), comm_, ac);
   ckpt_ = std::make_unique<Checkpointer>(cfg_.run.dir, cfg_.train.keep_ckpts);
 
-  if (auto latest = ckpt_->latest()) {
-    TrainState st = ckpt_->load(*latest, model_, *opt_);
-    step_ = st.step;
-    tokens_seen_ = st.tokens_seen;
-    last_saved_ = st.step;
-    train_->seek(st.data_position);
-    if (comm_.rank() == 0)
-      std::printf("[train] resumed from %s (step %lld, saved by %d ranks, now %d)\n", latest->c_str(),
-                  static_cast<long long>(st.step), st.world, comm_.size());
-  }
+  fingerprint_ = run_fingerprint(cfg_, *train_);
+  resume();
 
   if (rt_.device.is_cuda()) {
     std::string name = rt_.device_name();
@@ -131,14 +126,78 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
 
 Trainer::~Trainer() = default;
 
+// Resumes from the newest checkpoint that loads on every rank. A checkpoint of another run
+// (fingerprint) is refused outright; a damaged one (unreadable latest, truncated files) makes the
+// run fall back to the previous complete checkpoint, saying why.
+void Trainer::resume() {
+  std::string note;
+  const auto candidates = ckpt_->resume_candidates(&note);
+  const auto allowed = parse_allowed_changes(cfg_.resume.allow);
+  std::vector<std::string> failures;
+  if (!note.empty()) failures.push_back(note);
+  for (const auto& dir : candidates) {
+    std::string err;
+    TrainState st;
+    try {
+      st = ckpt_->read_state(dir);
+    } catch (const OptionError&) {
+      throw;  // written by a newer release: refuse rather than fall back and overwrite it
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    if (err.empty() && !st.fingerprint.is_null()) {
+      auto diffs = fingerprint_differences(st.fingerprint, fingerprint_, allowed);
+      if (!diffs.empty()) {
+        std::string list;
+        for (const auto& d : diffs) list += "\n  " + d;
+        throw OptionError(fmt::format(
+            "{}: this run's settings differ from those of its checkpoint {}:{}\nResume with the checkpoint's "
+            "settings, start a new run (another run.dir), or accept a change with --resume.allow KEY[,KEY...]",
+            cfg_.run.dir, dir, list));
+      }
+    }
+    if (err.empty()) {
+      try {
+        st = ckpt_->load(dir, model_, *opt_);
+      } catch (const OptionError&) {
+        throw;
+      } catch (const std::exception& e) {
+        err = e.what();
+      }
+    }
+    if (!control_.any(!err.empty(), "loading a checkpoint")) {
+      step_ = st.step;
+      tokens_seen_ = st.tokens_seen;
+      last_saved_ = st.step;
+      log_->elapsed_before = st.elapsed_s;
+      train_->seek(st.data_position);
+      if (comm_.rank() == 0) {
+        for (const auto& f : failures) std::printf("[train] cannot resume from it: %s\n", f.c_str());
+        std::printf("[train] resumed from %s%s (step %lld, saved by %d ranks, now %d)\n", dir.c_str(),
+                    failures.empty() ? "" : " (an older checkpoint)", static_cast<long long>(st.step), st.world,
+                    comm_.size());
+        if (st.fingerprint.is_null())
+          std::printf("[train] %s predates run fingerprints: its settings could not be checked\n", dir.c_str());
+      }
+      return;
+    }
+    failures.push_back(err.empty() ? fmt::format("{}: could not be loaded on another rank", dir) : err);
+  }
+  if (!candidates.empty() || !note.empty()) {
+    std::string list;
+    for (const auto& f : failures) list += "\n  " + f;
+    fail("{}: no checkpoint can be resumed from (none was changed):{}", ckpt_->root(), list);
+  }
+}
+
 void Trainer::sync_for_timing() const {
   if (time_phases_ && rt_.device.is_cuda()) torch::cuda::synchronize(rt_.device.index());
 }
 
-// Times u in [0, 1) of the rows (global indices in their batch) -> t = (1 - eps) u + eps.
+// The uniforms u in [0, 1) that set the rows' diffusion times (rows: global indices in their batch).
 // stratified: row k of B takes (k + U_k) / B; antithetic: rows k and k + B/2 take U_k and 1 - U_k.
 // Keyed by the global row, so the times never depend on the number of ranks.
-torch::Tensor Trainer::diffusion_times(const torch::Tensor& rows, uint64_t step_key, bool training) const {
+torch::Tensor Trainer::time_uniforms(const torch::Tensor& rows, uint64_t step_key, bool training) const {
   const std::string mode = training ? cfg_.train.time_sampling : "iid";
   const int64_t B = cfg_.train.batch_size;
   RandomStream s{cfg_.run.seed, purpose::kTrainTime, step_key};
@@ -151,18 +210,16 @@ torch::Tensor Trainer::diffusion_times(const torch::Tensor& rows, uint64_t step_
     u = keyed_uniform(s, rows, 1, torch::kDouble).squeeze(1);
     if (mode == "stratified") u = (rows.to(torch::kDouble) + u) / static_cast<double>(B);
   }
-  return training_time(u);
+  return u;
 }
 
 torch::Tensor Trainer::micro_batch(const torch::Tensor& x0, int64_t first_row, uint64_t step_key, double scale,
                                    bool train) {
   const int64_t n = x0.size(0);
   auto rows = torch::arange(first_row, first_row + n, torch::TensorOptions().dtype(torch::kLong).device(x0.device()));
-  auto t = diffusion_times(rows, step_key, train);
-  auto xt = graph_->corrupt(x0, noise_->total(t), RandomStream{cfg_.run.seed, purpose::kCorrupt, step_key},
-                            RandomStream{cfg_.run.seed, purpose::kRedraw, step_key}, rows);
+  LossDraws draws{cfg_.run.seed, step_key, rows, time_uniforms(rows, step_key, train)};
   DropoutKey key{cfg_.run.seed, step_key, rows};
-  auto seq_loss = model_sequence_loss(model_, *graph_, *noise_, xt, x0, t, train ? &key : nullptr, loss_options_);
+  auto seq_loss = training_loss(model_, *graph_, *noise_, x0, draws, train ? &key : nullptr, loss_options_);
   auto total = seq_loss.sum();
   if (train) (total * scale).backward();
   return total.detach().to(torch::kDouble);
@@ -188,6 +245,8 @@ double Trainer::validation_loss(int64_t batches) {
 void Trainer::save_checkpoint() {
   if (last_saved_ == step_) return;
   TrainState st{step_, train_->position(), tokens_seen_, comm_.size(), train_->tokenizer()};
+  st.elapsed_s = log_->elapsed_before + since(log_->start);
+  st.fingerprint = fingerprint_;
   auto dir = ckpt_->save(st, model_, *opt_, control_, config_text_);
   last_saved_ = step_;
   if (comm_.rank() == 0) {

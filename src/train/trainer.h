@@ -20,7 +20,7 @@
 #include "distributed/runtime.h"
 #include "distributed/zero.h"
 #include "model/ddit.h"
-#include "model/score.h"
+#include "model/objective.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 
@@ -54,9 +54,10 @@ class Trainer {
   // Sum of the per-sequence losses of rows [first_row, first_row + n) of the global batch, with
   // keyed draws (device tensor, float64); backward when `train`.
   torch::Tensor micro_batch(const torch::Tensor& x0, int64_t first_row, uint64_t step_key, double scale, bool train);
-  torch::Tensor diffusion_times(const torch::Tensor& rows, uint64_t step_key, bool training) const;
+  torch::Tensor time_uniforms(const torch::Tensor& rows, uint64_t step_key, bool training) const;
   void log_step(double lr, double valid_loss);
   void save_checkpoint();
+  void resume();
   void sync_for_timing() const;
 
   TrainingConfig cfg_;
@@ -75,6 +76,7 @@ class Trainer {
   std::unique_ptr<Log> log_;
   torch::Dtype dtype_ = torch::kFloat;
   int64_t step_ = 0, tokens_seen_ = 0, last_saved_ = -1;
+  nlohmann::json fingerprint_;
   bool time_phases_ = false;
   PhaseTimes phases_;
 };
