@@ -92,6 +92,7 @@ std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& 
       json state = {{"step", st.step},         {"data_position", st.data_position}, {"tokens_seen", st.tokens_seen},
                     {"world_size", comm.size()}, {"numel", opt.numel()},            {"format_version", 1},
                     {"config", config_text}};
+      if (st.stopped_for_requeue) state["stopped_for_requeue"] = true;
       fs::write_text_atomic(tmp_dir + "/state.json", state.dump(2));
       fs::fsync_path(tmp_dir + "/optim");
       stdfs::remove_all(final_dir);
@@ -145,6 +146,7 @@ TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW&
   st.data_position = state.at("data_position").get<int64_t>();
   st.tokens_seen = state.at("tokens_seen").get<int64_t>();
   st.world = state.at("world_size").get<int>();
+  st.stopped_for_requeue = state.value("stopped_for_requeue", false);
   SEDD_CHECK(state.at("numel").get<int64_t>() == opt.numel(),
              "{}: checkpoint has {} parameters, this model {} (another model shape?)", dir,
              state.at("numel").get<int64_t>(), opt.numel());
@@ -181,6 +183,18 @@ TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW&
   SEDD_CHECK(covered == want, "{}: optimizer shards cover {} of this rank's {} parameters (missing rank files?)", dir,
              covered, want);
   return st;
+}
+
+void mark_stopped_for_requeue(const std::string& dir) {
+  const std::string path = dir + "/state.json";
+  json state;
+  try {
+    state = json::parse(fs::read_text(path));
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON ({})", path, e.what());
+  }
+  state["stopped_for_requeue"] = true;
+  fs::write_text_atomic(path, state.dump(2));
 }
 
 std::string resolve_model_file(const std::string& arg) {

@@ -21,6 +21,7 @@ struct TrainState {
   int64_t tokens_seen = 0;
   int world = 1;
   std::string tokenizer;       // stored in model.h5 so tools can decode
+  bool stopped_for_requeue = false;  // saved because a stop signal ended the run (state.json, optional)
 };
 
 class Checkpointer {
@@ -41,6 +42,10 @@ class Checkpointer {
   std::string root_;
   int64_t keep_;
 };
+
+// Rank 0: sets "stopped_for_requeue": true in <dir>/state.json of an already committed checkpoint
+// (a stop signal that arrives right after a save), replacing the file atomically.
+void mark_stopped_for_requeue(const std::string& dir);
 
 // --checkpoint accepts a run folder (its latest checkpoint), a checkpoint folder, or model.h5.
 std::string resolve_model_file(const std::string& arg);

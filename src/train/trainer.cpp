@@ -4,11 +4,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 
 #include "diffusion/categorical.h"
 #include "diffusion/loss.h"
 #include "io/error.h"
+#include "io/fs.h"
 #include "train/metrics.h"
 
 namespace sedd {
@@ -75,8 +77,8 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, std::strin
     last_saved_ = st.step;
     train_->seek(st.data_position);
     if (comm_.rank() == 0)
-      std::printf("[train] resumed from %s (step %lld, saved by %d ranks, now %d)\n", latest->c_str(),
-                  static_cast<long long>(st.step), st.world, comm_.size());
+      std::printf("[train] resumed from %s (step %lld, saved by %d ranks, now %d)%s\n", latest->c_str(),
+                  static_cast<long long>(st.step), st.world, comm_.size(), take_requeue_marker().c_str());
   }
   if (comm_.rank() == 0) {
     std::filesystem::create_directories(cfg_.run.dir);
@@ -135,15 +137,53 @@ double Trainer::validation_loss(int64_t batches) {
   return t.item<double>() / static_cast<double>(batches * cfg_.train.batch_size * cfg_.data.seq_len);
 }
 
-void Trainer::save_checkpoint() {
-  if (last_saved_ == step_) return;
+void Trainer::save_checkpoint(bool stopped_for_requeue) {
+  if (last_saved_ == step_) {
+    if (stopped_for_requeue && comm_.rank() == 0) mark_stopped_for_requeue(*ckpt_->latest());
+    return;
+  }
   TrainState st{step_, train_->position(), tokens_seen_, comm_.size(), train_->tokenizer()};
+  st.stopped_for_requeue = stopped_for_requeue;
   auto dir = ckpt_->save(st, model_, *opt_, comm_, config_text_);
   last_saved_ = step_;
   if (comm_.rank() == 0) {
     std::printf("[train] checkpoint %s\n", dir.c_str());
     std::fflush(stdout);
   }
+}
+
+void Trainer::write_requeue_marker(int signal) {
+  if (comm_.rank() != 0) return;
+  const auto committed = ckpt_->latest();
+  SEDD_CHECK(committed.has_value(), "{}/latest: missing right after a checkpoint was committed", ckpt_->root());
+  const std::string& latest = *committed;
+  std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char when[32];
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  nlohmann::json marker = {{"step", step_},
+                           {"signal", signal},
+                           {"checkpoint", std::filesystem::path(latest).filename().string()},
+                           {"time", when}};
+  fs::write_text_atomic(cfg_.run.dir + "/REQUEUE", marker.dump() + "\n");
+  std::printf("[train] %s/REQUEUE: stopped for requeue at %s\n", cfg_.run.dir.c_str(), latest.c_str());
+  std::fflush(stdout);
+}
+
+std::string Trainer::take_requeue_marker() {
+  const std::string path = cfg_.run.dir + "/REQUEUE";
+  if (!std::filesystem::exists(path)) return "";
+  std::string note = "; removed an unreadable " + path;
+  try {
+    auto marker = nlohmann::json::parse(fs::read_text(path));
+    note = fmt::format("; the previous run was pre-empted at step {} (signal {})", marker.at("step").get<int64_t>(),
+                       marker.at("signal").get<int>());
+  } catch (const std::exception&) {
+    // advisory only: an unreadable marker is removed like any other, and the note says so
+  }
+  std::filesystem::remove(path);
+  return note;
 }
 
 void Trainer::log_step(double loss, double lr, double grad_norm, bool skipped, double valid_loss) {
@@ -187,12 +227,14 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal) {
   auto device_opts = torch::TensorOptions().dtype(torch::kDouble).device(rt_.device);
   while (step_ < cfg_.train.steps) {
     // Pre-emption: a signal on any rank stops every rank at this step boundary.
-    auto flag = torch::tensor({stop_signal && stop_signal->load() ? 1.0 : 0.0}, device_opts);
+    // The flag carries the signal number (the largest if ranks got different ones).
+    auto flag = torch::tensor({stop_signal ? static_cast<double>(stop_signal->load()) : 0.0}, device_opts);
     comm_.all_reduce(flag, ReduceOp::Max);
-    if (flag.item<double>() > 0) {
-      if (comm_.rank() == 0) std::printf("[train] stop requested at step %lld: saving a checkpoint\n",
-                                         static_cast<long long>(step_));
-      save_checkpoint();
+    if (const int signal = static_cast<int>(flag.item<double>()); signal > 0) {
+      if (comm_.rank() == 0) std::printf("[train] stop requested at step %lld (signal %d): saving a checkpoint\n",
+                                         static_cast<long long>(step_), signal);
+      save_checkpoint(/*stopped_for_requeue=*/true);
+      write_requeue_marker(signal);
       return TrainOutcome::Preempted;
     }
     const int64_t step = step_ + 1;

@@ -40,7 +40,12 @@ class Trainer {
   // Loss summed over the rows (per-sequence losses), with keyed draws; backward when `train`.
   double micro_batch(const torch::Tensor& x0, int64_t first_index, int64_t step_key, double scale, bool train);
   void log_step(double loss, double lr, double grad_norm, bool skipped, double valid_loss);
-  void save_checkpoint();
+  void save_checkpoint(bool stopped_for_requeue = false);
+  // <run.dir>/REQUEUE: rank 0 writes it once a stop signal's checkpoint is committed, so a launcher
+  // can requeue whatever exit code mpirun or srun reports; the next run removes it after resuming
+  // (take_requeue_marker returns "; the previous run was pre-empted at step N ..." or "").
+  void write_requeue_marker(int signal);
+  std::string take_requeue_marker();
 
   TrainingConfig cfg_;
   Runtime& rt_;
