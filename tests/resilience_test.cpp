@@ -6,6 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <regex>
 #include <thread>
 #include <csignal>
 #include <sstream>
@@ -214,4 +215,110 @@ TEST(Resilience, WatchdogEndsTheJobWhenAPeerHangs) {
     gethostname(h, sizeof(h) - 1);
     return std::string(h);
   }()), std::string::npos) << log;
+}
+
+// SIGTERM to mpirun itself (what `scancel` or a node shutdown does): Open MPI passes it on to the
+// ranks, which checkpoint, but mpirun reports its own exit code (and SIGKILLs the ranks waiting in
+// MPI_Finalize); the REQUEUE marker is what tells the launcher that the run stopped after a
+// committed checkpoint.
+TEST(Resilience, SigtermToMpirunLeavesARequeueMarkerThatTheResumeRemoves) {
+  TempDir tmp;
+  std::string data = make_random_data(tmp), out, cut = tmp / "cut";
+  // Open MPI's mpirun, sent TERM, sends the ranks SIGCONT, waits odls_base_sigkill_timeout seconds
+  // (default 1), sends SIGTERM, waits as long again, then SIGKILL: the ranks have that long to save,
+  // which a loaded machine may need. While it waits it forwards no output, so a rank that prints a
+  // lot blocks on its terminal: log every 10th step. The run is open-ended (constant learning rate,
+  // so the total step count changes no step's loss): it is still training when the ranks get TERM.
+  std::string cmd = "OMPI_MCA_odls_base_sigkill_timeout=2 " + slow_train_cmd(2, data, cut, 100000);
+  cmd.replace(cmd.find("--train.log_every 1 "), 20, "--train.log_every 10 ");
+  auto mpirun_pid = [&] {
+    std::string pid_text;
+    run(fmt::format("pgrep -f '^mpirun .*--run.dir {} '", cut), &pid_text);
+    return pid_text.empty() ? -1 : std::stoi(pid_text);
+  };
+  start_background(cmd, tmp / "bg");
+  std::mt19937 rng(std::random_device{}());
+  wait_for_lines(cut, 1 + rng() % 3);
+  const int pid = mpirun_pid();
+  ASSERT_GT(pid, 0) << "mpirun is not running";
+  ::kill(pid, SIGTERM);
+  int rc = wait_rc(tmp / "bg", 90s);
+  std::string log = fs::read_text(tmp / "bg/log");
+  std::cout << "mpirun (Open MPI) exit code after SIGTERM to mpirun itself: " << rc << "\n";
+  ASSERT_NE(rc, -999) << "mpirun hung after SIGTERM";
+  EXPECT_TRUE(rank_pids(cut).empty()) << "a rank survived";
+
+  // The marker names the checkpoint that `latest` points to, and that checkpoint says why it exists.
+  ASSERT_TRUE(std::filesystem::exists(cut + "/REQUEUE")) << log;
+  auto marker = nlohmann::json::parse(fs::read_text(cut + "/REQUEUE"));
+  std::cout << "REQUEUE: " << marker.dump() << "\n";
+  auto latest = Checkpointer(cut, 3).latest();
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(marker.at("checkpoint").get<std::string>(), std::filesystem::path(*latest).filename().string());
+  auto state = nlohmann::json::parse(fs::read_text(*latest + "/state.json"));
+  const int64_t stopped_at = state.at("step").get<int64_t>();
+  EXPECT_EQ(marker.at("step").get<int64_t>(), stopped_at);
+  EXPECT_EQ(marker.at("checkpoint").get<std::string>(), fmt::format("step_{}", stopped_at));
+  EXPECT_EQ(marker.at("signal").get<int>(), SIGTERM);
+  EXPECT_TRUE(std::regex_match(marker.at("time").get<std::string>(),
+                               std::regex(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")))
+      << marker.dump();
+  EXPECT_TRUE(state.value("stopped_for_requeue", false)) << state.dump();
+
+  // The same command resumes and removes the marker; USR1 to mpirun then ends it (mpirun exits 3).
+  start_background(cmd, tmp / "bg2");
+  wait_for_lines(cut, metric_lines(cut) + 3);
+  log = fs::read_text(tmp / "bg2/log");
+  EXPECT_NE(log.find(fmt::format("pre-empted at step {} (signal {})", stopped_at, SIGTERM)), std::string::npos) << log;
+  EXPECT_FALSE(std::filesystem::exists(cut + "/REQUEUE")) << "the resumed run kept the marker";
+  const int resumed_pid = mpirun_pid();
+  ASSERT_GT(resumed_pid, 0) << "the resumed mpirun is not running";
+  ::kill(resumed_pid, SIGUSR1);
+  EXPECT_EQ(wait_rc(tmp / "bg2", 90s), 3) << fs::read_text(tmp / "bg2/log");
+
+  // Every step logged before and after the interruption matches an uninterrupted run.
+  auto b = losses(cut);
+  const int64_t steps = static_cast<int64_t>(b.size());
+  ASSERT_GT(steps, stopped_at);
+  std::string straight = tmp / "straight";
+  ASSERT_EQ(run(slow_train_cmd(2, data, straight, steps), &out), 0) << out;  // logs every step
+  auto a = losses(straight);
+  ASSERT_EQ(a.size(), b.size());
+  int compared = 0, after_resume = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(b[i])) continue;  // not logged by the interrupted run
+    EXPECT_LE(std::abs(a[i] - b[i]), 1e-6 * std::abs(a[i])) << "step " << i + 1 << ": " << a[i] << " vs " << b[i];
+    ++compared;
+    after_resume += static_cast<int64_t>(i) >= stopped_at;
+  }
+  EXPECT_GE(after_resume, 3);
+  std::cout << "stopped at step " << stopped_at << ", resumed, logged up to step " << steps << "; " << compared
+            << " logged losses (" << after_resume << " after the resume) match an uninterrupted run\n";
+}
+
+// USR1 to mpirun is forwarded to every rank and mpirun exits 3. With a checkpoint every step the
+// stop finds the current step already saved: that checkpoint is marked instead of saved again.
+TEST(Resilience, Usr1ToMpirunRightAfterAScheduledCheckpointMarksThatCheckpoint) {
+  TempDir tmp;
+  std::string data = make_random_data(tmp), dir = tmp / "run";
+  start_background(slow_train_cmd(2, data, dir, 100000, "--train.ckpt_every 1 --train.keep_ckpts 2"), tmp / "bg");
+  wait_for_lines(dir, 4);
+  std::string pid_text;
+  run(fmt::format("pgrep -f '^mpirun .*--run.dir {} '", dir), &pid_text);
+  ASSERT_FALSE(pid_text.empty()) << "mpirun is not running";
+  ::kill(std::stoi(pid_text), SIGUSR1);
+  int rc = wait_rc(tmp / "bg", 60s);
+  std::string log = fs::read_text(tmp / "bg/log");
+  EXPECT_EQ(rc, 3) << log;
+  ASSERT_TRUE(std::filesystem::exists(dir + "/REQUEUE")) << log;
+  auto marker = nlohmann::json::parse(fs::read_text(dir + "/REQUEUE"));
+  auto latest = Checkpointer(dir, 2).latest();
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(marker.at("checkpoint").get<std::string>(), std::filesystem::path(*latest).filename().string());
+  EXPECT_EQ(marker.at("signal").get<int>(), SIGUSR1);
+  EXPECT_EQ(log.find("[train] checkpoint " + *latest + "\n"), log.rfind("[train] checkpoint " + *latest + "\n"))
+      << "the stop saved step " << marker.at("step") << " a second time";
+  auto state = nlohmann::json::parse(fs::read_text(*latest + "/state.json"));
+  EXPECT_TRUE(state.value("stopped_for_requeue", false)) << state.dump();
+  EXPECT_EQ(state.at("step").get<int64_t>(), marker.at("step").get<int64_t>());
 }

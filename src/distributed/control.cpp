@@ -84,17 +84,17 @@ ControlPlane::Vote::~Vote() {
   if (req_ != MPI_REQUEST_NULL) MPI_Wait(&req_, MPI_STATUS_IGNORE);
 }
 
-void ControlPlane::Vote::start(bool mine) {
+void ControlPlane::Vote::start(int mine) {
   if (req_ != MPI_REQUEST_NULL) result();
-  local_ = mine ? 1 : 0;
+  local_ = mine;
   cp_.check(MPI_Iallreduce(&local_, &global_, 1, MPI_INT, MPI_MAX, cp_.comm_, &req_), "MPI_Iallreduce", "stop vote");
 }
 
-bool ControlPlane::Vote::result() {
-  if (req_ == MPI_REQUEST_NULL) return false;
+int ControlPlane::Vote::result() {
+  if (req_ == MPI_REQUEST_NULL) return 0;
   auto w = watch(cp_.watchdog_, "MPI_Wait", "stop vote");
   cp_.check(MPI_Wait(&req_, MPI_STATUS_IGNORE), "MPI_Wait", "stop vote");
-  return global_ != 0;
+  return global_;
 }
 
 }  // namespace sedd

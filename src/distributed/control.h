@@ -44,8 +44,8 @@ class ControlPlane {
    public:
     explicit Vote(ControlPlane& cp) : cp_(cp) {}
     ~Vote();
-    void start(bool mine);     // non-blocking all-reduce (max) of `mine`
-    bool result();             // waits for the vote started last; false when none was started
+    void start(int mine);      // non-blocking all-reduce (max) of `mine`
+    int result();              // waits for the vote started last; 0 when none was started
    private:
     ControlPlane& cp_;
     int local_ = 0, global_ = 0;

@@ -95,6 +95,7 @@ std::string Checkpointer::save(const TrainState& st, DDiT& model, ShardedAdamW& 
                     {"numel", opt.numel()},
                     {"fingerprint", st.fingerprint},
                     {"config", config_text}};
+      if (st.stopped_for_requeue) state["stopped_for_requeue"] = true;
       // The tokenizer travels with the weights: a copy beside model.h5 for other tools.
       if (!st.tokenizer.empty() && st.tokenizer.front() == '{')
         fs::write_text_atomic(tmp_dir + "/tokenizer.json", st.tokenizer);
@@ -196,6 +197,7 @@ TrainState Checkpointer::read_state(const std::string& dir) const {
     st.world = state.at("world_size").get<int>();
     st.elapsed_s = state.value("elapsed_s", 0.0);
     if (state.contains("fingerprint")) st.fingerprint = state["fingerprint"];
+    st.stopped_for_requeue = state.value("stopped_for_requeue", false);
   } catch (const json::exception& e) {
     fail("{}: a field is missing or has the wrong type ({})", path, e.what());
   }
@@ -266,6 +268,18 @@ TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW&
   opt.exp_avg().copy_(m_dst);
   opt.exp_avg_sq().copy_(v_dst);
   return st;
+}
+
+void mark_stopped_for_requeue(const std::string& dir) {
+  const std::string path = dir + "/state.json";
+  json state;
+  try {
+    state = json::parse(fs::read_text(path));
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON ({})", path, e.what());
+  }
+  state["stopped_for_requeue"] = true;
+  fs::write_text_atomic(path, state.dump(2));
 }
 
 std::string resolve_model_file(const std::string& arg) {

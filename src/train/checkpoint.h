@@ -25,6 +25,7 @@ struct TrainState {
   std::string tokenizer;       // stored in model.h5 (and tokenizer.json beside it) so tools can decode
   double elapsed_s = 0;        // wall time of the run up to this checkpoint, over all its segments
   nlohmann::json fingerprint;  // run_fingerprint() of the run that wrote it (null in old checkpoints)
+  bool stopped_for_requeue = false;  // saved because a stop signal ended the run
 };
 
 constexpr int64_t kStateFormatVersion = 2;  // 1: no fingerprint, no elapsed_s
@@ -53,6 +54,10 @@ class Checkpointer {
   std::string root_;
   int64_t keep_;
 };
+
+// Rank 0: sets "stopped_for_requeue": true in <dir>/state.json of an already committed checkpoint
+// (a stop signal that arrives right after a save), replacing the file atomically.
+void mark_stopped_for_requeue(const std::string& dir);
 
 // --checkpoint accepts a run folder (its latest checkpoint), a checkpoint folder, or model.h5.
 std::string resolve_model_file(const std::string& arg);

@@ -4,11 +4,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 
 #include "diffusion/keyed_random.h"
 #include "diffusion/loss.h"
 #include "io/error.h"
+#include "io/fs.h"
 #include "train/fingerprint.h"
 #include "train/metrics.h"
 
@@ -38,13 +40,14 @@ struct Trainer::Log {
   double elapsed_before = 0;  // from earlier segments of a resumed run
   int64_t first_step = 0;
   double peak_flops = 0;      // per GPU, for MFU
-  torch::Tensor loss_sum, loss_steps, skipped, grad_norm;  // device scalars (float64)
+  torch::Tensor loss_sum, loss_steps, skipped, grad_norm, last_loss;  // device scalars (float64)
   void reset(torch::Device device) {
     auto opts = torch::TensorOptions().dtype(torch::kDouble).device(device);
     loss_sum = torch::zeros({}, opts);
     loss_steps = torch::zeros({}, opts);
     skipped = torch::zeros({}, opts);
     grad_norm = torch::zeros({}, opts);
+    last_loss = torch::zeros({}, opts);
     window_tokens = window_steps = 0;
   }
 };
@@ -173,9 +176,9 @@ void Trainer::resume() {
       train_->seek(st.data_position);
       if (comm_.rank() == 0) {
         for (const auto& f : failures) std::printf("[train] cannot resume from it: %s\n", f.c_str());
-        std::printf("[train] resumed from %s%s (step %lld, saved by %d ranks, now %d)\n", dir.c_str(),
+        std::printf("[train] resumed from %s%s (step %lld, saved by %d ranks, now %d)%s\n", dir.c_str(),
                     failures.empty() ? "" : " (an older checkpoint)", static_cast<long long>(st.step), st.world,
-                    comm_.size());
+                    comm_.size(), take_requeue_marker().c_str());
         if (st.fingerprint.is_null())
           std::printf("[train] %s predates run fingerprints: its settings could not be checked\n", dir.c_str());
       }
@@ -242,9 +245,13 @@ double Trainer::validation_loss(int64_t batches) {
   return total / static_cast<double>(batches * cfg_.train.batch_size * cfg_.data.seq_len);
 }
 
-void Trainer::save_checkpoint() {
-  if (last_saved_ == step_) return;
+void Trainer::save_checkpoint(bool stopped_for_requeue) {
+  if (last_saved_ == step_) {
+    if (stopped_for_requeue && comm_.rank() == 0) mark_stopped_for_requeue(*ckpt_->latest());
+    return;
+  }
   TrainState st{step_, train_->position(), tokens_seen_, comm_.size(), train_->tokenizer()};
+  st.stopped_for_requeue = stopped_for_requeue;
   st.elapsed_s = log_->elapsed_before + since(log_->start);
   st.fingerprint = fingerprint_;
   auto dir = ckpt_->save(st, model_, *opt_, control_, config_text_);
@@ -255,10 +262,44 @@ void Trainer::save_checkpoint() {
   }
 }
 
+void Trainer::write_requeue_marker(int signal) {
+  if (comm_.rank() != 0) return;
+  const auto committed = ckpt_->latest();
+  SEDD_CHECK(committed.has_value(), "{}/latest: missing right after a checkpoint was committed", ckpt_->root());
+  std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char when[32];
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  nlohmann::json marker = {{"step", step_},
+                           {"signal", signal},
+                           {"checkpoint", std::filesystem::path(*committed).filename().string()},
+                           {"time", when}};
+  fs::write_text_atomic(cfg_.run.dir + "/REQUEUE", marker.dump() + "\n");
+  std::printf("[train] %s/REQUEUE: stopped for requeue at %s\n", cfg_.run.dir.c_str(), committed->c_str());
+  std::fflush(stdout);
+}
+
+std::string Trainer::take_requeue_marker() {
+  const std::string path = cfg_.run.dir + "/REQUEUE";
+  if (!std::filesystem::exists(path)) return "";
+  std::string note = "; removed an unreadable " + path;
+  try {
+    auto marker = nlohmann::json::parse(fs::read_text(path));
+    note = fmt::format("; the previous run was pre-empted at step {} (signal {})", marker.at("step").get<int64_t>(),
+                       marker.at("signal").get<int>());
+  } catch (const std::exception&) {
+    // advisory only: an unreadable marker is removed like any other, and the note says so
+  }
+  std::filesystem::remove(path);
+  return note;
+}
+
 void Trainer::log_step(double lr, double valid_loss) {
   // Reading the device accumulators is the only synchronisation of the training loop.
   const double loss_steps = log_->loss_steps.item<double>();
-  const double loss = loss_steps > 0 ? log_->loss_sum.item<double>() / loss_steps : std::nan("");
+  const double window_loss = loss_steps > 0 ? log_->loss_sum.item<double>() / loss_steps : std::nan("");
+  const double loss = log_->last_loss.item<double>();
   const int64_t skipped = static_cast<int64_t>(std::llround(log_->skipped.item<double>()));
   const double grad_norm = log_->grad_norm.item<double>();
   if (comm_.rank() == 0) {
@@ -268,8 +309,13 @@ void Trainer::log_step(double lr, double valid_loss) {
     double tps = log_->window_tokens / std::max(window, 1e-9);
     double per_step = std::chrono::duration<double>(now - log_->start).count() /
                       static_cast<double>(std::max<int64_t>(1, step_ - log_->first_step));
-    nlohmann::json row = {{"step", step_},           {"loss", loss},          {"lr", lr},
-                          {"grad_norm", grad_norm},  {"tokens_per_s", tps},   {"elapsed_s", elapsed},
+    nlohmann::json row = {{"step", step_},
+                          {"loss", loss},
+                          {"loss_window", window_loss},
+                          {"lr", lr},
+                          {"grad_norm", grad_norm},
+                          {"tokens_per_s", tps},
+                          {"elapsed_s", elapsed},
                           {"tokens_seen", tokens_seen_}};
     if (skipped > 0) row["skipped"] = skipped;
     if (std::isfinite(valid_loss)) row["valid_loss"] = valid_loss;
@@ -281,7 +327,7 @@ void Trainer::log_step(double lr, double valid_loss) {
     }
     log_->metrics->write(row);
     std::printf("step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s (all ranks)%s | ETA %s%s%s\n",
-                static_cast<long long>(step_), static_cast<long long>(cfg_.train.steps), loss, lr, grad_norm, tps,
+                static_cast<long long>(step_), static_cast<long long>(cfg_.train.steps), window_loss, lr, grad_norm, tps,
                 mfu.c_str(), human_seconds(per_step * static_cast<double>(cfg_.train.steps - step_)).c_str(),
                 skipped > 0 ? fmt::format(" | {} step(s) SKIPPED (non-finite)", skipped).c_str() : "",
                 std::isfinite(valid_loss) ? fmt::format(" | valid {:.4f}", valid_loss).c_str() : "");
@@ -305,13 +351,16 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
   while (step_ < last_step) {
     // Pre-emption: the vote started a step ago is read now, so every rank stops at the same step
     // boundary without waiting for the others in the middle of a step.
-    if (stop_vote.result()) {
+    // The vote carries the signal number (the largest if ranks got different ones).
+    if (const int signal = stop_vote.result(); signal > 0) {
       if (comm_.rank() == 0)
-        std::printf("[train] stop requested: saving a checkpoint at step %lld\n", static_cast<long long>(step_));
-      save_checkpoint();
+        std::printf("[train] stop requested at step %lld (signal %d): saving a checkpoint\n",
+                    static_cast<long long>(step_), signal);
+      save_checkpoint(/*stopped_for_requeue=*/true);
+      write_requeue_marker(signal);
       return TrainOutcome::Preempted;
     }
-    stop_vote.start(stop_signal && stop_signal->load() != 0);
+    stop_vote.start(stop_signal ? stop_signal->load() : 0);
     const int64_t step = step_ + 1;
     const double lr = learning_rate(cfg_.train, step);
 
@@ -336,7 +385,9 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
     phases_.optimizer += since(t2);
 
     auto ok = 1 - st.skipped.to(torch::kDouble);
-    log_->loss_sum += torch::where(ok > 0, st.loss_sum, torch::zeros_like(st.loss_sum)) / static_cast<double>(B * L);
+    auto step_loss = st.loss_sum / static_cast<double>(B * L);
+    log_->last_loss.copy_(step_loss);
+    log_->loss_sum += torch::where(ok > 0, step_loss, torch::zeros_like(step_loss));
     log_->loss_steps += ok;
     log_->skipped += st.skipped.to(torch::kDouble);
     log_->grad_norm.copy_(st.grad_norm);

@@ -56,8 +56,13 @@ class Trainer {
   torch::Tensor micro_batch(const torch::Tensor& x0, int64_t first_row, uint64_t step_key, double scale, bool train);
   torch::Tensor time_uniforms(const torch::Tensor& rows, uint64_t step_key, bool training) const;
   void log_step(double lr, double valid_loss);
-  void save_checkpoint();
+  void save_checkpoint(bool stopped_for_requeue = false);
   void resume();
+  // <run.dir>/REQUEUE: rank 0 writes it once a stop signal's checkpoint is committed, so a launcher
+  // can requeue whatever exit code mpirun or srun reports; the next run removes it after resuming
+  // (take_requeue_marker returns "; the previous run was pre-empted at step N ..." or "").
+  void write_requeue_marker(int signal);
+  std::string take_requeue_marker();
   void sync_for_timing() const;
 
   TrainingConfig cfg_;
