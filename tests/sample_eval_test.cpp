@@ -51,25 +51,7 @@ class IndependentOracle final : public ScoreModel {
   torch::Tensor p_, last_;
 };
 
-torch::Tensor marginals(int64_t L, int64_t N) {
-  auto base = torch::tensor({0.4, 0.25, 0.15, 0.12, 0.08}, torch::kDouble).narrow(0, 0, N);
-  std::vector<torch::Tensor> rows;
-  for (int64_t l = 0; l < L; ++l) rows.push_back(base.roll(l));  // a different marginal per position
-  auto p = torch::stack(rows);
-  return p / p.sum(-1, true);
-}
 
-// Summed chi-square of per-position token counts against p; dof = L (N - 1).
-double chi_square(const torch::Tensor& samples, const torch::Tensor& p) {
-  const int64_t L = p.size(0), N = p.size(1), n = samples.size(0);
-  double chi2 = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    auto counts = torch::bincount(samples.select(1, l), {}, N).to(torch::kDouble);
-    auto e = p[l] * n;
-    chi2 += ((counts - e).pow(2) / e).sum().item<double>();
-  }
-  return chi2;
-}
 
 torch::Tensor sample_ids(int64_t n) { return torch::arange(n, torch::kLong); }
 
@@ -79,7 +61,7 @@ torch::Generator generator(uint64_t seed) { return at::make_generator<at::CPUGen
 
 TEST(Sampler, MarginalsConvergeToTheTruth) {
   const int64_t L = 4, N = 5, n = 4000;
-  auto p = marginals(L, N);
+  auto p = position_marginals(L, N);
   const double crit = 39.25;  // chi-square, 16 dof, p = 0.001
   for (const char* kind : {"absorb", "uniform"}) {
     auto g = make_graph(kind, N);
@@ -107,7 +89,7 @@ TEST(Sampler, MarginalsConvergeToTheTruth) {
 
 TEST(Sampler, PrefixSuffixAndInfillAreAlwaysHonoured) {
   const int64_t L = 12, N = 5;
-  auto p = marginals(L, N);
+  auto p = position_marginals(L, N);
   for (const char* kind : {"absorb", "uniform"}) {
     auto g = make_graph(kind, N);
     auto noise = make_noise(NoiseConfig{"loglinear"});
@@ -172,7 +154,7 @@ TEST(Sampler, ExactCacheGivesIdenticalSamplesWithFewerEvaluations) {
 
 TEST(Elbo, ExactScoreGivesATightBound) {
   const int64_t L = 6, N = 5;
-  auto p = marginals(L, N);
+  auto p = position_marginals(L, N);
   double entropy = -(p * p.log()).sum().item<double>();  // nats per sequence
   for (const char* kind : {"absorb", "uniform"}) {
     auto g = make_graph(kind, N);
@@ -196,7 +178,7 @@ TEST(Elbo, ExactScoreGivesATightBound) {
 
 TEST(Elbo, StandardErrorShrinksAsOneOverSqrtK) {
   const int64_t L = 8, N = 5;
-  auto p = marginals(L, N);
+  auto p = position_marginals(L, N);
   auto g = make_graph("absorb", N);
   auto noise = make_noise(NoiseConfig{"loglinear"});
   IndependentOracle oracle(*g, p);

@@ -62,6 +62,24 @@ std::string error_of(const std::function<void()>& fn) {
   return "<no error>";
 }
 
+torch::Tensor position_marginals(int64_t L, int64_t N) {
+  auto base = torch::tensor({0.4, 0.25, 0.15, 0.12, 0.08}, torch::kDouble).narrow(0, 0, N);
+  std::vector<torch::Tensor> rows;
+  for (int64_t l = 0; l < L; ++l) rows.push_back(base.roll(l));
+  auto p = torch::stack(rows);
+  return p / p.sum(-1, true);
+}
+
+double chi_square(const torch::Tensor& samples, const torch::Tensor& p) {
+  double chi2 = 0;
+  for (int64_t l = 0; l < p.size(0); ++l) {
+    auto counts = torch::bincount(samples.select(1, l), {}, p.size(1)).to(torch::kDouble);
+    auto e = p[l] * static_cast<double>(samples.size(0));
+    chi2 += ((counts - e).pow(2) / e).sum().item<double>();
+  }
+  return chi2;
+}
+
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale) {
   auto ad = a.to(torch::kDouble), bd = b.to(torch::kDouble);
   return ((ad - bd).abs() / (bd.abs() + atol_scale)).max().item<double>();

@@ -28,6 +28,12 @@ extern const std::string kMpirun;
 // The message of the sedd::Error that fn throws, or "<no error>".
 std::string error_of(const std::function<void()>& fn);
 
+// A [L, N] table of per-position token marginals (a different one at every position), for exact
+// oracles of distributions with independent positions.
+torch::Tensor position_marginals(int64_t L, int64_t N);
+// Summed chi-square of per-position token counts of samples [n, L] against p [L, N] (L (N-1) dof).
+double chi_square(const torch::Tensor& samples, const torch::Tensor& p);
+
 // Largest elementwise |a-b| / (|b| + atol_scale) over two tensors of equal shape.
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale = 1e-12);
 

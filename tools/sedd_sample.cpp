@@ -108,7 +108,8 @@ int main(int argc, char** argv) {
     if (rt.is_root())
       std::fprintf(stderr, "[sample] %s: %lld samples x %lld tokens, %s, %lld steps, %d ranks on %s (%s)%s\n",
                    m.path.c_str(), static_cast<long long>(num_samples), static_cast<long long>(length),
-                   predictor.c_str(), static_cast<long long>(steps), rt.world, rt.device_name().c_str(),
+                   cfg.objective == "sedd" ? predictor.c_str() : cfg.objective.c_str(),
+                   static_cast<long long>(cfg.objective == "ar" ? length : steps), rt.world, rt.device_name().c_str(),
                    m.model->bf16 ? "bf16" : "fp32", score.caching() ? ", exact caching" : "");
     const bool tty = isatty(STDERR_FILENO);
     auto start = std::chrono::steady_clock::now();

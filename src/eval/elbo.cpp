@@ -117,7 +117,10 @@ ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model,
   values = values.cpu();
   ElboResult r;
   r.prior_nats = cfg.objective.name == "ar" ? 0.0 : prior_kl_per_token(graph, noise) * static_cast<double>(L);
-  if (cfg.sampling == "antithetic") {  // the independent units are the pairs
+  if (cfg.objective.name == "ar") {  // exact: no Monte Carlo error
+    r.bound = values.select(1, 0).clone();
+    r.mc_variance = torch::zeros_like(r.bound);
+  } else if (cfg.sampling == "antithetic") {  // the independent units are the pairs
     auto pairs = (values.narrow(1, 0, K / 2) + values.narrow(1, K / 2, K / 2)) / 2;
     r.bound = pairs.mean(1) + r.prior_nats;
     r.mc_variance = pairs.var(1) / static_cast<double>(K / 2);
