@@ -197,30 +197,12 @@ void Trainer::sync_for_timing() const {
   if (time_phases_ && rt_.device.is_cuda()) torch::cuda::synchronize(rt_.device.index());
 }
 
-// The uniforms u in [0, 1) that set the rows' diffusion times (rows: global indices in their batch).
-// stratified: row k of B takes (k + U_k) / B; antithetic: rows k and k + B/2 take U_k and 1 - U_k.
-// Keyed by the global row, so the times never depend on the number of ranks.
-torch::Tensor Trainer::time_uniforms(const torch::Tensor& rows, uint64_t step_key, bool training) const {
-  const std::string mode = training ? cfg_.train.time_sampling : "iid";
-  const int64_t B = cfg_.train.batch_size;
-  RandomStream s{cfg_.run.seed, purpose::kTrainTime, step_key};
-  torch::Tensor u;
-  if (mode == "antithetic") {
-    auto half = rows.remainder(B / 2);
-    u = keyed_uniform(s, half, 1, torch::kDouble).squeeze(1);
-    u = torch::where(rows >= B / 2, 1 - u, u);
-  } else {
-    u = keyed_uniform(s, rows, 1, torch::kDouble).squeeze(1);
-    if (mode == "stratified") u = (rows.to(torch::kDouble) + u) / static_cast<double>(B);
-  }
-  return u;
-}
-
 torch::Tensor Trainer::micro_batch(const torch::Tensor& x0, int64_t first_row, uint64_t step_key, double scale,
                                    bool train) {
   const int64_t n = x0.size(0);
   auto rows = torch::arange(first_row, first_row + n, torch::TensorOptions().dtype(torch::kLong).device(x0.device()));
-  LossDraws draws{cfg_.run.seed, step_key, rows, time_uniforms(rows, step_key, train)};
+  auto u = time_uniforms(train ? cfg_.train.time_sampling : "iid", cfg_.run.seed, step_key, rows, cfg_.train.batch_size);
+  LossDraws draws{cfg_.run.seed, step_key, rows, u};
   DropoutKey key{cfg_.run.seed, step_key, rows};
   auto seq_loss = training_loss(model_, *graph_, *noise_, x0, draws, train ? &key : nullptr, loss_options_);
   auto total = seq_loss.sum();

@@ -54,7 +54,6 @@ class Trainer {
   // Sum of the per-sequence losses of rows [first_row, first_row + n) of the global batch, with
   // keyed draws (device tensor, float64); backward when `train`.
   torch::Tensor micro_batch(const torch::Tensor& x0, int64_t first_row, uint64_t step_key, double scale, bool train);
-  torch::Tensor time_uniforms(const torch::Tensor& rows, uint64_t step_key, bool training) const;
   void log_step(double lr, double valid_loss);
   void save_checkpoint(bool stopped_for_requeue = false);
   void resume();
