@@ -1,13 +1,13 @@
-// sedd-eval: the likelihood bound (nats/token, bits/token, perplexity, with its Monte Carlo
-// standard error) of a checkpoint on a token dataset, sequences split across MPI ranks.
-#include <chrono>
+// sedd-eval: the likelihood bound (nats/token, bits/token, perplexity, with standard errors) of a
+// checkpoint on one or several token datasets, sequences split across MPI ranks; one table and
+// JSON. The autoregressive baseline's likelihood is exact.
+#include <boost/program_options.hpp>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "data/token_stream.h"
 #include "distributed/control.h"
-#include "eval/elbo.h"
+#include "eval/evaluate.h"
 #include "model/score.h"
 #include "tool_common.h"
 
@@ -16,13 +16,15 @@ using namespace sedd;
 
 int main(int argc, char** argv) {
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");
-  std::string checkpoint, data, json_out, sampling = "antithetic", device = "auto", precision = "auto";
+  std::string checkpoint, json_out, sampling = "antithetic", device = "auto", precision = "auto", suite;
+  std::vector<std::string> data;
   int64_t mc = 32, batch = 8, max_sequences = 0, seed = 0;
   bool raw_weights = false;
-  po::options_description desc("sedd-eval: likelihood bound of a SEDD model on token shards");
+  po::options_description desc("sedd-eval: likelihood bound of a model on token shards");
   desc.add_options()("help,h", "show this help")(
       "checkpoint", po::value(&checkpoint)->required(), "run folder, checkpoint folder or model.h5")(
-      "data", po::value(&data)->required(), "token shards (glob or comma-separated list)")(
+      "data", po::value(&data)->composing(), "token shards: GLOB, or NAME=GLOB; repeat for several datasets")(
+      "suite", po::value(&suite), "a file of datasets, one 'NAME GLOB' or 'NAME=GLOB' per line")(
       "mc-samples", po::value(&mc)->default_value(32), "Monte Carlo time samples per sequence")(
       "sampling", po::value(&sampling)->default_value("antithetic"), "iid | antithetic | stratified")(
       "batch-size", po::value(&batch)->default_value(8), "sequences per forward pass on each rank")(
@@ -31,83 +33,86 @@ int main(int argc, char** argv) {
       "device", po::value(&device)->default_value("auto"), "cpu | cuda | auto (GPU = local rank)")(
       "precision", po::value(&precision)->default_value("auto"), "network in bf16 or fp32 (auto: bf16 on GPUs)")(
       "no-ema", po::bool_switch(&raw_weights), "use the raw weights instead of the EMA")(
-      "json", po::value(&json_out), "write the result as JSON");
+      "json", po::value(&json_out), "write the results as JSON");
   if (int rc = tools::parse_options("sedd-eval", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
   try {
+    std::vector<std::pair<std::string, std::string>> datasets;
+    for (const auto& d : data) datasets.push_back(parse_named_dataset(d));
+    if (!suite.empty()) for (const auto& d : read_dataset_suite(suite)) datasets.push_back(d);
+    if (datasets.empty()) {
+      if (rt.is_root()) std::fprintf(stderr, "sedd-eval: error: give --data GLOB (or NAME=GLOB, repeated) or --suite FILE\n");
+      return 2;
+    }
     rt.select_device(device);
     ControlPlane control;
     auto m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
     const auto& cfg = m.model->cfg;
-    ElboConfig ec{mc, sampling, static_cast<uint64_t>(seed)};
-    ec.objective = tools::objective_of(cfg);
-    ec.validate();
-    SEDD_CHECK(batch > 0, "--batch-size must be positive");
-    TokenStreamConfig tc;
-    tc.data = data;
-    tc.seq_len = cfg.length;
-    tc.global_batch = batch * rt.world;
-    tc.rank = rt.rank;
-    tc.world = rt.world;
-    tc.shuffle = false;
-    TokenStream stream(tc);
-    SEDD_CHECK(stream.vocab_size() == cfg.tokens, "{}: the data has vocab_size {}, the model {} tokens ({})", data,
-               stream.vocab_size(), cfg.tokens, m.path);
-    int64_t n = stream.windows_per_epoch();
-    if (max_sequences > 0) n = std::min(n, max_sequences);
-    auto graph = make_graph(cfg.graph, cfg.tokens);
-    auto noise = make_noise(cfg.noise);
+    EvalOptions o;
+    o.elbo = ElboConfig{mc, sampling, static_cast<uint64_t>(seed)};
+    o.elbo.objective = tools::objective_of(cfg);
+    o.batch_size = batch;
+    o.max_sequences = max_sequences;
+    o.model_tokenizer = m.info.tokenizer;
     DDiTScore score(m.model, /*cache=*/false);
+    const std::string weights = raw_weights || !m.info.has_ema ? "raw" : "EMA";
     if (rt.is_root())
-      std::fprintf(stderr, "[eval] %s (%s weights) on %lld sequences x %lld tokens; %lld %s draws each; %d ranks on %s (%s)\n",
-                   m.path.c_str(), raw_weights || !m.info.has_ema ? "raw" : "EMA", static_cast<long long>(n),
-                   static_cast<long long>(cfg.length), static_cast<long long>(mc), sampling.c_str(), rt.world,
-                   rt.device_name().c_str(), m.model->bf16 ? "bf16" : "fp32");
-    auto start = std::chrono::steady_clock::now();
-    double sums[3] = {0, 0, 0};  // bound nats, MC variance, sequences
-    double prior = 0;
-    for (int64_t first = 0; first < n; first += batch * rt.world) {
-      auto x0 = stream.next();
-      int64_t row0 = first + rt.rank * batch;
-      int64_t rows = std::clamp<int64_t>(n - row0, 0, batch);
-      if (rows > 0) {
-        auto r = elbo_batch(*graph, *noise, score, x0.narrow(0, 0, rows), row0, ec, rt.device);
-        sums[0] += r.bound.sum().item<double>();
-        sums[1] += r.mc_variance.sum().item<double>();
-        sums[2] += static_cast<double>(rows);
-        prior = r.prior_nats;
-      }
-      const int64_t stride = batch * rt.world, every = std::max<int64_t>(1, (n + stride - 1) / stride / 10);
-      if (rt.is_root() && ((first / stride) % every == every - 1 || first + stride >= n))
-        std::fprintf(stderr, "[eval] %lld/%lld sequences\n", static_cast<long long>(std::min(n, first + batch * rt.world)),
-                     static_cast<long long>(n));
+      std::fprintf(stderr, "[eval] %s (%s, %s weights) on %zu dataset(s); %s; %d ranks on %s (%s)\n", m.path.c_str(),
+                   cfg.objective.c_str(), weights.c_str(), datasets.size(),
+                   cfg.objective == "ar" ? "exact likelihood"
+                                         : fmt::format("{} {} draws per sequence", mc, sampling).c_str(),
+                   rt.world, rt.device_name().c_str(), m.model->bf16 ? "bf16" : "fp32");
+    std::vector<EvalSummary> results;
+    for (const auto& [name, glob] : datasets) {
+      double last = -1;
+      auto progress = [&, name = name](int64_t done, int64_t total) {
+        if (done * 10 / total != last || done == total)
+          std::fprintf(stderr, "[eval] %s: %lld/%lld sequences\n", name.c_str(), static_cast<long long>(done),
+                       static_cast<long long>(total));
+        last = static_cast<double>(done * 10 / total);
+      };
+      results.push_back(evaluate_dataset(score, cfg, name, glob, o, rt.device, control, progress));
     }
-    auto total = control.sum(std::vector<double>(sums, sums + 3), "evaluation sums");
-    std::copy(total.begin(), total.end(), sums);
     if (rt.is_root()) {
-      double tokens = sums[2] * static_cast<double>(cfg.length);
-      double nats = sums[0] / tokens, se = std::sqrt(sums[1]) / tokens;
-      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      nlohmann::json j = {{"nats_per_token", nats},
-                          {"bits_per_token", nats / std::log(2.0)},
-                          {"perplexity", std::exp(nats)},
-                          {"stderr_nats_per_token", se},
-                          {"tokens", static_cast<int64_t>(tokens)},
-                          {"sequences", static_cast<int64_t>(sums[2])},
-                          {"mc_samples", mc},
-                          {"sampling", sampling},
-                          {"prior_nats_per_token", prior / static_cast<double>(cfg.length)},
-                          {"weights", raw_weights || !m.info.has_ema ? "raw" : "ema"},
-                          {"checkpoint", m.path},
-                          {"device", rt.device_name()},
-                          {"precision", m.model->bf16 ? "bf16" : "fp32"},
-                          {"seconds", secs},
-                          {"tokens_x_draws_per_s", tokens * static_cast<double>(mc) / secs}};
-      std::printf("nats/token %.4f +- %.4f (1 s.e., Monte Carlo) | bits/token %.4f | perplexity <= %.3f | %lld tokens\n",
-                  nats, se, nats / std::log(2.0), std::exp(nats), static_cast<long long>(tokens));
+      const char* bound = cfg.objective == "ar" ? "=" : "<=";
+      std::printf("%-16s %10s %18s %10s %14s %10s %10s\n", "dataset", "tokens", "nats/token", "bits/tok",
+                  cfg.objective == "ar" ? "perplexity" : "ppl bound", "s.e. MC", "s.e. data");
+      for (const auto& s : results)
+        std::printf("%-16s %10lld %10.4f +- %.4f %10.4f %3s %10.3f %10.4f %10.4f\n", s.name.c_str(),
+                    static_cast<long long>(s.tokens), s.nats_per_token, std::hypot(s.stderr_mc, s.stderr_data),
+                    s.bits_per_token(), bound, s.perplexity(), s.stderr_mc, s.stderr_data);
+      std::printf("packing: %s\n", kPackingDescription);
+      auto row = [&](const EvalSummary& s) {
+        return nlohmann::ordered_json{{"dataset", s.name},
+                                      {"data", s.data},
+                                      {"nats_per_token", s.nats_per_token},
+                                      {"bits_per_token", s.bits_per_token()},
+                                      {"perplexity", s.perplexity()},
+                                      {"stderr_nats_per_token", s.stderr_mc},
+                                      {"stderr_data_nats_per_token", s.stderr_data},
+                                      {"exact", s.exact},
+                                      {"tokens", s.tokens},
+                                      {"sequences", s.sequences},
+                                      {"prior_nats_per_token", s.prior_nats_per_token},
+                                      {"seconds", s.seconds},
+                                      {"tokens_x_draws_per_s", static_cast<double>(s.tokens) * mc / s.seconds}};
+      };
       if (!json_out.empty()) {
+        // One dataset: its figures at the top level (and in "datasets"); several: the list.
+        nlohmann::ordered_json j = results.size() == 1 ? row(results[0]) : nlohmann::ordered_json::object();
+        j["datasets"] = nlohmann::ordered_json::array();
+        for (const auto& s : results) j["datasets"].push_back(row(s));
+        j["checkpoint"] = m.path;
+        j["objective"] = cfg.objective;
+        j["weights"] = weights == "EMA" ? "ema" : "raw";
+        j["mc_samples"] = mc;
+        j["sampling"] = sampling;
+        j["device"] = rt.device_name();
+        j["precision"] = m.model->bf16 ? "bf16" : "fp32";
+        j["packing"] = kPackingDescription;
         std::ofstream f(json_out);
-        SEDD_CHECK(f.good(), "{}: cannot write", json_out);
         f << j.dump(2) << "\n";
+        f.close();
+        SEDD_CHECK(!f.fail(), "{}: cannot write", json_out);
       }
     }
   } catch (const std::exception& e) {

@@ -1,0 +1,50 @@
+// Evaluating a model on token datasets: the likelihood bound of every window of a dataset, the
+// windows split across ranks, the sums agreed over the control plane. Used by sedd-eval (one or
+// several datasets) and sedd-compare (several checkpoints on the same data).
+//
+// Packing: a dataset is its shards' token streams (documents concatenated, each followed by the
+// end-of-text id) cut into windows of the model's length L, in shard order; windows cross document
+// boundaries, the end-of-text ids count as tokens, and each shard's last partial window is dropped.
+#pragma once
+#include <functional>
+#include <string>
+
+#include "distributed/control.h"
+#include "eval/elbo.h"
+#include "model/ddit.h"
+
+namespace sedd {
+
+extern const char* const kPackingDescription;
+
+struct EvalOptions {
+  ElboConfig elbo;
+  int64_t batch_size = 8;      // sequences per forward pass on each rank
+  int64_t max_sequences = 0;   // 0: every window
+  std::string model_tokenizer; // the model's ("byte" or tokenizer.json text; may be empty): the data must match
+};
+
+struct EvalSummary {
+  std::string name, data;
+  double nats_per_token = 0;
+  double stderr_mc = 0;        // Monte Carlo standard error of nats/token (0 when exact)
+  double stderr_data = 0;      // standard error over the sequences (sampling of the data)
+  double prior_nats_per_token = 0;
+  int64_t tokens = 0, sequences = 0;
+  double seconds = 0;
+  bool exact = false;          // the autoregressive likelihood: no Monte Carlo
+  double bits_per_token() const;
+  double perplexity() const;   // exp(nats/token): a bound for diffusion models
+};
+
+// Collective over `control`'s ranks. `progress(done, total)` is called on rank 0.
+EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const std::string& name,
+                             const std::string& data, const EvalOptions& options, torch::Device device,
+                             ControlPlane& control, const std::function<void(int64_t, int64_t)>& progress = {});
+
+// "NAME=GLOB" -> {NAME, GLOB}; a bare GLOB is named after its folder.
+std::pair<std::string, std::string> parse_named_dataset(const std::string& spec);
+// A suite file: one dataset per line ("NAME=GLOB" or "NAME GLOB"), '#' comments, blank lines.
+std::vector<std::pair<std::string, std::string>> read_dataset_suite(const std::string& path);
+
+}  // namespace sedd

@@ -1,0 +1,99 @@
+// sedd-compare: evaluates several checkpoints (any objective) on the same data and prints the table
+// that papers report: objective, parameters, tokens seen, nats/token with its standard error and
+// the perplexity (bound); JSON too. Trains nothing; ranks split the sequences.
+#include <boost/program_options.hpp>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "distributed/control.h"
+#include "eval/evaluate.h"
+#include "model/score.h"
+#include "tool_common.h"
+
+namespace po = boost::program_options;
+using namespace sedd;
+
+int main(int argc, char** argv) {
+  Runtime& rt = Runtime::init(&argc, &argv, "cpu");
+  std::vector<std::string> checkpoints, data;
+  std::string json_out, device = "auto", precision = "auto";
+  int64_t mc = 32, batch = 8, max_sequences = 0, seed = 0;
+  po::options_description desc("sedd-compare: several checkpoints on the same data, one table");
+  desc.add_options()("help,h", "show this help")(
+      "checkpoint", po::value(&checkpoints)->composing()->required(), "a run folder, checkpoint or model.h5 (repeat)")(
+      "data", po::value(&data)->composing()->required(), "token shards: GLOB or NAME=GLOB (repeat for several)")(
+      "mc-samples", po::value(&mc)->default_value(32), "Monte Carlo time samples per sequence (diffusion models)")(
+      "batch-size", po::value(&batch)->default_value(8), "sequences per forward pass on each rank")(
+      "max-sequences", po::value(&max_sequences)->default_value(0), "at most this many sequences per dataset (0: all)")(
+      "seed", po::value(&seed)->default_value(0), "seed of the time and corruption draws (the same for every model)")(
+      "device", po::value(&device)->default_value("auto"), "cpu | cuda | auto")(
+      "precision", po::value(&precision)->default_value("auto"), "bf16 | fp32 (auto: bf16 on GPUs)")(
+      "json", po::value(&json_out), "write the table as JSON");
+  if (int rc = tools::parse_options("sedd-compare", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
+  try {
+    rt.select_device(device);
+    ControlPlane control;
+    struct Row {
+      std::string path, objective;
+      int64_t params, tokens_seen;
+      EvalSummary s;
+    };
+    std::vector<Row> rows;
+    for (const auto& ckpt : checkpoints) {
+      auto m = tools::load_checkpoint(ckpt, true, rt.device, tools::use_bf16(precision, rt.device));
+      const auto& cfg = m.model->cfg;
+      EvalOptions o;
+      o.elbo = ElboConfig{mc, "antithetic", static_cast<uint64_t>(seed)};
+      o.elbo.objective = tools::objective_of(cfg);
+      o.batch_size = batch;
+      o.max_sequences = max_sequences;
+      o.model_tokenizer = m.info.tokenizer;
+      DDiTScore score(m.model, false);
+      for (const auto& d : data) {
+        auto [name, glob] = parse_named_dataset(d);
+        if (rt.is_root()) std::fprintf(stderr, "[compare] %s on %s\n", m.path.c_str(), name.c_str());
+        rows.push_back({m.path, cfg.objective + (cfg.objective == "sedd" || cfg.objective == "d3pm" ? "-" + cfg.graph : ""),
+                        m.model->parameter_count(), m.info.tokens_seen,
+                        evaluate_dataset(score, cfg, name, glob, o, rt.device, control)});
+      }
+    }
+    if (rt.is_root()) {
+      std::printf("%-40s %-14s %10s %12s %-12s %20s %12s\n", "checkpoint", "objective", "params", "tokens seen",
+                  "dataset", "nats/token", "perplexity");
+      nlohmann::ordered_json j = nlohmann::ordered_json::array();
+      for (const auto& r : rows) {
+        std::string where = r.path.size() > 40 ? "..." + r.path.substr(r.path.size() - 37) : r.path;
+        const double se = std::hypot(r.s.stderr_mc, r.s.stderr_data);
+        std::printf("%-40s %-14s %10lld %12lld %-12s %10.4f +- %.4f %s %9.3f\n", where.c_str(), r.objective.c_str(),
+                    static_cast<long long>(r.params), static_cast<long long>(r.tokens_seen), r.s.name.c_str(),
+                    r.s.nats_per_token, se, r.s.exact ? " =" : "<=", r.s.perplexity());
+        j.push_back({{"checkpoint", r.path},
+                     {"objective", r.objective},
+                     {"parameters", r.params},
+                     {"tokens_seen", r.tokens_seen},
+                     {"dataset", r.s.name},
+                     {"nats_per_token", r.s.nats_per_token},
+                     {"stderr_nats_per_token", se},
+                     {"stderr_mc", r.s.stderr_mc},
+                     {"stderr_data", r.s.stderr_data},
+                     {"bits_per_token", r.s.bits_per_token()},
+                     {"perplexity", r.s.perplexity()},
+                     {"exact", r.s.exact},
+                     {"tokens", r.s.tokens}});
+      }
+      std::printf("diffusion rows: upper bounds (<=) on nats/token; autoregressive rows: exact (=); s.e. combines "
+                  "Monte Carlo and data sampling. packing: %s\n",
+                  kPackingDescription);
+      if (!json_out.empty()) {
+        std::ofstream f(json_out);
+        f << j.dump(2) << "\n";
+        f.close();
+        SEDD_CHECK(!f.fail(), "{}: cannot write", json_out);
+      }
+    }
+  } catch (const std::exception& e) {
+    rt.abort(std::string("sedd-compare: ") + e.what());
+  }
+  return 0;
+}
