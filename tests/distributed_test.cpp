@@ -22,7 +22,7 @@ using namespace sedd;
 using namespace sedd::test;
 
 namespace {
-std::string error_of(const std::function<void()>& fn) {
+std::string collective_error_of(const std::function<void()>& fn) {
   try {
     fn();
   } catch (const sedd::Error& e) {
@@ -36,7 +36,7 @@ std::string error_of(const std::function<void()>& fn) {
 // collective, both devices and where such values belong.
 TEST(CollectiveChecks, WrongDeviceIsAClearError) {
   auto host = torch::ones({3});
-  std::string msg = error_of([&] {
+  std::string msg = collective_error_of([&] {
     check_collective_tensor(host, torch::Device(torch::kCUDA, 0), "NCCL", "reduce_scatter of gradient bucket 2 of 5");
   });
   EXPECT_NE(msg.find("NCCL communicator: reduce_scatter of gradient bucket 2 of 5 got a tensor on cpu"),
@@ -44,9 +44,9 @@ TEST(CollectiveChecks, WrongDeviceIsAClearError) {
       << msg;
   EXPECT_NE(msg.find("works on cuda:0"), std::string::npos) << msg;
   EXPECT_NE(msg.find("control plane"), std::string::npos) << msg;
-  msg = error_of([&] { check_collective_tensor(host.t().expand({3, 3}), torch::kCPU, "MPI", "all_reduce"); });
+  msg = collective_error_of([&] { check_collective_tensor(host.t().expand({3, 3}), torch::kCPU, "MPI", "all_reduce"); });
   EXPECT_NE(msg.find("contiguous"), std::string::npos) << msg;
-  EXPECT_EQ(error_of([&] { check_collective_tensor(host, torch::kCPU, "MPI", "all_reduce"); }), "");
+  EXPECT_EQ(collective_error_of([&] { check_collective_tensor(host, torch::kCPU, "MPI", "all_reduce"); }), "");
 }
 
 // The watchdog thread catches a collective that never completes even while the main thread is
