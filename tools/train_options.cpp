@@ -72,6 +72,7 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "train.bucket_elems", &c.train.bucket_elems, "gradient bucket (elements) reduced while backward runs");
   add(t, "train.time_sampling", &c.train.time_sampling, "iid | antithetic | stratified diffusion times over the global batch");
   add(t, "train.fused_loss", &c.train.fused_loss, "project only rows with a loss, fused with the loss (false: full logits)");
+  add(t, "train.fused_kernels", &c.train.fused_kernels, "GPU: fused CUDA kernels for LayerNorm/modulation, residuals, rotary");
   add(t, "train.loss_chunk_elems", &c.train.loss_chunk_elems, "logits per chunk of the fused loss");
   add(t, "train.peak_tflops", &c.train.peak_tflops, "GPU peak TFLOP/s for MFU (0: from the GPU's name)");
   add(t, "resume.allow", &c.resume.allow, "checked settings that may differ from the checkpoint's (comma list)");

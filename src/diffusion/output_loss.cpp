@@ -176,7 +176,9 @@ torch::Tensor fused_output_loss(RowLoss kind, const torch::Tensor& features, con
   auto constant = [&](const torch::Tensor& t) { return t.defined() ? t : torch::zeros_like(rows.target, features.options()); };
   const int64_t chunk = std::max<int64_t>(1, chunk_elems / columns);
   torch::Tensor current = rows.current.defined() ? rows.current : rows.target;
-  return FusedOutputLoss::apply(features, weight, bias, rows.target, current, constant(rows.a), constant(rows.b),
+  // Custom autograd functions take defined tensors only: a missing bias is a zero one.
+  torch::Tensor b = bias.defined() ? bias : torch::zeros({weight.size(0)}, weight.options());
+  return FusedOutputLoss::apply(features, weight, b, rows.target, current, constant(rows.a), constant(rows.b),
                                 static_cast<int64_t>(kind), columns, low_precision, chunk);
 }
 

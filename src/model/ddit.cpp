@@ -6,6 +6,8 @@
 
 #include <cmath>
 
+#include "model/fused_ops.h"
+
 namespace sedd {
 
 namespace F = torch::nn::functional;
@@ -100,21 +102,33 @@ DDiTBlockImpl::DDiTBlockImpl(int64_t idx, int64_t dim, int64_t heads, int64_t co
 }
 
 torch::Tensor DDiTBlockImpl::forward(const torch::Tensor& x_in, const Rotary& rotary, const torch::Tensor& c,
-                                     const DropoutKey* key) {
+                                     const DropoutKey* key, bool fused) {
   const int64_t B = x_in.size(0), L = x_in.size(1), D = x_in.size(2);
   auto mod = adaLN_modulation->forward(c).unsqueeze(1).chunk(6, 2);  // 6 x [B, 1, D]
   auto &shift_msa = mod[0], &scale_msa = mod[1], &gate_msa = mod[2];
   auto &shift_mlp = mod[3], &scale_mlp = mod[4], &gate_mlp = mod[5];
+  const bool training = is_training();
 
-  torch::Tensor x = modulate(norm1->forward(x_in), shift_msa, scale_msa);
+  torch::Tensor x = fused ? layer_norm_modulate(x_in, norm1->weight, shift_msa, scale_msa)
+                          : modulate(norm1->forward(x_in), shift_msa, scale_msa);
   auto qkv = attn_qkv->forward(x).view({B, L, 3, n_heads, D / n_heads});  // [B, L, 3, H, Dh]
-  auto q = rotary->apply(qkv.select(2, 0)), k = rotary->apply(qkv.select(2, 1)), v = qkv.select(2, 2);
+  auto rope = [&](const torch::Tensor& t) { return fused ? sedd::rotary(t, rotary->inv_freq) : rotary->apply(t); };
+  auto q = rope(qkv.select(2, 0)), k = rope(qkv.select(2, 1)), v = qkv.select(2, 2);
   // [B, H, L, Dh]; attention over the whole sequence (diffusion) or the earlier positions (autoregressive).
   auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, causal);
   attn = attn.transpose(1, 2).reshape({B, L, D});
-  torch::Tensor h = x_in + gate_msa * keyed_dropout(attn_out->forward(attn), dropout, is_training(), key, 2 * index);
-  auto branch = mlp->forward(modulate(norm2->forward(h), shift_mlp, scale_mlp));
-  return h + gate_mlp * keyed_dropout(branch, dropout, is_training(), key, 2 * index + 1);
+  if (!fused) {
+    torch::Tensor h = x_in + gate_msa * keyed_dropout(attn_out->forward(attn), dropout, training, key, 2 * index);
+    auto branch = mlp->forward(modulate(norm2->forward(h), shift_mlp, scale_mlp));
+    return h + gate_mlp * keyed_dropout(branch, dropout, training, key, 2 * index + 1);
+  }
+  // Fused: the MLP's second Linear runs without its bias, which the gated residual adds.
+  torch::Tensor h = gated_residual(x_in, attn_out->forward(attn), {}, gate_msa, dropout, training, key, 2 * index);
+  auto* fc1 = mlp[0]->as<torch::nn::LinearImpl>();
+  auto* act = mlp[1]->as<torch::nn::GELUImpl>();
+  auto* fc2 = mlp[2]->as<torch::nn::LinearImpl>();
+  auto hidden = act->forward(fc1->forward(layer_norm_modulate(h, norm2->weight, shift_mlp, scale_mlp)));
+  return gated_residual(h, F::linear(hidden, fc2->weight), fc2->bias, gate_mlp, dropout, training, key, 2 * index + 1);
 }
 
 FinalLayerImpl::FinalLayerImpl(int64_t hidden, int64_t out, int64_t cond_dim) {
@@ -128,13 +142,17 @@ FinalLayerImpl::FinalLayerImpl(int64_t hidden, int64_t out, int64_t cond_dim) {
   }
 }
 
-torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& c) {
+torch::Tensor FinalLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& c, bool fused) {
   auto mod = adaLN_modulation->forward(c).unsqueeze(1).chunk(2, 2);
-  return linear->forward(features(x, mod[0], mod[1]));
+  return linear->forward(features(x, mod[0], mod[1], fused));
 }
 
-torch::Tensor FinalLayerImpl::features(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale) {
-  return modulate(norm_final->forward(x), shift, scale);
+torch::Tensor FinalLayerImpl::features(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale,
+                                       bool fused) {
+  if (!fused) return modulate(norm_final->forward(x), shift, scale);
+  if (x.dim() == 3) return layer_norm_modulate(x, norm_final->weight, shift, scale);
+  // Chosen rows [R, D] with their own modulation [R, D]: R batch rows of length 1.
+  return layer_norm_modulate(x.unsqueeze(1), norm_final->weight, shift.unsqueeze(1), scale.unsqueeze(1)).squeeze(1);
 }
 
 TokenEmbeddingImpl::TokenEmbeddingImpl(int64_t vocab_dim, int64_t dim) {
@@ -153,12 +171,16 @@ DDiTImpl::DDiTImpl(ModelConfig c) : cfg(std::move(c)) {
   output_layer = register_module("output_layer", FinalLayer(cfg.hidden_size, cfg.vocab_dim(), cfg.cond_dim));
 }
 
+bool DDiTImpl::uses_fused_kernels(const torch::Device& device) const {
+  return fused_kernels && device.is_cuda() && fused_ops_active(device);
+}
+
 torch::Tensor DDiTImpl::forward(const torch::Tensor& indices, const torch::Tensor& sigma, const DropoutKey* key) {
   DDiTHidden hid = forward_hidden(indices, sigma, key);
   torch::Tensor raw;
   {
     CudaAutocast autocast(bf16 && hid.h.is_cuda());
-    raw = at_least_float(output_layer->forward(hid.h, hid.c));
+    raw = at_least_float(output_layer->forward(hid.h, hid.c, uses_fused_kernels(hid.h.device())));
   }
   return finish(raw, indices, sigma);
 }
@@ -166,7 +188,7 @@ torch::Tensor DDiTImpl::forward(const torch::Tensor& indices, const torch::Tenso
 torch::Tensor DDiTImpl::forward_raw(const torch::Tensor& indices, const torch::Tensor& sigma) {
   DDiTHidden hid = forward_hidden(indices, sigma);
   CudaAutocast autocast(bf16 && hid.h.is_cuda());
-  return at_least_float(output_layer->forward(hid.h, hid.c));
+  return at_least_float(output_layer->forward(hid.h, hid.c, uses_fused_kernels(hid.h.device())));
 }
 
 DDiTHidden DDiTImpl::forward_hidden(const torch::Tensor& indices, const torch::Tensor& sigma, const DropoutKey* key) {
@@ -175,8 +197,9 @@ DDiTHidden DDiTImpl::forward_hidden(const torch::Tensor& indices, const torch::T
   // sigma is then the analytic scale_by_sigma shift alone (exact caching while sampling).
   torch::Tensor sigma_in = cfg.time_conditioning ? sigma : torch::zeros_like(sigma);
   torch::Tensor c = F::silu(sigma_map->forward(sigma_in));
+  const bool fused = uses_fused_kernels(x.device());
   CudaAutocast autocast(bf16 && x.is_cuda());
-  for (const auto& block : *blocks) x = block->as<DDiTBlock>()->forward(x, rotary_emb, c, key);
+  for (const auto& block : *blocks) x = block->as<DDiTBlock>()->forward(x, rotary_emb, c, key, fused);
   return {at_least_float(x), c};
 }
 
@@ -186,7 +209,8 @@ torch::Tensor DDiTImpl::output_features(const DDiTHidden& hid, const torch::Tens
   auto mod = output_layer->adaLN_modulation->forward(hid.c).chunk(2, 1);  // 2 x [B, D]
   auto batch = torch::div(rows, L, "floor");
   auto h = hid.h.reshape({-1, D}).index_select(0, rows);
-  return at_least_float(output_layer->features(h, mod[0].index_select(0, batch), mod[1].index_select(0, batch)));
+  return at_least_float(output_layer->features(h, mod[0].index_select(0, batch), mod[1].index_select(0, batch),
+                                               uses_fused_kernels(h.device())));
 }
 
 torch::Tensor DDiTImpl::output_logits(const torch::Tensor& features) {

@@ -42,8 +42,10 @@ struct DDiTBlockImpl : torch::nn::Module {
   // `index`: the block's place in the stack; its dropout sites are 2 index (attention) and
   // 2 index + 1 (MLP).
   DDiTBlockImpl(int64_t index, int64_t dim, int64_t n_heads, int64_t cond_dim, double dropout, bool causal = false);
+  // `fused`: the elementwise chains run as the fused ops of model/fused_ops.h (same math, CUDA
+  // kernels); the caller decides (DDiTImpl::fused_kernels).
   torch::Tensor forward(const torch::Tensor& x, const Rotary& rotary, const torch::Tensor& c,
-                        const DropoutKey* dropout_key = nullptr);
+                        const DropoutKey* dropout_key = nullptr, bool fused = false);
   int64_t index, n_heads;
   double dropout;
   bool causal;  // attention to earlier positions only (the autoregressive baseline)
@@ -55,9 +57,12 @@ TORCH_MODULE(DDiTBlock);
 
 struct FinalLayerImpl : torch::nn::Module {
   FinalLayerImpl(int64_t hidden, int64_t out, int64_t cond_dim);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& c, bool fused = false);
   // The input of `linear`: adaLN-modulated norm_final(x). x [..., D]; shift/scale broadcast.
-  torch::Tensor features(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale);
+  // `fused` (x [B, L, D] with shift/scale [B, 1, D], or x [R, D] with shift/scale [R, D]): one
+  // fused kernel, its result already in the autocast dtype.
+  torch::Tensor features(const torch::Tensor& x, const torch::Tensor& shift, const torch::Tensor& scale,
+                         bool fused = false);
   BiasFreeLayerNorm norm_final{nullptr};
   torch::nn::Linear linear{nullptr}, adaLN_modulation{nullptr};
 };
@@ -105,6 +110,13 @@ struct DDiTImpl : torch::nn::Module {
 
   ModelConfig cfg;
   bool bf16 = false;
+  // Fused CUDA kernels for the blocks' and the output layer's elementwise chains (LayerNorm +
+  // modulation, rotary, bias + dropout + gated residual). Used only when the activations are on
+  // CUDA, the kernels are built and their self-check passed on the device (fused_ops_active());
+  // CPU runs always take the plain LibTorch ops.
+  bool fused_kernels = true;
+  // Whether forward passes on `device` take the fused kernels.
+  bool uses_fused_kernels(const torch::Device& device) const;
   TokenEmbedding vocab_embed{nullptr};
   SigmaEmbedder sigma_map{nullptr};
   Rotary rotary_emb{nullptr};

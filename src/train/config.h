@@ -42,6 +42,7 @@ struct TrainSection {
   int64_t bucket_elems = int64_t{1} << 22;  // gradient bucket reduced while backward still runs
   std::string time_sampling = "iid";  // iid | antithetic | stratified (over the global batch)
   bool fused_loss = true;             // masked-rows projection fused with the loss (else full logits)
+  bool fused_kernels = true;          // GPU: fused CUDA kernels for the block's elementwise chains
   int64_t loss_chunk_elems = int64_t{1} << 26;  // logits per chunk of the fused loss
   double peak_tflops = 0;             // MFU denominator per GPU; 0: from the GPU's name
   double lambda_ce = 0.01;            // d3pm: weight of the auxiliary cross entropy (hybrid loss)

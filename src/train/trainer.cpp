@@ -11,6 +11,7 @@
 #include "diffusion/loss.h"
 #include "io/error.h"
 #include "io/fs.h"
+#include "model/fused_ops.h"
 #include "train/fingerprint.h"
 #include "train/metrics.h"
 
@@ -89,6 +90,7 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
   model_ = DDiT(cfg_.model);
   model_->to(rt_.device, dtype_);
   model_->bf16 = cfg_.train.precision == "bf16";
+  model_->fused_kernels = cfg_.train.fused_kernels;
   if (rt_.device.is_cuda()) {
     // TF32 for the fp32 matmuls that remain (bf16 runs do their matmuls in bf16 anyway).
     at::globalContext().setAllowTF32CuBLAS(true);
@@ -116,6 +118,9 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
     log_->metrics = std::make_unique<MetricsLog>(cfg_.run.dir + "/metrics.jsonl", step_);
     std::printf("[train] %s; %lld parameters\n", cfg_.model.summary().c_str(),
                 static_cast<long long>(model_->parameter_count()));
+    if (rt_.device.is_cuda())
+      std::printf("[train] fused kernels: %s\n", model_->uses_fused_kernels(rt_.device) ? fused_ops_status().c_str()
+                                                                                        : "off (train.fused_kernels)");
     std::printf("[train] %d ranks x %d threads on %s (%s collectives); global batch %lld = %d ranks x %lld micro x "
                 "%lld accumulation; optimizer+EMA state %.2f MB per rank; %lld gradient buckets\n",
                 comm_.size(), rt_.threads, rt_.device_name().c_str(), comm_.backend().c_str(),
