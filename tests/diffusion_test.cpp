@@ -25,7 +25,7 @@ torch::Tensor all_states(const Graph& g) { return torch::arange(g.dim(), torch::
 }  // namespace
 
 TEST(Noise, RateIsTheDerivativeOfTotal) {
-  for (auto cfg : {NoiseConfig{"loglinear"}, NoiseConfig{"geometric"}}) {
+  for (auto cfg : {NoiseConfig{"loglinear"}, NoiseConfig{"geometric"}, NoiseConfig{"cosine"}}) {
     auto noise = make_noise(cfg);
     auto t = torch::linspace(0.01, 0.99, 99, torch::kDouble);
     double h = 1e-6;
@@ -35,7 +35,8 @@ TEST(Noise, RateIsTheDerivativeOfTotal) {
   }
   auto ll = make_noise(NoiseConfig{"loglinear"});
   EXPECT_NEAR(ll->total(torch::tensor({0.0}, torch::kDouble)).item<double>(), 0.0, 1e-15);
-  EXPECT_THROW(make_noise(NoiseConfig{"cosine"}), sedd::Error);
+  EXPECT_NEAR(make_noise(NoiseConfig{"cosine"})->total(torch::tensor({0.0}, torch::kDouble)).item<double>(), 0.0, 1e-15);
+  EXPECT_THROW(make_noise(NoiseConfig{"linear"}), sedd::Error);
 }
 
 TEST(Graph, TransitionColumnsAreDistributions) {

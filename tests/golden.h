@@ -1,4 +1,4 @@
-// Golden-file checks: walks any file of the reference schema (DESIGN.md §4) and compares every
+// Golden-file checks: walks any file of the reference schema (docs/DESIGN.md, "Golden reference") and compares every
 // stored output with ours. Returns one line per mismatch (empty = all good) so a test can also
 // check that a damaged copy of the file is caught.
 #pragma once

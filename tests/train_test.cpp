@@ -63,7 +63,7 @@ std::vector<nlohmann::json> metrics(const std::string& run_dir) {
 
 }  // namespace
 
-// DESIGN.md §6: W ranks with batch B/W each give the same weights as 1 rank with batch B.
+// docs/DESIGN.md, "Distribution": W ranks with batch B/W each give the same weights as 1 rank with batch B.
 TEST(TrainEquivalence, SameWeightsOnOneTwoAndFourRanks) {
   TempDir tmp;
   std::string data = make_data(tmp);

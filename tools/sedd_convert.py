@@ -31,7 +31,10 @@ CONFIG_FIELDS = {
     "tokens": int, "graph": str, "hidden_size": int, "n_heads": int, "n_blocks": int, "cond_dim": int,
     "length": int, "dropout": float, "scale_by_sigma": bool, "time_conditioning": bool, "noise": str,
     "eps": float, "sigma_min": float, "sigma_max": float,
+    "objective": str, "timesteps": int, "bos": int,
 }
+# Fields that older model files lack; they take these values there (SEDD weights).
+OPTIONAL_DEFAULTS = {"objective": "sedd", "timesteps": 1000, "bos": -1}
 # Read off the tensors; a config must agree with them (n_heads through the rotary buffer, when the
 # state dict has it: head dim = 2 * len(inv_freq)).
 SHAPE_FIELDS = ("tokens", "hidden_size", "n_blocks", "cond_dim", "n_heads")
@@ -203,7 +206,7 @@ def resolve_config(shapes, args, input_path, bare):
     cfg = {k: v for k, v in given.items() if k in CONFIG_FIELDS}
     cfg.update(flags)
     cfg.setdefault("graph", "absorb")
-    absorb = cfg["graph"] == "absorb"
+    absorb = cfg["graph"] == "absorb" and cfg.get("objective", "sedd") != "ar"  # a mask column in the output
     inferred = dict(tokens=shapes["vocab_dim"] - (1 if absorb else 0),
                     **{k: shapes[k] for k in SHAPE_FIELDS if k in shapes})
     for field in SHAPE_FIELDS:
@@ -216,12 +219,13 @@ def resolve_config(shapes, args, input_path, bare):
         fail(f"{config_path}: vocab_size is {given['vocab_size']} but the weights in {input_path} have "
              f"{shapes['vocab_dim']} embedding rows")
     defaults = dict(n_heads=max(1, shapes["hidden_size"] // 64), length=1024, dropout=0.0, scale_by_sigma=absorb,
-                    time_conditioning=True, noise="loglinear", eps=1e-3, sigma_min=1e-4, sigma_max=20.0)
+                    time_conditioning=True, noise="loglinear", eps=1e-3, sigma_min=1e-4, sigma_max=20.0,
+                    **OPTIONAL_DEFAULTS)
     cfg = {**defaults, **inferred, **cfg}
     if cfg["graph"] not in ("absorb", "uniform"):
         fail(f"{source.get('graph', '--graph')}: graph must be absorb or uniform, got '{cfg['graph']}'")
-    if cfg["noise"] not in ("loglinear", "geometric"):
-        fail(f"{source.get('noise', '--noise')}: noise must be loglinear or geometric, got '{cfg['noise']}'")
+    if cfg["noise"] not in ("loglinear", "geometric", "cosine"):
+        fail(f"{source.get('noise', '--noise')}: noise must be loglinear, geometric or cosine, got '{cfg['noise']}'")
     if cfg["hidden_size"] % cfg["n_heads"] != 0:
         fail(f"{source.get('n_heads', '--n-heads')}: n_heads {cfg['n_heads']} does not divide hidden_size {cfg['hidden_size']}")
     return cfg, given, config_path
@@ -321,13 +325,14 @@ def to_torch(args):
             fail(f"{args.input}: not a sedd model file (no /model group)")
         sd = {k: torch.from_numpy(f[group][k][()]) for k in f[group]}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    attrs = {**OPTIONAL_DEFAULTS, **attrs}
     missing = [k for k in CONFIG_FIELDS if k not in attrs]
     if missing:
         fail(f"{args.input}: model config attributes missing: {', '.join(missing)}")
     config = {"model_type": "sedd"}
     for k, kind in CONFIG_FIELDS.items():
         config[k] = kind(attrs[k].item() if hasattr(attrs[k], "item") else attrs[k])
-    config["vocab_size"] = config["tokens"] + (1 if config["graph"] == "absorb" else 0)
+    config["vocab_size"] = config["tokens"] + (1 if config["graph"] == "absorb" and config["objective"] != "ar" else 0)
     for k in ("step", "tokens_seen"):
         config[k] = int(attrs.get(k, 0))
     tokenizer_json = None

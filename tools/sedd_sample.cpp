@@ -10,6 +10,7 @@
 
 #include "diffusion/sampler.h"
 #include "distributed/control.h"
+#include "eval/elbo.h"
 #include "model/score.h"
 #include "tool_common.h"
 
@@ -43,7 +44,8 @@ std::string eta(double s) {
 int main(int argc, char** argv) {
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");
   std::string checkpoint, predictor = "analytic", prefix, suffix, fixed, out, device = "auto", precision = "auto";
-  int64_t num_samples = 4, steps = 128, length = 0, seed = 0, batch = 16;
+  std::string score_with, stats_json;
+  int64_t num_samples = 4, steps = 128, length = 0, seed = 0, batch = 16, block_size = 0, score_mc = 8;
   double temperature = 1.0, top_p = 1.0;
   bool float64 = false, no_cache = false, raw_weights = false;
   po::options_description desc("sedd-sample: text from a trained SEDD model");
@@ -54,7 +56,15 @@ int main(int argc, char** argv) {
       "predictor", po::value(&predictor)->default_value("analytic"), "euler | analytic (score-entropy models)")(
       "temperature", po::value(&temperature)->default_value(1.0), "autoregressive models: logits / temperature")(
       "top-p", po::value(&top_p)->default_value(1.0), "autoregressive models: nucleus sampling (1: off)")(
-      "length", po::value(&length)->default_value(0), "tokens per sample (0: the training length)")(
+      "length", po::value(&length)->default_value(0),
+      "tokens per sample (0: the training length; longer: generated block by block)")(
+      "block-size", po::value(&block_size)->default_value(0),
+      "beyond the training length: new tokens per block, each conditioned on the previous ones (0: half the window)")(
+      "score-with", po::value(&score_with),
+      "a second checkpoint (autoregressive: exact; diffusion: its bound) that scores the samples: generative "
+      "perplexity and unigram entropy")(
+      "score-mc-samples", po::value(&score_mc)->default_value(8), "Monte Carlo draws when the scorer is a diffusion model")(
+      "stats", po::value(&stats_json), "write the samples' statistics (generative perplexity, entropy) as JSON")(
       "prefix", po::value(&prefix), "text the samples start with")(
       "suffix", po::value(&suffix), "text the samples end with")(
       "fix", po::value(&fixed), "more fixed positions: POS=TOKEN_ID[,POS=TOKEN_ID...]")(
@@ -100,6 +110,18 @@ int main(int argc, char** argv) {
     sc.seed = static_cast<uint64_t>(seed);
     sc.validate();
     cons.validate(length, cfg.tokens);
+    if (block_size <= 0) block_size = cfg.length / 2;
+    SEDD_CHECK(length <= cfg.length || !(!suffix.empty() || !fixed.empty()),
+               "--suffix and --fix need --length <= the training length ({}): block generation conditions the first "
+               "block only (use --prefix)",
+               cfg.length);
+    // The scorer: loaded up front so a bad path fails before any sampling.
+    tools::LoadedModel scorer;
+    if (!score_with.empty()) {
+      scorer = tools::load_checkpoint(score_with, true, rt.device, m.model->bf16);
+      SEDD_CHECK(scorer.model->cfg.tokens == cfg.tokens, "{}: the scorer has {} tokens, the sampled model {}",
+                 scorer.path, scorer.model->cfg.tokens, cfg.tokens);
+    }
 
     auto graph = make_graph(cfg.graph, cfg.tokens);
     auto noise = make_noise(cfg.noise);
@@ -131,10 +153,38 @@ int main(int argc, char** argv) {
                      tty ? "   " : "\n");
       };
       auto sample_ids = torch::arange(b, b + n, torch::kLong);
-      auto x = sample(*graph, *noise, score, length, sc, cons, sample_ids, rt.device, progress).cpu().contiguous();
+      auto x = (length > cfg.length ? sample_blocks(*graph, *noise, score, length, cfg.length, block_size, sc, cons,
+                                                    sample_ids, rt.device, progress)
+                                    : sample(*graph, *noise, score, length, sc, cons, sample_ids, rt.device, progress))
+                   .cpu()
+                   .contiguous();
       ids.insert(ids.end(), x.data_ptr<int64_t>(), x.data_ptr<int64_t>() + x.numel());
     }
     if (rt.is_root() && tty) std::fprintf(stderr, "\n");
+    // Generative perplexity under the scorer and unigram entropy, per sample (each rank its own).
+    const int64_t mine_n = mine.size();
+    std::vector<double> sample_nll(num_samples, 0.0), sample_entropy(num_samples, 0.0);
+    if (!score_with.empty()) {
+      const auto& scfg = scorer.model->cfg;
+      auto sgraph = make_graph(scfg.graph, scfg.tokens);
+      auto snoise = make_noise(scfg.noise);
+      DDiTScore sscore(scorer.model, false);
+      ElboConfig ec{std::max<int64_t>(2, score_mc + score_mc % 2), "antithetic", static_cast<uint64_t>(seed)};
+      ec.objective = tools::objective_of(scfg);
+      auto all_mine = torch::tensor(ids, torch::kLong).view({mine_n, length});
+      for (int64_t i = 0; i < mine_n; i += batch) {
+        auto xb = all_mine.narrow(0, i, std::min(batch, mine_n - i));
+        auto r = elbo_batch(*sgraph, *snoise, sscore, xb, mine.begin + i, ec, rt.device);
+        for (int64_t k = 0; k < xb.size(0); ++k) sample_nll[mine.begin + i + k] = r.bound[k].item<double>() / length;
+      }
+    }
+    for (int64_t i = 0; i < mine_n; ++i) {
+      auto row = torch::tensor(std::vector<int64_t>(ids.begin() + i * length, ids.begin() + (i + 1) * length), torch::kLong);
+      auto f = torch::bincount(row).to(torch::kDouble) / static_cast<double>(length);
+      sample_entropy[mine.begin + i] = -(f * torch::where(f > 0, f.log(), torch::zeros_like(f))).sum().item<double>();
+    }
+    sample_nll = control.sum(sample_nll, "sample scores");
+    sample_entropy = control.sum(sample_entropy, "sample entropies");
     // Rank order is sample order: each rank drew a contiguous range.
     std::vector<int64_t> all = control.gather_to_root(ids, "gathering samples");
     if (rt.is_root()) {
@@ -147,6 +197,8 @@ int main(int argc, char** argv) {
       for (int64_t i = 0; i < num_samples; ++i) {
         std::vector<int64_t> row(all.begin() + i * length, all.begin() + (i + 1) * length);
         nlohmann::ordered_json j = {{"index", i}, {"seed", seed}, {"steps", steps}, {"predictor", predictor}};
+        j["unigram_entropy"] = sample_entropy[i];
+        if (!score_with.empty()) j["gen_perplexity"] = std::exp(sample_nll[i]);
         if (m.tokenizer()) j["text"] = m.tokenizer()->decode(row);
         j["ids"] = row;
         std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
@@ -156,6 +208,37 @@ int main(int argc, char** argv) {
       if (file.is_open()) {
         file.close();
         SEDD_CHECK(!file.fail(), "{}: writing the samples failed (disk full?)", out);
+      }
+      auto mean_sd = [](const std::vector<double>& v) {
+        double m = 0, q = 0;
+        for (double x : v) m += x / v.size();
+        for (double x : v) q += (x - m) * (x - m) / std::max<size_t>(1, v.size() - 1);
+        return std::pair<double, double>{m, std::sqrt(q)};
+      };
+      std::vector<double> ppl;
+      for (double nll : sample_nll) ppl.push_back(std::exp(nll));
+      auto [h, h_sd] = mean_sd(sample_entropy);
+      auto [nll, nll_sd] = mean_sd(sample_nll);
+      auto [p, p_sd] = mean_sd(ppl);
+      nlohmann::ordered_json stats = {{"samples", num_samples}, {"length", length},
+                                      {"unigram_entropy_mean", h}, {"unigram_entropy_sd", h_sd}};
+      if (!score_with.empty()) {
+        stats["scorer"] = scorer.path;
+        stats["scorer_objective"] = scorer.model->cfg.objective;
+        stats["gen_perplexity"] = std::exp(nll);  // exp of the mean nats/token over all samples' tokens
+        stats["gen_perplexity_mean"] = p;
+        stats["gen_perplexity_sd"] = p_sd;
+        stats["gen_nats_per_token_sd"] = nll_sd;
+        std::fprintf(stderr, "[sample] generative perplexity under %s (%s): %.3f (per sample %.3f +- %.3f)\n",
+                     scorer.path.c_str(), scorer.model->cfg.objective == "ar" ? "exact" : "its bound", std::exp(nll),
+                     p, p_sd);
+      }
+      std::fprintf(stderr, "[sample] unigram entropy per sample: %.3f +- %.3f nats\n", h, h_sd);
+      if (!stats_json.empty()) {
+        std::ofstream sf(stats_json);
+        sf << stats.dump(2) << "\n";
+        sf.close();
+        SEDD_CHECK(!sf.fail(), "{}: cannot write", stats_json);
       }
       std::fprintf(stderr, "[sample] %lld samples in %.2f s: %.2f samples/s, %.0f tokens/s; rank 0 ran the body %lld "
                    "times (%lld sample rows, %lld reused)%s%s\n",

@@ -1,6 +1,6 @@
 // TokenStream: the per-rank streaming reader of a sharded token dataset.
 //
-// Global order (DESIGN.md §5): each shard is cut into windows of seq_len tokens; epoch e
+// Global order (docs/DESIGN.md, "Formats"): each shard is cut into windows of seq_len tokens; epoch e
 // visits all windows in a permutation seeded by (seed, e). Global sequence k is a pure function
 // of (seed, k) and never of the world size; rank r of W takes rows [r B/W, (r+1) B/W) of every
 // global batch of B sequences. The position (global sequences consumed) is all a checkpoint

@@ -1,4 +1,4 @@
-// Absorbing and uniform graphs; math in DESIGN.md §3 and graph.h.
+// Absorbing and uniform graphs; math in docs/DESIGN.md, "Graphs", and graph.h.
 #include "diffusion/graph.h"
 
 #include "diffusion/categorical.h"

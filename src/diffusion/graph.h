@@ -1,4 +1,4 @@
-// Forward graphs of the discrete diffusion (DESIGN.md §3): the rate matrix Q, its exponential,
+// Forward graphs of the discrete diffusion (docs/DESIGN.md, "Graphs"): the rate matrix Q, its exponential,
 // forward corruption, the score-entropy loss and the pieces of the reverse process.
 //
 // Shapes: x is an int64 index tensor of any batch shape [...]; per-position vectors are

@@ -1,4 +1,4 @@
-// The training objective (DESIGN.md §3): per sequence sigma'(t) * sum_l score_entropy_l.
+// The score-entropy training loss (docs/DESIGN.md, "Objectives"): per sequence sigma'(t) * sum_l score_entropy_l.
 #pragma once
 #include <torch/torch.h>
 

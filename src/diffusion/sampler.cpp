@@ -32,9 +32,12 @@ void Constraint::validate(int64_t length, int64_t vocab) const {
     SEDD_CHECK(tokens[i] >= 0 && tokens[i] < vocab, "conditioning token id {} at position {} is not in the vocabulary (size {})",
                tokens[i], positions[i], vocab);
   }
+  SEDD_CHECK(context_length() <= length, "conditioning context of {} tokens is longer than the sequence ({})",
+             context_length(), length);
 }
 
 void Constraint::apply(torch::Tensor& x) const {
+  if (context.defined()) x.narrow(1, 0, context.size(1)).copy_(context);
   if (positions.empty()) return;
   auto pos = torch::tensor(positions, torch::kLong).to(x.device());
   auto tok = torch::tensor(tokens, torch::kLong).to(x.device());
@@ -185,6 +188,7 @@ torch::Tensor sample_autoregressive(ScoreModel& model, int64_t N, int64_t L, con
   std::vector<int64_t> fixed(L, -1);
   for (size_t i = 0; i < constraint.positions.size(); ++i) fixed[constraint.positions[i]] = constraint.tokens[i];
   int64_t prefix = 0;
+  for (int64_t j = 0; j < constraint.context_length(); ++j) fixed[j] = std::max<int64_t>(fixed[j], 0);
   while (prefix < L && fixed[prefix] >= 0) ++prefix;
   for (int64_t j = prefix; j < L; ++j)
     SEDD_CHECK(fixed[j] < 0,
@@ -228,6 +232,34 @@ torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, 
   if (name == "mdlm" || name == "d3pm") return sample_ancestral(graph, noise, model, length, cfg, constraint, ids, progress);
   SEDD_CHECK(name == "ar", "sampler: unknown objective '{}'", name);
   return sample_autoregressive(model, graph.tokens(), length, cfg, constraint, ids, progress);
+}
+
+torch::Tensor sample_blocks(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t total_length,
+                            int64_t window, int64_t block, const SamplerConfig& cfg, const Constraint& constraint,
+                            const torch::Tensor& sample_ids, torch::Device device,
+                            const std::function<void(int64_t, int64_t)>& progress) {
+  SEDD_CHECK(block >= 1 && block < window, "--block-size must be in [1, {}) (the model's window), got {}", window, block);
+  SEDD_CHECK(total_length > window, "block generation is for lengths beyond the window ({}), got {}", window,
+             total_length);
+  for (int64_t p : constraint.positions)
+    SEDD_CHECK(p < window, "conditioning position {} lies beyond the first window ({} tokens): with block generation, "
+               "only the first window can be conditioned (a prefix)", p, window);
+  const int64_t blocks = 1 + (total_length - window + block - 1) / block;
+  int64_t done_blocks = 0;
+  auto report = [&](int64_t s, int64_t n) {
+    if (progress) progress(done_blocks * n + s, blocks * n);
+  };
+  torch::Tensor out = sample(graph, noise, model, window, cfg, constraint, sample_ids, device, report);
+  while (out.size(1) < total_length) {
+    ++done_blocks;
+    Constraint ctx;  // every sample continues its own text: a per-row context
+    ctx.context = out.narrow(1, out.size(1) - (window - block), window - block).contiguous();
+    SamplerConfig c = cfg;
+    c.seed = cfg.seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(done_blocks));
+    auto next = sample(graph, noise, model, window, c, ctx, sample_ids, device, report);
+    out = torch::cat({out, next.narrow(1, window - block, block)}, 1);
+  }
+  return out.narrow(1, 0, total_length);
 }
 
 }  // namespace sedd

@@ -55,12 +55,15 @@ struct SamplerConfig {
   void validate() const;
 };
 
-// Positions fixed to given tokens in every row (prefix, suffix, infill).
+// Positions fixed to given tokens in every row (prefix, suffix, infill), and optionally a context
+// of its own for every row: its first C positions (block generation).
 struct Constraint {
   std::vector<int64_t> positions;
   std::vector<int64_t> tokens;
+  torch::Tensor context;  // int64 [B, C] or undefined
   void validate(int64_t length, int64_t vocab) const;
   void apply(torch::Tensor& x) const;  // x [B, L]
+  int64_t context_length() const { return context.defined() ? context.size(1) : 0; }
 };
 
 // Draws the samples whose global indices are `sample_ids` (int64 [B]): returns [B, length] int64
@@ -72,5 +75,15 @@ struct Constraint {
 torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t length,
                      const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& sample_ids,
                      torch::Device device, const std::function<void(int64_t, int64_t)>& progress = {});
+
+// Generation past the model's window (semi-autoregressive): the first `window` tokens are sampled
+// as usual (with `constraint`, which must lie inside them); then, until `total_length`, each step
+// samples a window whose first window - block tokens are the last ones generated so far (fixed)
+// and keeps its last `block` tokens. Block k draws from the seed mixed with k, so sample i still
+// depends only on (seed, i). Returns [B, total_length].
+torch::Tensor sample_blocks(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t total_length,
+                            int64_t window, int64_t block, const SamplerConfig& cfg, const Constraint& constraint,
+                            const torch::Tensor& sample_ids, torch::Device device,
+                            const std::function<void(int64_t, int64_t)>& progress = {});
 
 }  // namespace sedd

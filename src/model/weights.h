@@ -1,4 +1,4 @@
-// Weight files. model.h5 (DESIGN.md §5): datasets /model/<state-dict name> and optionally
+// Weight files. model.h5 (docs/DESIGN.md, "Formats"): datasets /model/<state-dict name> and optionally
 // /ema/<state-dict name>; the ModelConfig, step and tokens seen as root attributes, so sampling
 // and evaluation rebuild the network from this one file. Loading is strict: every name and
 // shape must match, or the error lists what is missing, extra or mis-shaped.

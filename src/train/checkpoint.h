@@ -1,4 +1,4 @@
-// Checkpoints (DESIGN.md §5): <run>/checkpoints/step_<N>/ holds model.h5 (weights + EMA +
+// Checkpoints (docs/DESIGN.md, "Formats"): <run>/checkpoints/step_<N>/ holds model.h5 (weights + EMA +
 // config, written by rank 0; sampling and evaluation read only this file), optim/rank_<K>.h5
 // (each rank's slice of the Adam moments with its range in the flat parameter vector) and
 // state.json (step, data position, world size, layout). A checkpoint is written under a
