@@ -1,6 +1,7 @@
 // Samplers and the likelihood bound against distributions whose truth is known exactly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -11,6 +12,8 @@
 #include "eval/elbo.h"
 #include "io/fs.h"
 #include "model/score.h"
+#include "model/weights.h"
+#include "train/checkpoint.h"
 #include "io/error.h"
 #include "test_util.h"
 
@@ -384,4 +387,137 @@ TEST(SamplerGpu, GpuSamplesMatchCpuAndBf16BoundTracksFp32) {
   auto b = elbo_batch(*g, *noise, bf16, x0, 0, ec, torch::kCUDA).bound.mean().item<double>();
   std::cout << "bound fp32 " << a << ", bf16 " << b << " nats/sequence\n";
   EXPECT_LT(std::abs(a - b), 0.005 * std::abs(a));
+}
+
+namespace {
+// A small byte-level corpus and two models trained on it for a few steps: a score-entropy model and
+// an autoregressive one (the scorer of generative perplexity).
+struct TwoModels {
+  TempDir tmp;
+  std::string data, sedd, ar;
+  TwoModels() {
+    std::string text;
+    for (int i = 0; i < 400; ++i) text += "the quick brown fox jumps over the lazy dog; ";
+    std::vector<int64_t> ids(text.begin(), text.end());
+    write_shard(tmp / "a.h5", torch::tensor(ids, torch::kLong), 257, 256, "byte");
+    std::reverse(ids.begin(), ids.end());
+    write_shard(tmp / "b.h5", torch::tensor(ids, torch::kLong), 257, 256, "byte");
+    data = tmp / "a.h5";
+    sedd = tmp / "sedd";
+    ar = tmp / "ar";
+    std::string out;
+    for (auto [dir, extra] : {std::pair{sedd, std::string()},
+                              std::pair{ar, std::string("--diffusion.objective ar --model.time_conditioning false "
+                                                        "--model.scale_by_sigma false")}}) {
+      int rc = run(fmt::format("{} -np 2 {}/sedd-train --data.train {} --run.dir {} --run.device cpu --data.seq_len 32 "
+                               "--model.hidden_size 32 --model.n_heads 2 --model.n_blocks 1 --model.cond_dim 16 "
+                               "--train.batch_size 8 --train.steps 20 --train.lr 3e-3 {}",
+                               kMpirun, bin_dir(), data, dir, extra),
+                   &out);
+      EXPECT_EQ(rc, 0) << out;
+    }
+  }
+};
+
+std::vector<nlohmann::json> jsonl(const std::string& f) {
+  std::vector<nlohmann::json> v;
+  std::ifstream in(f);
+  for (std::string line; std::getline(in, line);) v.push_back(nlohmann::json::parse(line));
+  return v;
+}
+}  // namespace
+
+// Past the training length: block by block, the prefix kept, the same samples for any batching and
+// rank count; generative perplexity under an autoregressive scorer equals its exact likelihood of
+// the samples, and the unigram entropy is that of each sample's token counts.
+TEST(SamplerCli, BlocksPastTheWindowAndGenerativePerplexity) {
+  TwoModels t;
+  std::string out;
+  auto cmd = [&](int np, int batch, const std::string& file, const std::string& extra) {
+    return fmt::format("{} -np {} {}/sedd-sample --checkpoint {} --num-samples 5 --steps 12 --length 100 --block-size 20 "
+                       "--batch-size {} --prefix 'the ' --seed 3 --out {} {}",
+                       kMpirun, np, bin_dir(), t.sedd, batch, file, extra);
+  };
+  ASSERT_EQ(run(cmd(1, 5, t.tmp / "a.jsonl", "--score-with " + t.ar + " --stats " + (t.tmp / "st.json")), &out), 0) << out;
+  ASSERT_EQ(run(cmd(2, 2, t.tmp / "b.jsonl", ""), &out), 0) << out;
+  auto a = jsonl(t.tmp / "a.jsonl"), b = jsonl(t.tmp / "b.jsonl");
+  ASSERT_EQ(a.size(), 5u);
+  auto scorer = load_model_file(resolve_model_file(t.ar), true);
+  scorer->eval();
+  DDiTScore score(scorer, false);
+  auto g = make_graph(scorer->cfg.graph, scorer->cfg.tokens);
+  auto noise = make_noise(scorer->cfg.noise);
+  ElboConfig ec{2, "antithetic", 0};
+  ec.objective = ObjectiveSpec{"ar", 0, scorer->cfg.bos};
+  std::vector<int64_t> all;
+  double nll_sum = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    auto ids = a[i]["ids"].get<std::vector<int64_t>>();
+    ASSERT_EQ(ids.size(), 100u);
+    EXPECT_EQ(a[i]["text"].get<std::string>().substr(0, 4), "the ");
+    EXPECT_EQ(a[i]["ids"], b[i]["ids"]) << "batching or ranks changed block-generated sample " << i;
+    auto x = torch::tensor(ids, torch::kLong).unsqueeze(0);
+    double nll = elbo_batch(*g, *noise, score, x, 0, ec, torch::kCPU).bound[0].item<double>() / 100;
+    nll_sum += nll;
+    EXPECT_NEAR(a[i]["gen_perplexity"].get<double>(), std::exp(nll), 1e-6 * std::exp(nll)) << i;
+    auto f = torch::bincount(x[0]).to(torch::kDouble) / 100.0;
+    double h = -(f * torch::where(f > 0, f.log(), torch::zeros_like(f))).sum().item<double>();
+    EXPECT_NEAR(a[i]["unigram_entropy"].get<double>(), h, 1e-9) << i;
+  }
+  auto st = nlohmann::json::parse(fs::read_text(t.tmp / "st.json"));
+  EXPECT_NEAR(st["gen_perplexity"].get<double>(), std::exp(nll_sum / 5), 1e-6 * std::exp(nll_sum / 5));
+  EXPECT_EQ(st["scorer_objective"], "ar");
+  EXPECT_GT(st["unigram_entropy_sd"].get<double>(), 0.0);
+  // A suffix cannot condition block generation; a block as long as the window is refused.
+  EXPECT_NE(run(cmd(1, 5, t.tmp / "c.jsonl", "--suffix dog"), &out), 0);
+  EXPECT_NE(out.find("block generation conditions the first block only"), std::string::npos) << out;
+  EXPECT_NE(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} --length 100 --block-size 32", kMpirun, bin_dir(),
+                            t.sedd),
+                &out),
+            0);
+  EXPECT_NE(out.find("--block-size must be in [1, 32)"), std::string::npos) << out;
+}
+
+// Several datasets in one run (--data NAME=GLOB repeated and a --suite file): one table, JSON rows
+// equal to evaluating each dataset alone; another tokenizer's data is refused.
+TEST(ElboCli, SeveralDatasetsInOneTableAndJson) {
+  TwoModels t;
+  std::string out;
+  std::ofstream(t.tmp / "suite.txt") << "# held-out sets\nforward " << (t.tmp / "a.h5") << "\nbackward=" << (t.tmp / "b.h5")
+                                     << "\n";
+  auto eval = [&](const std::string& args, const std::string& json) {
+    return run(fmt::format("{} -np 2 {}/sedd-eval --checkpoint {} --mc-samples 4 --max-sequences 12 {} --json {}",
+                           kMpirun, bin_dir(), t.sedd, args, json),
+               &out);
+  };
+  ASSERT_EQ(eval("--suite " + (t.tmp / "suite.txt"), t.tmp / "both.json"), 0) << out;
+  EXPECT_NE(out.find("forward"), std::string::npos) << out;
+  EXPECT_NE(out.find("backward"), std::string::npos) << out;
+  EXPECT_NE(out.find("packing: documents concatenated"), std::string::npos) << out;
+  ASSERT_EQ(eval("--data back=" + (t.tmp / "b.h5"), t.tmp / "one.json"), 0) << out;
+  auto both = nlohmann::json::parse(fs::read_text(t.tmp / "both.json"));
+  auto one = nlohmann::json::parse(fs::read_text(t.tmp / "one.json"));
+  ASSERT_EQ(both["datasets"].size(), 2u);
+  EXPECT_EQ(both["datasets"][1]["dataset"], "backward");
+  EXPECT_DOUBLE_EQ(both["datasets"][1]["nats_per_token"].get<double>(), one["nats_per_token"].get<double>());
+  EXPECT_NE(both["datasets"][0]["nats_per_token"], both["datasets"][1]["nats_per_token"]);
+  EXPECT_EQ(one["tokens"].get<int64_t>(), 12 * 32);
+  EXPECT_GT(one["stderr_data_nats_per_token"].get<double>(), 0.0);
+  // Data tokenized with another tokenizer (same vocabulary size) is refused by name.
+  write_shard(t.tmp / "other.h5", torch::randint(256, {4000}), 257, 256, "{\"model\": {\"type\": \"BPE\"}}");
+  EXPECT_NE(eval("--data " + (t.tmp / "other.h5"), t.tmp / "x.json"), 0);
+  EXPECT_NE(out.find("another tokenizer than the model"), std::string::npos) << out;
+  // sedd-compare puts both models on the same data in one table.
+  ASSERT_EQ(run(fmt::format("{} -np 2 {}/sedd-compare --checkpoint {} --checkpoint {} --data {} --mc-samples 4 "
+                            "--max-sequences 12 --json {}",
+                            kMpirun, bin_dir(), t.sedd, t.ar, t.data, t.tmp / "cmp.json"),
+                &out),
+            0)
+      << out;
+  auto cmp = nlohmann::json::parse(fs::read_text(t.tmp / "cmp.json"));
+  ASSERT_EQ(cmp.size(), 2u);
+  EXPECT_EQ(cmp[0]["objective"], "sedd-absorb");
+  EXPECT_EQ(cmp[1]["objective"], "ar");
+  EXPECT_TRUE(cmp[1]["exact"].get<bool>());
+  EXPECT_GT(cmp[0]["parameters"].get<int64_t>(), 0);
 }
