@@ -49,16 +49,20 @@ void uniform_cpu(const philox::Stream& s, const int64_t* rows, const int64_t* of
 template <typename T>
 void categorical_cpu(const philox::Stream& s, const T* w, const int64_t* rows, const int64_t* offs, int64_t n,
                      int64_t cols, int64_t* out) {
-  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint64_t row = static_cast<uint64_t>(rows[r]);
       const T* wr = w + r * cols;
-      double best = -1;
+      double total = 0;
+      for (int64_t c = 0; c < cols; ++c) total += static_cast<double>(wr[c]);
+      const double threshold = s.uniform_double(static_cast<uint64_t>(rows[r]), static_cast<uint64_t>(offs[r])) * total;
+      double run = 0;
       int64_t arg = 0;
       for (int64_t c = 0; c < cols; ++c) {
-        double e = -std::log(s.uniform_open_double(row, static_cast<uint64_t>(offs[r] + c)));
-        double v = static_cast<double>(wr[c]) / e;
-        if (v > best) best = v, arg = c;
+        run += static_cast<double>(wr[c]);
+        if (run > threshold) {
+          arg = c;
+          break;
+        }
       }
       out[r] = arg;
     }
@@ -111,18 +115,22 @@ torch::Tensor keyed_categorical(const torch::Tensor& weights_in, const RandomStr
   const int64_t n = w.size(0), cols = w.size(1);
   torch::Tensor out = torch::zeros({n}, rows.options());
   if (n == 0 || cols == 0) return out;
-  const philox::Stream ps = s.philox();
   if (w.is_cuda()) {
-#ifdef SEDD_HAVE_CUDA_KERNELS
-    c10::cuda::CUDAGuard guard(w.device());
-    cuda::keyed_categorical(ps, w.data_ptr(), w.scalar_type() == torch::kDouble, rows.data_ptr<int64_t>(),
-                            offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>(),
-                            c10::cuda::getCurrentCUDAStream().stream());
+    // Device: the same inverse-CDF rule with a cumulative sum and a sorted search, in row chunks so
+    // the float64 sums stay below 512 MB.
+    auto u = keyed_uniform(s, rows, 1, torch::kDouble, offs);  // [n, 1]
+    const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 26) / cols);
+    for (int64_t i = 0; i < n; i += chunk) {
+      const int64_t m = std::min(chunk, n - i);
+      auto cum = w.narrow(0, i, m).to(torch::kDouble).cumsum(1);
+      auto threshold = u.narrow(0, i, m) * cum.narrow(1, cols - 1, 1);
+      auto idx = torch::searchsorted(cum, threshold, /*out_int32=*/false, /*right=*/true).squeeze(1);
+      auto positive = cum.select(1, cols - 1) > 0;  // a row of zeros draws 0, like the CPU loop
+      out.narrow(0, i, m).copy_(torch::where(positive, idx.clamp_max(cols - 1), torch::zeros_like(idx)));
+    }
     return out;
-#else
-    return keyed_categorical(w.cpu(), s, rows.cpu(), offs.cpu()).to(w.device());
-#endif
   }
+  const philox::Stream ps = s.philox();
   if (w.scalar_type() == torch::kDouble)
     categorical_cpu(ps, w.data_ptr<double>(), rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>());
   else

@@ -3,8 +3,8 @@
 // draw belongs to (a sequence of the global batch, a sample) and `col` the element inside it (a
 // position, a vocabulary entry). A draw therefore never depends on the batch it was computed in,
 // on the rank that computed it, on the world size or on the device: the CPU loops and the CUDA
-// kernels below compute bit-identical uniforms (categorical draws can differ only where two
-// candidates tie to the last bit of the device's log()).
+// kernels below compute bit-identical uniforms (categorical draws can differ only where a uniform
+// falls within rounding of a boundary of the cumulative weights, whose sums run in another order).
 #pragma once
 #include <torch/torch.h>
 
@@ -17,7 +17,7 @@ namespace purpose {
 constexpr uint64_t kTrainTime = 1;      // row: sequence of the global batch
 constexpr uint64_t kCorrupt = 2;        // row: sequence, col: position
 constexpr uint64_t kRedraw = 3;         // uniform graph's replacement token; row: sequence, col: position
-constexpr uint64_t kSample = 4;         // sampler's categorical draws; row: sample, col: position * dim + token
+constexpr uint64_t kSample = 4;         // sampler's categorical draws; row: sample, col: position * dim
 constexpr uint64_t kSampleStart = 5;    // sampler's start (uniform graph); row: sample, col: position
 constexpr uint64_t kEvalTime = 6;       // likelihood-bound times; row: sequence, col: draw
 constexpr uint64_t kEvalCorrupt = 7;    // row: sequence, col: draw * L + position (step = 0)
@@ -37,10 +37,10 @@ struct RandomStream {
 torch::Tensor keyed_uniform(const RandomStream& s, const torch::Tensor& rows, int64_t cols, torch::ScalarType dtype,
                             const torch::Tensor& col_offset = {});
 
-// One categorical draw per row from unnormalised, non-negative weights [R, K] (float32/float64):
-// argmax_c weights[r, c] / E[r, c] with E = -log U(stream, rows[r], col_offset[r] + c) ~ Exp(1)
-// (Gumbel-max in exponential form, float64 uniforms), without materialising the draws.
-// Returns int64 [R]. A row of zeros returns 0.
+// One categorical draw per row from unnormalised, non-negative weights [R, K] (float32/float64)
+// by the inverse of the cumulative weights: row r takes the first c whose running sum (float64)
+// exceeds U(stream, rows[r], col_offset[r]) times the row's total. One uniform per row; entries of
+// weight 0 are never drawn; a row of zeros returns 0. Returns int64 [R].
 torch::Tensor keyed_categorical(const torch::Tensor& weights, const RandomStream& s, const torch::Tensor& rows,
                                 const torch::Tensor& col_offset = {});
 

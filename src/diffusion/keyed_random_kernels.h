@@ -13,8 +13,4 @@ namespace sedd::cuda {
 void keyed_uniform(philox::Stream s, const int64_t* rows, const int64_t* col_offset, int64_t n_rows, int64_t cols,
                    void* out, bool double_out, cudaStream_t stream);
 
-// out[r] = argmax_c w[r, c] / -log(uniform(rows[r], col_offset[r] + c)).
-void keyed_categorical(philox::Stream s, const void* weights, bool double_weights, const int64_t* rows,
-                       const int64_t* col_offset, int64_t n_rows, int64_t cols, int64_t* out, cudaStream_t stream);
-
 }  // namespace sedd::cuda
