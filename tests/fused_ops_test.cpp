@@ -25,35 +25,7 @@ namespace {
 
 namespace F = torch::nn::functional;
 
-using Op = std::function<Tensor(const std::vector<Tensor>&)>;
-
-// op(inputs) followed by the gradients of sum(op(inputs) * probe) for each input with a
-// non-empty name, each on fresh leaves.
-std::vector<std::pair<std::string, Tensor>> value_and_grads(const Op& op, const std::vector<Tensor>& inputs,
-                                                            const std::vector<std::string>& names, const Tensor& probe) {
-  std::vector<Tensor> leaves, wrt;
-  std::vector<std::string> wrt_names;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (!inputs[i].defined() || names.at(i).empty()) {
-      leaves.push_back(inputs[i]);
-      continue;
-    }
-    leaves.push_back(inputs[i].detach().clone().requires_grad_(true));
-    wrt.push_back(leaves.back());
-    wrt_names.push_back("grad " + names[i]);
-  }
-  Tensor out = op(leaves);
-  auto grads = torch::autograd::grad({out}, wrt, {probe.to(out.scalar_type())}, false, false, true);
-  std::vector<std::pair<std::string, Tensor>> result{{"output", out.detach()}};
-  for (size_t i = 0; i < grads.size(); ++i) result.emplace_back(wrt_names[i], grads[i]);
-  return result;
-}
-
-// max |a - b| / max |b|, in float64 on the CPU.
-double normalised_error(const Tensor& a, const Tensor& b) {
-  auto ad = a.detach().to(torch::kCPU, torch::kDouble), bd = b.detach().to(torch::kCPU, torch::kDouble);
-  return (ad - bd).abs().max().item<double>() / std::max(bd.abs().max().item<double>(), 1e-300);
-}
+using Op = TensorOp;
 
 // |a - b| / |b| (Frobenius norms) over every entry of two value-and-gradient lists, in float64.
 double relative_l2_error(const std::vector<std::pair<std::string, Tensor>>& a,

@@ -117,7 +117,8 @@ TEST(Sampler, PrefixSuffixAndInfillAreAlwaysHonoured) {
   }
 }
 
-TEST(Sampler, ExactCacheGivesIdenticalSamplesWithFewerEvaluations) {
+namespace {
+DDiT random_sampler_model(bool time_conditioning) {
   ModelConfig cfg;
   cfg.tokens = 20;
   cfg.hidden_size = 32;
@@ -125,14 +126,19 @@ TEST(Sampler, ExactCacheGivesIdenticalSamplesWithFewerEvaluations) {
   cfg.n_blocks = 2;
   cfg.cond_dim = 16;
   cfg.length = 24;
-  cfg.time_conditioning = false;
+  cfg.time_conditioning = time_conditioning;
   torch::manual_seed(1);
   DDiT m(cfg);
-  {
-    torch::NoGradGuard ng;
-    for (auto& t : m->parameters()) t.normal_(0, 0.2);
-  }
+  torch::NoGradGuard ng;
+  for (auto& t : m->parameters()) t.normal_(0, 0.2);
   m->eval();
+  return m;
+}
+}  // namespace
+
+TEST(Sampler, ExactCacheGivesIdenticalSamplesWithFewerEvaluations) {
+  DDiT m = random_sampler_model(false);
+  ModelConfig cfg = m->cfg;
   auto g = make_graph("absorb", cfg.tokens);
   auto noise = make_noise(cfg.noise);
   for (int64_t steps : {16, 128}) {
@@ -252,24 +258,6 @@ TEST(Elbo, TrainedModelBoundsTheTrueEntropyOfAMarkovChain) {
   EXPECT_EQ(j["tokens"].get<int64_t>(), 128 * L);
 }
 
-namespace {
-DDiT random_sampler_model(bool time_conditioning) {
-  ModelConfig cfg;
-  cfg.tokens = 20;
-  cfg.hidden_size = 32;
-  cfg.n_heads = 2;
-  cfg.n_blocks = 2;
-  cfg.cond_dim = 16;
-  cfg.length = 24;
-  cfg.time_conditioning = time_conditioning;
-  torch::manual_seed(1);
-  DDiT m(cfg);
-  torch::NoGradGuard ng;
-  for (auto& t : m->parameters()) t.normal_(0, 0.2);
-  m->eval();
-  return m;
-}
-}  // namespace
 
 // Sample i depends on (seed, i) only: not on the batch it runs in, its place there or the other rows.
 TEST(Sampler, DrawsDependOnlyOnTheSeedAndTheSampleIndex) {
@@ -518,6 +506,7 @@ TEST(ElboCli, SeveralDatasetsInOneTableAndJson) {
   ASSERT_EQ(cmp.size(), 2u);
   EXPECT_EQ(cmp[0]["objective"], "sedd-absorb");
   EXPECT_EQ(cmp[1]["objective"], "ar");
+  EXPECT_EQ(cmp[0]["model"].get<std::string>(), fmt::format("{}", t.sedd)) << "rows are named as given";
   EXPECT_TRUE(cmp[1]["exact"].get<bool>());
   EXPECT_GT(cmp[0]["parameters"].get<int64_t>(), 0);
 }

@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     rt.select_device(device);
     ControlPlane control;
     struct Row {
-      std::string path, objective;
+      std::string given, path, objective;  // given: the --checkpoint argument, the table's name
       int64_t params, tokens_seen;
       EvalSummary s;
     };
@@ -53,22 +53,23 @@ int main(int argc, char** argv) {
       for (const auto& d : data) {
         auto [name, glob] = parse_named_dataset(d);
         if (rt.is_root()) std::fprintf(stderr, "[compare] %s on %s\n", m.path.c_str(), name.c_str());
-        rows.push_back({m.path, cfg.objective + (cfg.objective == "sedd" || cfg.objective == "d3pm" ? "-" + cfg.graph : ""),
+        rows.push_back({ckpt, m.path, cfg.objective + (cfg.objective == "sedd" || cfg.objective == "d3pm" ? "-" + cfg.graph : ""),
                         m.model->parameter_count(), m.info.tokens_seen,
                         evaluate_dataset(score, cfg, name, glob, o, rt.device, control)});
       }
     }
     if (rt.is_root()) {
-      std::printf("%-40s %-14s %10s %12s %-12s %20s %12s\n", "checkpoint", "objective", "params", "tokens seen",
+      std::printf("%-40s %-14s %10s %12s %-12s %20s %12s\n", "model", "objective", "params", "tokens seen",
                   "dataset", "nats/token", "perplexity");
       nlohmann::ordered_json j = nlohmann::ordered_json::array();
       for (const auto& r : rows) {
-        std::string where = r.path.size() > 40 ? "..." + r.path.substr(r.path.size() - 37) : r.path;
+        std::string where = r.given.size() > 40 ? "..." + r.given.substr(r.given.size() - 37) : r.given;
         const double se = std::hypot(r.s.stderr_mc, r.s.stderr_data);
         std::printf("%-40s %-14s %10lld %12lld %-12s %10.4f +- %.4f %s %9.3f\n", where.c_str(), r.objective.c_str(),
                     static_cast<long long>(r.params), static_cast<long long>(r.tokens_seen), r.s.name.c_str(),
                     r.s.nats_per_token, se, r.s.exact ? " =" : "<=", r.s.perplexity());
-        j.push_back({{"checkpoint", r.path},
+        j.push_back({{"model", r.given},
+                     {"checkpoint", r.path},
                      {"objective", r.objective},
                      {"parameters", r.params},
                      {"tokens_seen", r.tokens_seen},

@@ -149,13 +149,18 @@ class NcclCommunicator final : public Communicator {
     watch_on(s, "broadcast");
   }
 
-  std::unique_ptr<Work> reduce_scatter_async(const torch::Tensor& full, torch::Tensor& mine, ReduceOp op,
-                                             const std::string& what) override {
+  // `full` on this device splits into `size_` chunks shaped like `mine`.
+  void check_chunked(const torch::Tensor& full, const torch::Tensor& mine, const std::string& what) const {
     check_collective_tensor(full, device(), "NCCL", what);
     check_collective_tensor(mine, device(), "NCCL", what);
     SEDD_CHECK(full.numel() == mine.numel() * size_ && full.scalar_type() == mine.scalar_type(),
                "NCCL communicator: {}: {} elements do not split into {} chunks of {}", what, full.numel(), size_,
                mine.numel());
+  }
+
+  std::unique_ptr<Work> reduce_scatter_async(const torch::Tensor& full, torch::Tensor& mine, ReduceOp op,
+                                             const std::string& what) override {
+    check_chunked(full, mine, what);
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
     begin_on_comm_stream({full, mine});
     SEDD_NCCL(ncclReduceScatter(full.data_ptr(), mine.data_ptr(), mine.numel(), nccl_type(full), nccl_op(op), comm_,
@@ -166,11 +171,7 @@ class NcclCommunicator final : public Communicator {
 
   std::unique_ptr<Work> all_gather_async(const torch::Tensor& mine, torch::Tensor& full,
                                          const std::string& what) override {
-    check_collective_tensor(full, device(), "NCCL", what);
-    check_collective_tensor(mine, device(), "NCCL", what);
-    SEDD_CHECK(full.numel() == mine.numel() * size_ && full.scalar_type() == mine.scalar_type(),
-               "NCCL communicator: {}: {} elements do not split into {} chunks of {}", what, full.numel(), size_,
-               mine.numel());
+    check_chunked(full, mine, what);
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
     begin_on_comm_stream({full, mine});
     // In place when mine is full's chunk `rank` (NCCL allows exactly that aliasing).

@@ -393,30 +393,9 @@ bool fused_ops_built() {
 #endif
 }
 
-namespace {
-
-constexpr int kMaxDevices = 64;
-enum DeviceState : int { kUnchecked = 0, kActive = 1, kOff = 2 };
-std::array<std::atomic<int>, kMaxDevices> g_state{};
-std::array<std::string, kMaxDevices> g_reason;  // why a device is off; written under g_mutex
-std::mutex g_mutex;
-
-// Autocast off (the self-check chooses every dtype itself), restored on exit.
-struct NoCudaAutocast {
-  NoCudaAutocast() : prev(at::autocast::is_autocast_enabled(at::kCUDA)) {
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-  }
-  ~NoCudaAutocast() { at::autocast::set_autocast_enabled(at::kCUDA, prev); }
-  bool prev;
-};
-
-std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
-
-using Op = std::function<Tensor(const std::vector<Tensor>&)>;
-
 // op(inputs) and the gradients of sum(op(inputs) * probe) for the inputs with a name in `names`
 // (an empty name: no gradient), on leaves of their own (so two paths never share a graph).
-std::vector<std::pair<std::string, Tensor>> value_and_grads(const Op& op, const std::vector<Tensor>& inputs,
+std::vector<std::pair<std::string, Tensor>> value_and_grads(const TensorOp& op, const std::vector<Tensor>& inputs,
                                                             const std::vector<std::string>& names, const Tensor& probe) {
   std::vector<Tensor> leaves, wrt;
   std::vector<std::string> wrt_names;
@@ -446,9 +425,28 @@ double normalised_error(const Tensor& a, const Tensor& b) {
   return (ad - bd).abs().max().item<double>() / scale;
 }
 
+namespace {
+
+constexpr int kMaxDevices = 64;
+enum DeviceState : int { kUnchecked = 0, kActive = 1, kOff = 2 };
+std::array<std::atomic<int>, kMaxDevices> g_state{};
+std::array<std::string, kMaxDevices> g_reason;  // why a device is off; written under g_mutex
+std::mutex g_mutex;
+
+// Autocast off (the self-check chooses every dtype itself), restored on exit.
+struct NoCudaAutocast {
+  NoCudaAutocast() : prev(at::autocast::is_autocast_enabled(at::kCUDA)) {
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
+  }
+  ~NoCudaAutocast() { at::autocast::set_autocast_enabled(at::kCUDA, prev); }
+  bool prev;
+};
+
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
 // Compares `fused` on `inputs` with `plain` on the same values in float32 (bf16 inputs upcast:
 // the reference is the exact plain math, so the differences are the kernels' own roundings).
-std::string compare(const std::string& name, const Op& fused, const Op& plain, const std::vector<Tensor>& inputs,
+std::string compare(const std::string& name, const TensorOp& fused, const TensorOp& plain, const std::vector<Tensor>& inputs,
                     const std::vector<std::string>& names, const Tensor& probe, double tol) {
   std::vector<Tensor> upcast;
   for (const auto& t : inputs) upcast.push_back(t.defined() && t.is_floating_point() ? t.to(torch::kFloat) : t);
@@ -485,7 +483,7 @@ std::string fused_ops_self_check(const torch::Device& device) {
       // The model's mix: float32 residual stream, modulation in the autocast dtype, output in it.
       std::vector<Tensor> ln_in{randn({B, L, D}, f32) * 2 + 0.5, 1 + 0.2 * randn({D}, f32), randn({B, 1, D}, low),
                                 0.3 * randn({B, 1, D}, low)};
-      auto ln = [low](bool fused) -> Op {
+      auto ln = [low](bool fused) -> TensorOp {
         return [fused, low](const std::vector<Tensor>& a) {
           return fused ? layer_norm_modulate_fused(a[0], a[1], a[2], a[3], low)
                        : layer_norm_modulate_plain(a[0], a[1], a[2], a[3], torch::kFloat);
@@ -499,7 +497,7 @@ std::string fused_ops_self_check(const torch::Device& device) {
       const bool with_dropout = D == 200;  // and with bias; D = 66 without either
       std::vector<Tensor> gr_in{randn({B, L, D}, f32), randn({B, L, D}, low),
                                 with_dropout ? randn({D}, f32) : Tensor(), randn({B, 1, D}, low)};
-      auto gr = [&key, with_dropout](bool fused) -> Op {
+      auto gr = [&key, with_dropout](bool fused) -> TensorOp {
         return [fused, &key, with_dropout](const std::vector<Tensor>& a) {
           return fused ? gated_residual_fused(a[0], a[1], a[2], a[3], 0.25, with_dropout, &key, 5)
                        : gated_residual_plain(a[0], a[1], a[2], a[3], 0.25, with_dropout, &key, 5);
@@ -515,7 +513,7 @@ std::string fused_ops_self_check(const torch::Device& device) {
       const int64_t H = 5;
       Tensor qkv = randn({B, L, 3, H, Dh}, low);
       Tensor inv_freq = 1.0 / torch::pow(10000.0, torch::arange(0, Dh, 2, torch::kFloat) / static_cast<double>(Dh));
-      auto rot = [](bool fused) -> Op {
+      auto rot = [](bool fused) -> TensorOp {
         return [fused](const std::vector<Tensor>& a) {
           return fused ? rotary_fused(a[0].select(2, 1), a[1]) : rotary_plain(a[0].select(2, 1), a[1]);
         };

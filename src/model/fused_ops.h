@@ -9,6 +9,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -52,6 +53,17 @@ torch::Tensor gated_residual_fused(const torch::Tensor& x, const torch::Tensor& 
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& inv_freq);
 torch::Tensor rotary_plain(const torch::Tensor& x, const torch::Tensor& inv_freq);
 torch::Tensor rotary_fused(const torch::Tensor& x, const torch::Tensor& inv_freq);
+
+// Comparison helpers of the runtime self-check, shared with the tests.
+using TensorOp = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
+// op(inputs) and the gradients of sum(op(inputs) * probe) for the inputs with a name in `names`
+// (an empty name: no gradient), on leaves of their own (so two paths never share a graph).
+std::vector<std::pair<std::string, torch::Tensor>> value_and_grads(const TensorOp& op,
+                                                                   const std::vector<torch::Tensor>& inputs,
+                                                                   const std::vector<std::string>& names,
+                                                                   const torch::Tensor& probe);
+// max |a - b| / max |b| over the elements, in float64 (a missing gradient counts as zeros).
+double normalised_error(const torch::Tensor& a, const torch::Tensor& b);
 
 // True when this build has the CUDA kernels.
 bool fused_ops_built();

@@ -147,6 +147,14 @@ std::vector<std::pair<int64_t, std::string>> committed(const std::string& root) 
 bool looks_complete(const std::string& dir) {
   return stdfs::exists(dir + "/model.h5") && stdfs::exists(dir + "/state.json") && stdfs::is_directory(dir + "/optim");
 }
+json read_state_json(const std::string& path) {
+  try {
+    return json::parse(fs::read_text(path));
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON ({})", path, e.what());
+  }
+}
+
 }  // namespace
 
 std::vector<std::string> Checkpointer::resume_candidates(std::string* note) const {
@@ -179,12 +187,7 @@ std::optional<std::string> Checkpointer::latest() const {
 
 TrainState Checkpointer::read_state(const std::string& dir) const {
   const std::string path = dir + "/state.json";
-  json state;
-  try {
-    state = json::parse(fs::read_text(path));
-  } catch (const json::exception& e) {
-    fail("{}: not valid JSON ({})", path, e.what());
-  }
+  json state = read_state_json(path);
   TrainState st;
   try {
     int64_t version = state.value("format_version", int64_t{1});
@@ -272,12 +275,7 @@ TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW&
 
 void mark_stopped_for_requeue(const std::string& dir) {
   const std::string path = dir + "/state.json";
-  json state;
-  try {
-    state = json::parse(fs::read_text(path));
-  } catch (const json::exception& e) {
-    fail("{}: not valid JSON ({})", path, e.what());
-  }
+  json state = read_state_json(path);
   state["stopped_for_requeue"] = true;
   fs::write_text_atomic(path, state.dump(2));
 }
