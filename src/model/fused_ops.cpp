@@ -252,7 +252,7 @@ class GatedResidualFn : public torch::autograd::Function<GatedResidualFn> {
                  "gated_residual backward");
     grads[0] = g;  // d out / d x = 1
     grads[1] = g_branch;
-    if (bias32.defined()) grads[2] = part_b.sum({0, 1}).to(dtype("bias_dtype"));
+    if (bias32.defined()) grads[2] = part_b.sum(torch::IntArrayRef{0, 1}).to(dtype("bias_dtype"));
     grads[3] = part_g.sum(0).view({B, 1, D}).to(dtype("gate_dtype"));
     return grads;
   }
