@@ -45,6 +45,10 @@ target_include_directories(sedd_torch SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS})
 target_compile_options(sedd_torch INTERFACE ${TORCH_CXX_FLAGS})
 target_link_libraries(sedd_torch INTERFACE
   "${SEDD_TORCH_LIB_DIR}/libtorch.so" "${SEDD_TORCH_LIB_DIR}/libtorch_cpu.so" "${SEDD_TORCH_LIB_DIR}/libc10.so")
+# Some wheels (torch 2.11) export copies of libstdc++'s std::filesystem functions from libtorch.so,
+# and the dynamic linker binds our calls to the first definition it finds (those copies crash).
+# libstdc++ named first among every executable's libraries makes its own definitions win.
+target_link_options(sedd_torch INTERFACE "LINKER:--push-state,--no-as-needed" "-lstdc++" "LINKER:--pop-state")
 if(SEDD_HAVE_CUDA)
   find_path(SEDD_CUDA_RUNTIME_INCLUDE cuda_runtime_api.h
             HINTS "${SEDD_SITE_PACKAGES}/nvidia/cu13/include" ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)

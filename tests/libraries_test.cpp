@@ -1,6 +1,9 @@
-// One copy of the CUDA runtime and NCCL per process: the ones LibTorch itself loads.
+// One copy of the CUDA runtime and NCCL per process: the ones LibTorch itself loads; the C++
+// standard library's own functions, not copies that a torch wheel exports.
+#include <dlfcn.h>
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <set>
 
@@ -44,4 +47,21 @@ TEST(Libraries, OneCudaRuntimeAndOneNcclFromTheTorchWheel) {
 #else
   EXPECT_FALSE(sedd::nccl_available());
 #endif
+}
+
+// torch 2.11's libtorch.so exports copies of std::filesystem functions that crash when called from
+// our code; the link order (cmake/SeddTorch.cmake) must make libstdc++'s definitions the ones bound.
+TEST(Libraries, StdFilesystemIsBoundToLibstdcxx) {
+  using RemoveAll = std::uintmax_t (*)(const std::filesystem::path&, std::error_code&);
+  RemoveAll remove_all = &std::filesystem::remove_all;
+  Dl_info info{};
+  ASSERT_NE(dladdr(reinterpret_cast<void*>(remove_all), &info), 0);
+  ASSERT_NE(info.dli_fname, nullptr);
+  EXPECT_NE(std::string(info.dli_fname).find("libstdc++"), std::string::npos)
+      << "std::filesystem::remove_all is bound to " << info.dli_fname;
+  auto dir = std::filesystem::temp_directory_path() / "sedd-libraries-test";
+  std::filesystem::create_directories(dir / "a");
+  std::error_code ec;
+  EXPECT_EQ(std::filesystem::remove_all(dir, ec), 2u);
+  EXPECT_FALSE(ec);
 }
