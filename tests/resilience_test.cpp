@@ -90,6 +90,28 @@ void wait_for_lines(const std::string& run_dir, int64_t n) {
   while (metric_lines(run_dir) < n && std::chrono::steady_clock::now() - start < 120s) std::this_thread::sleep_for(10ms);
 }
 
+// A 2-rank training (run folder `dir`, background files in `bg`) whose last rank gets `sig` once
+// the job logs: the job's exit code (-999: still running after `limit`), the seconds from the
+// signal to the end, and the ranks' pids (no signal is sent unless there are exactly two).
+struct SignalledJob {
+  int rc = -1;
+  double secs = 0;
+  std::vector<int> pids;
+};
+SignalledJob signal_last_rank(const std::string& data, const std::string& dir, const std::string& bg,
+                              const std::string& extra, int sig, std::chrono::seconds limit) {
+  start_background(slow_train_cmd(2, data, dir, 100000, extra), bg);
+  wait_for_lines(dir, 3);
+  SignalledJob job;
+  job.pids = rank_pids(dir);
+  if (job.pids.size() != 2) return job;
+  auto t0 = std::chrono::steady_clock::now();
+  ::kill(job.pids.back(), sig);
+  job.rc = wait_rc(bg, limit);
+  job.secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return job;
+}
+
 }  // namespace
 
 TEST(Resilience, SigtermThenResumeLogsTheSameLossCurve) {
@@ -148,14 +170,8 @@ TEST(Resilience, ResumeOnOneAndThreeRanksMatchesTwo) {
 TEST(Resilience, KillNineOfOneRankEndsTheJobQuickly) {
   TempDir tmp;
   std::string data = make_random_data(tmp), dir = tmp / "run";
-  start_background(slow_train_cmd(2, data, dir, 100000), tmp / "bg");
-  wait_for_lines(dir, 3);
-  auto pids = rank_pids(dir);
+  auto [rc, secs, pids] = signal_last_rank(data, dir, tmp / "bg", "", SIGKILL, 30s);
   ASSERT_EQ(pids.size(), 2u);
-  auto t0 = std::chrono::steady_clock::now();
-  ::kill(pids.back(), SIGKILL);
-  int rc = wait_rc(tmp / "bg", 30s);
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << "job gone " << secs << " s after kill -9 of one rank, exit " << rc << "\n";
   EXPECT_NE(rc, 0);
   EXPECT_NE(rc, -999) << "the job hung";
@@ -193,14 +209,8 @@ TEST(Resilience, KillNineDuringCheckpointWritesNeverBreaksLatest) {
 TEST(Resilience, WatchdogEndsTheJobWhenAPeerHangs) {
   TempDir tmp;
   std::string data = make_random_data(tmp), dir = tmp / "run";
-  start_background(slow_train_cmd(2, data, dir, 100000, "--dist.timeout_s 4"), tmp / "bg");
-  wait_for_lines(dir, 3);
-  auto pids = rank_pids(dir);
+  auto [rc, secs, pids] = signal_last_rank(data, dir, tmp / "bg", "--dist.timeout_s 4", SIGSTOP, 60s);
   ASSERT_EQ(pids.size(), 2u);
-  auto t0 = std::chrono::steady_clock::now();
-  ::kill(pids.back(), SIGSTOP);
-  int rc = wait_rc(tmp / "bg", 60s);
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   for (int pid : pids) ::kill(pid, SIGKILL);  // in case the stopped rank outlived the job
   std::string log = fs::read_text(tmp / "bg/log");
   std::cout << "job ended " << secs << " s after one rank hung (timeout 4 s), exit " << rc << "\n";

@@ -508,5 +508,7 @@ TEST(ElboCli, SeveralDatasetsInOneTableAndJson) {
   EXPECT_EQ(cmp[1]["objective"], "ar");
   EXPECT_EQ(cmp[0]["model"].get<std::string>(), fmt::format("{}", t.sedd)) << "rows are named as given";
   EXPECT_TRUE(cmp[1]["exact"].get<bool>());
+  EXPECT_EQ(cmp[1]["stderr_nats_per_token"].get<double>(), 0.0) << "an exact likelihood has no Monte Carlo error";
+  EXPECT_GT(cmp[1]["stderr_data_nats_per_token"].get<double>(), 0.0) << "rows carry sedd-eval's fields";
   EXPECT_GT(cmp[0]["parameters"].get<int64_t>(), 0);
 }

@@ -64,24 +64,16 @@ int main(int argc, char** argv) {
       nlohmann::ordered_json j = nlohmann::ordered_json::array();
       for (const auto& r : rows) {
         std::string where = r.given.size() > 40 ? "..." + r.given.substr(r.given.size() - 37) : r.given;
-        const double se = std::hypot(r.s.stderr_mc, r.s.stderr_data);
         std::printf("%-40s %-14s %10lld %12lld %-12s %10.4f +- %.4f %s %9.3f\n", where.c_str(), r.objective.c_str(),
                     static_cast<long long>(r.params), static_cast<long long>(r.tokens_seen), r.s.name.c_str(),
-                    r.s.nats_per_token, se, r.s.exact ? " =" : "<=", r.s.perplexity());
-        j.push_back({{"model", r.given},
-                     {"checkpoint", r.path},
-                     {"objective", r.objective},
-                     {"parameters", r.params},
-                     {"tokens_seen", r.tokens_seen},
-                     {"dataset", r.s.name},
-                     {"nats_per_token", r.s.nats_per_token},
-                     {"stderr_nats_per_token", se},
-                     {"stderr_mc", r.s.stderr_mc},
-                     {"stderr_data", r.s.stderr_data},
-                     {"bits_per_token", r.s.bits_per_token()},
-                     {"perplexity", r.s.perplexity()},
-                     {"exact", r.s.exact},
-                     {"tokens", r.s.tokens}});
+                    r.s.nats_per_token, r.s.stderr_total(), r.s.exact ? " =" : "<=", r.s.perplexity());
+        nlohmann::ordered_json row = {{"model", r.given},
+                                      {"checkpoint", r.path},
+                                      {"objective", r.objective},
+                                      {"parameters", r.params},
+                                      {"tokens_seen", r.tokens_seen}};
+        row.update(to_json(r.s));
+        j.push_back(row);
       }
       std::printf("diffusion rows: upper bounds (<=) on nats/token; autoregressive rows: exact (=); s.e. combines "
                   "Monte Carlo and data sampling. packing: %s\n",

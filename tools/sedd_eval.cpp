@@ -78,23 +78,13 @@ int main(int argc, char** argv) {
                   cfg.objective == "ar" ? "perplexity" : "ppl bound", "s.e. MC", "s.e. data");
       for (const auto& s : results)
         std::printf("%-16s %10lld %10.4f +- %.4f %10.4f %3s %10.3f %10.4f %10.4f\n", s.name.c_str(),
-                    static_cast<long long>(s.tokens), s.nats_per_token, std::hypot(s.stderr_mc, s.stderr_data),
+                    static_cast<long long>(s.tokens), s.nats_per_token, s.stderr_total(),
                     s.bits_per_token(), bound, s.perplexity(), s.stderr_mc, s.stderr_data);
       std::printf("packing: %s\n", kPackingDescription);
       auto row = [&](const EvalSummary& s) {
-        return nlohmann::ordered_json{{"dataset", s.name},
-                                      {"data", s.data},
-                                      {"nats_per_token", s.nats_per_token},
-                                      {"bits_per_token", s.bits_per_token()},
-                                      {"perplexity", s.perplexity()},
-                                      {"stderr_nats_per_token", s.stderr_mc},
-                                      {"stderr_data_nats_per_token", s.stderr_data},
-                                      {"exact", s.exact},
-                                      {"tokens", s.tokens},
-                                      {"sequences", s.sequences},
-                                      {"prior_nats_per_token", s.prior_nats_per_token},
-                                      {"seconds", s.seconds},
-                                      {"tokens_x_draws_per_s", static_cast<double>(s.tokens) * mc / s.seconds}};
+        auto j = to_json(s);
+        j["tokens_x_draws_per_s"] = static_cast<double>(s.tokens) * mc / s.seconds;
+        return j;
       };
       if (!json_out.empty()) {
         // One dataset: its figures at the top level (and in "datasets"); several: the list.

@@ -72,6 +72,26 @@ torch::Tensor next_token_weights(const StepRule& rule, const torch::Tensor& log_
   return w.clamp_min(0);
 }
 
+// The rows of x [B, L] (flattened) that can change this step: the masked positions for the
+// absorbing graph, every position for the uniform graph.
+torch::Tensor changeable_rows(const Graph& graph, const torch::Tensor& flat) {
+  if (graph.absorbing()) return (flat == graph.tokens()).nonzero().squeeze(1);
+  return torch::arange(flat.numel(), flat.options());
+}
+
+// Redraws `rows` of `flat` chunk by chunk from weights(r, batch) [R, dim] (r: flat row ids, batch: their
+// samples). Draw (sample id, position * dim) of `stream`: a sample's tokens never depend on the batch.
+void redraw_rows(torch::Tensor& flat, const torch::Tensor& rows, int64_t L, int64_t dim, int64_t chunk_elems,
+                 const RandomStream& stream, const torch::Tensor& ids,
+                 const std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>& weights) {
+  const int64_t chunk = std::max<int64_t>(1, chunk_elems / dim);
+  for (int64_t i = 0; i < rows.size(0); i += chunk) {
+    auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
+    auto batch = torch::div(r, L, "floor"), pos = r - batch * L;
+    flat.index_copy_(0, r, keyed_categorical(weights(r, batch), stream, ids.index_select(0, batch), pos * dim));
+  }
+}
+
 // The start of the reverse process: all masks (absorbing) or keyed uniform tokens.
 torch::Tensor start_tokens(const Graph& graph, const SamplerConfig& cfg, const torch::Tensor& ids, int64_t L) {
   if (graph.absorbing()) return torch::full({ids.size(0), L}, graph.tokens(), ids.options());
@@ -84,7 +104,6 @@ torch::Tensor sample_sedd(const Graph& graph, const Noise& noise, ScoreModel& mo
                           torch::Device device, const std::function<void(int64_t, int64_t)>& progress) {
   const int64_t B = sample_ids.size(0), L = length, dim = graph.dim();
   const auto ids = sample_ids.to(device, torch::kLong);
-  const auto lopts = torch::TensorOptions().dtype(torch::kLong).device(device);
   const auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(device);
 
   torch::Tensor x = start_tokens(graph, cfg, ids, L);
@@ -93,7 +112,6 @@ torch::Tensor sample_sedd(const Graph& graph, const Noise& noise, ScoreModel& mo
   for (int64_t i = 0; i <= cfg.steps; ++i)
     grid[i] = 1.0 + (cfg.eps - 1.0) * static_cast<double>(i) / static_cast<double>(cfg.steps);
   const double dt = (1 - cfg.eps) / static_cast<double>(cfg.steps);
-  const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
 
   auto one_step = [&](int64_t key, double t, double t_next, bool final_step) {
     auto tt = torch::full({B}, t, dopts);
@@ -104,20 +122,13 @@ torch::Tensor sample_sedd(const Graph& graph, const Noise& noise, ScoreModel& mo
     if (rule.euler) rate_scale = dt * noise.rate(tt);
     else dsigma = final_step ? sigma : sigma - noise.total(torch::full({B}, t_next, dopts));
     auto flat = x.view({-1});
-    // Rows that can change: masked positions (absorbing), every position (uniform).
-    torch::Tensor rows = graph.absorbing() ? (flat == graph.tokens()).nonzero().squeeze(1)
-                                           : torch::arange(B * L, lopts);
     RandomStream stream{cfg.seed, purpose::kSample, static_cast<uint64_t>(key)};
-    for (int64_t i = 0; i < rows.size(0); i += chunk) {
-      auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
-      auto batch = torch::div(r, L, "floor"), pos = r - batch * L;
-      auto x_rows = flat.index_select(0, r);
-      auto w = next_token_weights(rule, model.rows(r), x_rows,
-                                  rule.euler ? rate_scale.index_select(0, batch) : torch::Tensor(),
-                                  rule.euler ? torch::Tensor() : dsigma.index_select(0, batch));
-      auto drawn = keyed_categorical(w, stream, ids.index_select(0, batch), pos * dim);
-      flat.index_copy_(0, r, drawn);
-    }
+    redraw_rows(flat, changeable_rows(graph, flat), L, dim, cfg.chunk_elems, stream, ids,
+                [&](const torch::Tensor& r, const torch::Tensor& batch) {
+                  return next_token_weights(rule, model.rows(r), flat.index_select(0, r),
+                                            rule.euler ? rate_scale.index_select(0, batch) : torch::Tensor(),
+                                            rule.euler ? torch::Tensor() : dsigma.index_select(0, batch));
+                });
   };
 
   for (int64_t i = 0; i < cfg.steps; ++i) {
@@ -138,7 +149,7 @@ torch::Tensor sample_sedd(const Graph& graph, const Noise& noise, ScoreModel& mo
 torch::Tensor sample_ancestral(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t L,
                                const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& ids,
                                const std::function<void(int64_t, int64_t)>& progress) {
-  const int64_t B = ids.size(0), dim = graph.dim(), N = graph.tokens();
+  const int64_t B = ids.size(0), dim = graph.dim();
   const auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(ids.device());
   // Noise levels of the grid, once, on the host.
   std::vector<double> sigmas;
@@ -155,7 +166,6 @@ torch::Tensor sample_ancestral(const Graph& graph, const Noise& noise, ScoreMode
     }
   }
   const int64_t steps = static_cast<int64_t>(sigmas.size()) - 1;
-  const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
   const auto dtype = cfg.float64 ? torch::kDouble : torch::kFloat;
   torch::Tensor x = start_tokens(graph, cfg, ids, L);
   for (int64_t k = 0; k < steps; ++k) {
@@ -163,17 +173,16 @@ torch::Tensor sample_ancestral(const Graph& graph, const Noise& noise, ScoreMode
     auto sigma_t = torch::full({B}, sigmas[k], dopts);
     model.evaluate(x, sigma_t);
     auto flat = x.view({-1});
-    torch::Tensor rows = graph.absorbing() ? (flat == N).nonzero().squeeze(1) : torch::arange(B * L, flat.options());
     RandomStream stream{cfg.seed, purpose::kSample, static_cast<uint64_t>(k)};
-    for (int64_t i = 0; i < rows.size(0); i += chunk) {
-      auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
-      auto batch = torch::div(r, L, "floor"), pos = r - batch * L;
-      auto p0 = model.rows(r).to(dtype).exp();
-      auto n = r.size(0);
-      auto w = graph.model_posterior(flat.index_select(0, r), p0, torch::full({n}, sigmas[k + 1], dopts).to(dtype),
-                                     torch::full({n}, sigmas[k], dopts).to(dtype));
-      flat.index_copy_(0, r, keyed_categorical(w.clamp_min(0), stream, ids.index_select(0, batch), pos * dim));
-    }
+    redraw_rows(flat, changeable_rows(graph, flat), L, dim, cfg.chunk_elems, stream, ids,
+                [&](const torch::Tensor& r, const torch::Tensor&) {
+                  const auto n = r.size(0);
+                  auto p0 = model.rows(r).to(dtype).exp();
+                  return graph
+                      .model_posterior(flat.index_select(0, r), p0, torch::full({n}, sigmas[k + 1], dopts).to(dtype),
+                                       torch::full({n}, sigmas[k], dopts).to(dtype))
+                      .clamp_min(0);
+                });
     if (progress) progress(k + 1, steps);
   }
   constraint.apply(x);

@@ -19,6 +19,23 @@ const char* const kPackingDescription =
 
 double EvalSummary::bits_per_token() const { return nats_per_token / std::log(2.0); }
 double EvalSummary::perplexity() const { return std::exp(nats_per_token); }
+double EvalSummary::stderr_total() const { return std::hypot(stderr_mc, stderr_data); }
+
+nlohmann::ordered_json to_json(const EvalSummary& s) {
+  return {{"dataset", s.name},
+          {"data", s.data},
+          {"nats_per_token", s.nats_per_token},
+          {"bits_per_token", s.bits_per_token()},
+          {"perplexity", s.perplexity()},
+          {"stderr_nats_per_token", s.stderr_mc},
+          {"stderr_data_nats_per_token", s.stderr_data},
+          {"stderr_total_nats_per_token", s.stderr_total()},
+          {"exact", s.exact},
+          {"tokens", s.tokens},
+          {"sequences", s.sequences},
+          {"prior_nats_per_token", s.prior_nats_per_token},
+          {"seconds", s.seconds}};
+}
 
 EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const std::string& name,
                              const std::string& data, const EvalOptions& o, torch::Device device,

@@ -7,6 +7,7 @@
 // boundaries, the end-of-text ids count as tokens, and each shard's last partial window is dropped.
 #pragma once
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "distributed/control.h"
@@ -35,7 +36,13 @@ struct EvalSummary {
   bool exact = false;          // the autoregressive likelihood: no Monte Carlo
   double bits_per_token() const;
   double perplexity() const;   // exp(nats/token): a bound for diffusion models
+  double stderr_total() const; // Monte Carlo and data standard errors combined: the tables' +-
 };
+
+// One dataset's JSON row, the same in every tool: stderr_nats_per_token is the Monte Carlo
+// standard error, stderr_data_nats_per_token the one over sequences, stderr_total_nats_per_token
+// both combined.
+nlohmann::ordered_json to_json(const EvalSummary& s);
 
 // Collective over `control`'s ranks. `progress(done, total)` is called on rank 0.
 EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const std::string& name,

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <optional>
 
 #include "model/fused_ops_kernels.h"
 
@@ -427,6 +428,24 @@ bool layer_norm_modulate_forward(const void* x, DType x_type, const float* weigh
   return true;
 }
 
+namespace {
+
+// Launch shape of the row-split backward kernels: block (b, k) handles rows
+// [k * rows_per_split, (k + 1) * rows_per_split) of sample b and writes its partial parameter
+// gradients. Empty where the shape is beyond these kernels (the caller takes the plain path).
+struct SplitLaunch {
+  unsigned threads;
+  int64_t rows_per_split;
+  dim3 grid;
+};
+std::optional<SplitLaunch> split_launch(bool vec, int64_t B, int64_t L, int64_t D, int64_t splits) {
+  if (D > fused_max_row_elems(vec) || B > kMaxGridX || splits < 1 || splits > 65535) return std::nullopt;
+  return SplitLaunch{row_threads(vec ? D / 4 : D), (L + splits - 1) / splits,
+                     dim3(static_cast<unsigned>(B), static_cast<unsigned>(splits))};
+}
+
+}  // namespace
+
 bool layer_norm_modulate_backward(const void* g, DType g_type, const void* x, DType x_type, const float* weight,
                                   const float* scale, const float* mean, const float* rstd, int64_t B, int64_t L,
                                   int64_t D, int64_t splits, void* g_x, float* partial_g, float* partial_gxhat,
@@ -435,19 +454,18 @@ bool layer_norm_modulate_backward(const void* g, DType g_type, const void* x, DT
   const bool vec = D % 4 == 0 && aligned(g, 4 * elem_bytes(g_type)) && aligned(x, 4 * elem_bytes(x_type)) &&
                    aligned(g_x, 4 * elem_bytes(x_type)) && aligned(weight, 16) && aligned(scale, 16) &&
                    aligned(partial_g, 16) && aligned(partial_gxhat, 16);
-  if (D > fused_max_row_elems(vec) || B > kMaxGridX || splits < 1 || splits > 65535) return false;
-  const unsigned threads = row_threads(vec ? D / 4 : D);
-  const int64_t rows_per_split = (L + splits - 1) / splits;
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(splits));
+  const auto launch = split_launch(vec, B, L, D, splits);
+  if (!launch) return false;
   with_type(g_type, [&](auto gt) {
     using Tg = decltype(gt);
     with_type(x_type, [&](auto xt) {
       using Tx = decltype(xt);
       auto kernel =
           vec ? &layer_norm_modulate_backward_kernel<Tg, Tx, 4> : &layer_norm_modulate_backward_kernel<Tg, Tx, 1>;
-      kernel<<<grid, threads, 0, stream>>>(static_cast<const Tg*>(g), static_cast<const Tx*>(x), weight, scale, mean,
-                                           rstd, L, static_cast<int>(D), rows_per_split, static_cast<Tx*>(g_x),
-                                           partial_g, partial_gxhat);
+      kernel<<<launch->grid, launch->threads, 0, stream>>>(static_cast<const Tg*>(g), static_cast<const Tx*>(x), weight,
+                                                           scale, mean, rstd, L, static_cast<int>(D),
+                                                           launch->rows_per_split, static_cast<Tx*>(g_x), partial_g,
+                                                           partial_gxhat);
     });
   });
   return true;
@@ -481,18 +499,17 @@ bool gated_residual_backward(const void* g, DType g_type, const void* branch, DT
   const bool vec = D % 4 == 0 && aligned(g, 4 * elem_bytes(g_type)) && aligned(branch, 4 * elem_bytes(branch_type)) &&
                    aligned(g_branch, 4 * elem_bytes(branch_type)) && aligned(gate, 16) && (!bias || aligned(bias, 16)) &&
                    aligned(partial_gbranch, 16) && aligned(partial_ggate, 16);
-  if (D > fused_max_row_elems(vec) || B > kMaxGridX || splits < 1 || splits > 65535) return false;
-  const unsigned threads = row_threads(vec ? D / 4 : D);
-  const int64_t rows_per_split = (L + splits - 1) / splits;
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(splits));
+  const auto launch = split_launch(vec, B, L, D, splits);
+  if (!launch) return false;
   with_type(g_type, [&](auto gt) {
     using Tg = decltype(gt);
     with_type(branch_type, [&](auto bt) {
       using Tb = decltype(bt);
       auto kernel = vec ? &gated_residual_backward_kernel<Tg, Tb, 4> : &gated_residual_backward_kernel<Tg, Tb, 1>;
-      kernel<<<grid, threads, 0, stream>>>(static_cast<const Tg*>(g), static_cast<const Tb*>(branch), bias, gate,
-                                           dropout, L, static_cast<int>(D), rows_per_split, static_cast<Tb*>(g_branch),
-                                           partial_gbranch, partial_ggate);
+      kernel<<<launch->grid, launch->threads, 0, stream>>>(static_cast<const Tg*>(g), static_cast<const Tb*>(branch),
+                                                           bias, gate, dropout, L, static_cast<int>(D),
+                                                           launch->rows_per_split, static_cast<Tb*>(g_branch),
+                                                           partial_gbranch, partial_ggate);
     });
   });
   return true;
