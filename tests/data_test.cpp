@@ -3,6 +3,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 
 #include "data/prepare.h"
@@ -211,15 +212,16 @@ TEST(DataPrepare, BadInputFailsCleanlyAndPublishesNothing) {
                out);
   };
   std::string out;
-  EXPECT_NE(prepare("--input ok.jsonl nofield.jsonl --jsonl-field text", &out), 0);
+  // Bad input data and bad options: exit 2 on both ranks (tools/tool_common.h, the exit codes).
+  EXPECT_EQ(prepare("--input ok.jsonl nofield.jsonl --jsonl-field text", &out), 2);
   EXPECT_NE(out.find("nofield.jsonl:2: no string field 'text'"), std::string::npos) << out;
-  EXPECT_NE(prepare("--input badutf.txt", &out), 0);
+  EXPECT_EQ(prepare("--input badutf.txt", &out), 2);
   EXPECT_NE(out.find("badutf.txt: invalid UTF-8 at byte offset 3"), std::string::npos) << out;
-  EXPECT_NE(prepare("--input empty.txt", &out), 0);
+  EXPECT_EQ(prepare("--input empty.txt", &out), 2);
   EXPECT_NE(out.find("empty.txt: empty input file"), std::string::npos) << out;
-  EXPECT_NE(prepare("--input missing.txt", &out), 0);
+  EXPECT_EQ(prepare("--input missing.txt", &out), 2);
   EXPECT_NE(out.find("missing.txt: no such input file"), std::string::npos) << out;
-  EXPECT_NE(prepare("--input ok.jsonl --bogus 1", &out), 0);
+  EXPECT_EQ(prepare("--input ok.jsonl --bogus 1", &out), 2);
   EXPECT_NE(out.find("bogus"), std::string::npos) << out;
   // The good rank's shard was never published.
   bool any = false;
@@ -227,6 +229,87 @@ TEST(DataPrepare, BadInputFailsCleanlyAndPublishesNothing) {
     for (const auto& e : std::filesystem::recursive_directory_iterator(tmp / "shards"))
       any |= e.path().extension() == ".h5";
   EXPECT_FALSE(any) << "a failed prepare left shards behind";
+}
+
+namespace {
+
+int run_prepare(const TempDir& tmp, int np, const std::string& args, std::string* out) {
+  return run(fmt::format("cd {} && {} -np {} {}/sedd-prepare {}", tmp.path, kMpirun, np, bin_dir(), args), out);
+}
+
+// name -> tokens of every shard-*.h5 in `dir`.
+std::map<std::string, std::vector<int64_t>> shards_in(const std::string& dir) {
+  std::map<std::string, std::vector<int64_t>> m;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.path().extension() == ".h5") {
+      auto ids = h5::File(e.path().string(), h5::Mode::Read).read("/tokens").to(torch::kLong);
+      m[e.path().filename().string()] = std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
+    }
+  return m;
+}
+
+}  // namespace
+
+// Shards of two runs must never mix in one folder: a non-empty --out is refused naming it; with
+// --overwrite the old shards are replaced, and only once the new ones are complete (a failed run
+// leaves the old set intact); what is not a shard is never deleted.
+TEST(DataPrepare, NonEmptyOutIsRefusedUnlessOverwriteReplacesEveryOldShard) {
+  TempDir tmp;
+  std::ofstream(tmp / "a.jsonl") << R"({"text": "first corpus, one"})" << "\n" << R"({"text": "first corpus, two"})" << "\n";
+  std::ofstream(tmp / "b.jsonl") << R"({"text": "first corpus, three"})" << "\n";
+  std::ofstream(tmp / "c.jsonl") << R"({"text": "second"})" << "\n";
+  std::ofstream(tmp / "bad.txt") << "abc\xff";
+  std::string out;
+  ASSERT_EQ(run_prepare(tmp, 2, "--input a.jsonl b.jsonl --out shards --shard-tokens 8", &out), 0) << out;
+  const auto first = shards_in(tmp / "shards");
+  ASSERT_GT(first.size(), 4u);
+  ASSERT_TRUE(first.count("shard-r001-00000.h5"));
+
+  EXPECT_EQ(run_prepare(tmp, 1, "--input c.jsonl --out shards", &out), 2);
+  EXPECT_NE(out.find("--out shards: the folder already holds"), std::string::npos) << out;
+  EXPECT_NE(out.find("--overwrite"), std::string::npos) << out;
+  EXPECT_EQ(shards_in(tmp / "shards"), first);
+
+  // --overwrite, but a rank fails: the old set stays as it was, with no new shard among it.
+  EXPECT_EQ(run_prepare(tmp, 2, "--input c.jsonl bad.txt --out shards --overwrite", &out), 2);
+  EXPECT_NE(out.find("bad.txt: invalid UTF-8"), std::string::npos) << out;
+  EXPECT_EQ(shards_in(tmp / "shards"), first);
+
+  // --overwrite with one rank and one document: exactly the new shard is left.
+  ASSERT_EQ(run_prepare(tmp, 1, "--input c.jsonl --out shards --overwrite", &out), 0) << out;
+  auto now = shards_in(tmp / "shards");
+  ASSERT_EQ(now.size(), 1u);
+  std::vector<int64_t> want = {'s', 'e', 'c', 'o', 'n', 'd', 256};
+  EXPECT_EQ(now.begin()->second, want);
+  for (const auto& e : std::filesystem::directory_iterator(tmp / "shards"))
+    EXPECT_EQ(e.path().extension(), ".h5") << "left behind: " << e.path();
+
+  // Something that is not a shard is refused even with --overwrite, and kept.
+  std::ofstream(tmp / "shards/notes.txt") << "mine";
+  EXPECT_EQ(run_prepare(tmp, 1, "--input c.jsonl --out shards --overwrite", &out), 2);
+  EXPECT_NE(out.find("--out shards: the folder holds 'notes.txt', which is not a shard"), std::string::npos) << out;
+  EXPECT_TRUE(std::filesystem::exists(tmp / "shards/notes.txt"));
+  EXPECT_EQ(shards_in(tmp / "shards"), now);
+  EXPECT_EQ(run_prepare(tmp, 1, "--input c.jsonl --out c.jsonl", &out), 2);
+  EXPECT_NE(out.find("--out c.jsonl: exists and is not a folder"), std::string::npos) << out;
+  // An empty folder (made beforehand, or left by a failed run) is fine.
+  std::filesystem::create_directories(tmp / "empty");
+  EXPECT_EQ(run_prepare(tmp, 2, "--input a.jsonl b.jsonl --out empty", &out), 0) << out;
+}
+
+// The same file given twice (under any spelling) would duplicate its documents: refused.
+TEST(DataPrepare, DuplicateInputsAreRefused) {
+  TempDir tmp;
+  std::ofstream(tmp / "a.jsonl") << R"({"text": "one"})" << "\n";
+  std::ofstream(tmp / "b.jsonl") << R"({"text": "two"})" << "\n";
+  std::string out;
+  EXPECT_EQ(run_prepare(tmp, 2, "--input a.jsonl b.jsonl a.jsonl --out shards", &out), 2);
+  EXPECT_NE(out.find("--input: a.jsonl is given twice"), std::string::npos) << out;
+  EXPECT_EQ(run_prepare(tmp, 1, fmt::format("--input a.jsonl ./b.jsonl {} --out shards", tmp / "a.jsonl"), &out), 2);
+  EXPECT_NE(out.find(fmt::format("--input: {} is given twice (also as a.jsonl)", tmp / "a.jsonl")), std::string::npos)
+      << out;
+  EXPECT_TRUE(!std::filesystem::exists(tmp / "shards") || shards_in(tmp / "shards").empty());
+  EXPECT_EQ(run_prepare(tmp, 2, "--input a.jsonl ./b.jsonl --out shards", &out), 0) << out;
 }
 
 TEST(DataTokenizer, ByteLevelBpeMatchesHuggingFaceTokenizers) {

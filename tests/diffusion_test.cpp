@@ -1,10 +1,14 @@
 // Property tests of the diffusion core: identities that a wrong formula would break.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
+
 #include "diffusion/categorical.h"
 #include "diffusion/graph.h"
 #include "diffusion/noise.h"
 #include "io/error.h"
+#include "test_util.h"
 
 using namespace sedd;
 
@@ -182,4 +186,21 @@ TEST(Categorical, MatchesWeightsAndIsReproducible) {
   EXPECT_LT((freq - p).abs().max().item<double>(), 0.01);
   auto g1 = gen_with(4), g2 = gen_with(4);
   EXPECT_TRUE(torch::equal(sample_categorical(w.expand({50, 4}), g1), sample_categorical(w.expand({50, 4}), g2)));
+}
+
+// argmax over a row of zeros returns 0 (and over a NaN, the NaN's index): a token from no
+// distribution. Such a row is an error naming it.
+TEST(Categorical, RowsWithNothingToDrawAreAnErrorNamingTheRow) {
+  auto gen = gen_with(5);
+  for (double poison : {0.0, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    auto w = torch::rand({3, 4, 6}, torch::kDouble) + 0.1;
+    w[2][1].zero_();
+    w[2][1][5] = poison;
+    std::string msg = test::error_of([&] { sample_categorical(w, gen); });
+    EXPECT_NE(msg.find(fmt::format("the weights of row [2, 1] (of the 12 rows shaped [3, 4]) sum to {}", poison)),
+              std::string::npos)
+        << msg;
+    EXPECT_NE(test::error_of([&] { sample_categorical(w.to(torch::kFloat), gen); }).find("row [2, 1]"), std::string::npos);
+  }
+  EXPECT_EQ(sample_categorical(torch::zeros({0, 4}, torch::kDouble), gen).numel(), 0);
 }

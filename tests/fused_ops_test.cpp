@@ -531,4 +531,162 @@ TEST(FusedOpsGpu, SelfCheckPassesAndTheOpsAreActive) {
   EXPECT_NE(y.grad_fn()->name().find("LayerNormModulate"), std::string::npos) << y.grad_fn()->name();
 }
 
+
+namespace {
+
+// True when fused_ops_status() names a launch that fell back for a real reason (not injected).
+bool real_launch_fell_back() {
+  const std::string status = fused_ops_status(), mark = "; plain fallback after: ";
+  for (size_t at = status.find(mark); at != std::string::npos; at = status.find(mark, at + 1)) {
+    const size_t end = status.find(mark, at + 1);
+    if (status.substr(at, end == std::string::npos ? std::string::npos : end - at).find("injected") == std::string::npos)
+      return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+// The model's real shapes: [8, 1024, 768] (SEDD-small's rows: each backward block walks several
+// rows and the forward grid-stride loops wrap) in float32 and bf16, and rows of 8192 float32 (1024
+// threads per block: the launch bound of the backward kernels). Against the plain path (float32:
+// 5e-5, sums over 8192 rows in another order; bf16: 1e-2), and two runs bit for bit equal (no
+// atomics). No launch may have fallen back to the plain path.
+TEST(FusedOpsGpu, RealShapesMatchPlainAndRepeatExactly) {
+  if (!gpu()) GTEST_SKIP() << "no CUDA device";
+  ASSERT_TRUE(fused_ops_active(torch::Device(torch::kCUDA, 0))) << fused_ops_status();
+  torch::manual_seed(13);
+  struct Case {
+    int64_t B, L, D;
+    torch::ScalarType mod;  // the modulation / branch dtype (bf16: the model under autocast)
+  };
+  for (const Case& c : {Case{8, 1024, 768, torch::kFloat}, Case{8, 1024, 768, torch::kBFloat16},
+                        Case{4, 256, 8192, torch::kFloat}}) {
+    const bool low = c.mod == torch::kBFloat16;
+    const double tol = low ? 1e-2 : 5e-5;
+    const std::string what = fmt::format("[{}, {}, {}] {}", c.B, c.L, c.D, c10::toString(c.mod));
+    std::vector<Tensor> ln_in{cuda_randn({c.B, c.L, c.D}, torch::kFloat) * 3 + 1,
+                              1 + 0.3 * cuda_randn({c.D}, torch::kFloat), cuda_randn({c.B, 1, c.D}, c.mod),
+                              0.5 * cuda_randn({c.B, 1, c.D}, c.mod)};
+    const std::vector<std::string> ln_names{"x", "weight", "shift", "scale"};
+    auto ln_probe = cuda_randn({c.B, c.L, c.D}, c.mod);
+    const auto out = c.mod;
+    auto ln_fused = [out](const std::vector<Tensor>& a) { return layer_norm_modulate_fused(a[0], a[1], a[2], a[3], out); };
+    auto a = value_and_grads(ln_fused, ln_in, ln_names, ln_probe);
+    auto b = value_and_grads(ln_fused, ln_in, ln_names, ln_probe);
+    expect_equal(a, b, "layer_norm_modulate twice " + what);
+    auto plain = value_and_grads(
+        [](const std::vector<Tensor>& v) { return layer_norm_modulate_plain(v[0], v[1], v[2], v[3], torch::kFloat); },
+        upcast(ln_in), ln_names, ln_probe.to(torch::kFloat));
+    expect_close(a, plain, tol, "layer_norm_modulate " + what);
+
+    auto key = make_key(c.B, torch::kCUDA, 31);
+    std::vector<Tensor> gr_in{cuda_randn({c.B, c.L, c.D}, torch::kFloat), cuda_randn({c.B, c.L, c.D}, c.mod),
+                              cuda_randn({c.D}, torch::kFloat), cuda_randn({c.B, 1, c.D}, c.mod)};
+    const std::vector<std::string> gr_names{"x", "branch", "bias", "gate"};
+    auto gr_probe = cuda_randn({c.B, c.L, c.D}, torch::kFloat);
+    auto gr = [&key](bool fused) -> Op {
+      return [fused, &key](const std::vector<Tensor>& v) {
+        return fused ? gated_residual_fused(v[0], v[1], v[2], v[3], 0.1, true, &key, 4)
+                     : gated_residual_plain(v[0], v[1], v[2], v[3], 0.1, true, &key, 4);
+      };
+    };
+    auto ga = value_and_grads(gr(true), gr_in, gr_names, gr_probe);
+    auto gb = value_and_grads(gr(true), gr_in, gr_names, gr_probe);
+    expect_equal(ga, gb, "gated_residual twice " + what);
+    expect_close(ga, value_and_grads(gr(false), upcast(gr_in), gr_names, gr_probe), tol, "gated_residual " + what);
+  }
+  // Rotary at the model's q shape [8, 1024, 12, 64], a strided view of qkv.
+  Rotary rot(64);
+  rot->to(torch::kCUDA);
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    auto qkv = cuda_randn({8, 1024, 3, 12, 64}, dtype);
+    auto probe = cuda_randn({8, 1024, 12, 64}, dtype);
+    auto op = [&](bool fused) -> Op {
+      return [fused, &rot](const std::vector<Tensor>& v) {
+        return fused ? rotary_fused(v[0].select(2, 1), rot->inv_freq) : rotary_plain(v[0].select(2, 1), rot->inv_freq);
+      };
+    };
+    auto a = value_and_grads(op(true), {qkv}, {"x"}, probe);
+    expect_equal(a, value_and_grads(op(true), {qkv}, {"x"}, probe), std::string("rotary twice ") + c10::toString(dtype));
+    expect_close(a, value_and_grads(op(false), upcast({qkv}), {"x"}, probe.to(torch::kFloat)),
+                 dtype == torch::kFloat ? 2e-5 : 1e-2, std::string("rotary ") + c10::toString(dtype));
+  }
+  EXPECT_FALSE(real_launch_fell_back()) << fused_ops_status();
+}
+
+// A fused kernel that fails to launch (injected here: as CUDA refusing the block shape) makes the
+// dispatcher compute that call with the plain ops, and the backward of a fused forward compute
+// its gradients with them; the warning names the op and the error.
+TEST(FusedOpsGpu, FailedLaunchFallsBackToThePlainPath) {
+  if (!gpu()) GTEST_SKIP() << "no CUDA device";
+  ASSERT_TRUE(fused_ops_active(torch::Device(torch::kCUDA, 0))) << fused_ops_status();
+  torch::manual_seed(14);
+  const int64_t B = 2, L = 7, D = 64;
+  auto key = make_key(B, torch::kCUDA, 5);
+  std::vector<Tensor> gr_in{cuda_randn({B, L, D}, torch::kFloat), cuda_randn({B, L, D}, torch::kFloat),
+                            cuda_randn({D}, torch::kFloat), cuda_randn({B, 1, D}, torch::kFloat)};
+  const std::vector<std::string> gr_names{"x", "branch", "bias", "gate"};
+  auto probe = cuda_randn({B, L, D}, torch::kFloat);
+  auto plain = value_and_grads(
+      [&](const std::vector<Tensor>& v) { return gated_residual_plain(v[0], v[1], v[2], v[3], 0.2, true, &key, 3); },
+      gr_in, gr_names, probe);
+
+  // Forward: the dispatcher's launch fails, the result is the plain op's.
+  testing::internal::CaptureStderr();
+  fused_ops_inject_launch_failures(1);
+  auto y = gated_residual(gr_in[0], gr_in[1], gr_in[2], gr_in[3], 0.2, true, &key, 3);
+  std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("gated_residual: CUDA kernel launch failed: injected by a test"), std::string::npos) << err;
+  EXPECT_TRUE(torch::equal(y, plain[0].second));
+
+  // Backward: the forward ran fused, its backward kernel fails, the gradients are the plain ones.
+  testing::internal::CaptureStderr();
+  auto fell_back = value_and_grads(
+      [&](const std::vector<Tensor>& v) {
+        auto out = gated_residual(v[0], v[1], v[2], v[3], 0.2, true, &key, 3);
+        EXPECT_NE(out.grad_fn()->name().find("GatedResidual"), std::string::npos) << out.grad_fn()->name();
+        fused_ops_inject_launch_failures(1);  // after the forward: the backward's launch fails
+        return out;
+      },
+      gr_in, gr_names, probe);
+  err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("gated_residual backward: CUDA kernel launch failed: injected by a test"), std::string::npos) << err;
+  expect_close(fell_back, plain, 2e-5, "gated_residual with a failed backward launch");
+
+  // The same for the LayerNorm and the rotary backward.
+  std::vector<Tensor> ln_in{cuda_randn({B, L, D}, torch::kFloat), 1 + 0.3 * cuda_randn({D}, torch::kFloat),
+                            cuda_randn({B, 1, D}, torch::kFloat), cuda_randn({B, 1, D}, torch::kFloat)};
+  const std::vector<std::string> ln_names{"x", "weight", "shift", "scale"};
+  auto ln_plain = value_and_grads(
+      [](const std::vector<Tensor>& v) { return layer_norm_modulate_plain(v[0], v[1], v[2], v[3]); }, ln_in, ln_names,
+      probe);
+  auto ln_back = value_and_grads(
+      [](const std::vector<Tensor>& v) {
+        auto out = layer_norm_modulate(v[0], v[1], v[2], v[3]);
+        fused_ops_inject_launch_failures(1);
+        return out;
+      },
+      ln_in, ln_names, probe);
+  expect_close(ln_back, ln_plain, 2e-5, "layer_norm_modulate with a failed backward launch");
+  Rotary rot(16);
+  rot->to(torch::kCUDA);
+  auto q = cuda_randn({B, L, 4, 16}, torch::kFloat);
+  auto rot_probe = cuda_randn({B, L, 4, 16}, torch::kFloat);
+  auto rot_plain = value_and_grads([&](const std::vector<Tensor>& v) { return rotary_plain(v[0], rot->inv_freq); }, {q},
+                                   {"x"}, rot_probe);
+  auto rot_back = value_and_grads(
+      [&](const std::vector<Tensor>& v) {
+        auto out = rotary(v[0], rot->inv_freq);
+        fused_ops_inject_launch_failures(1);
+        return out;
+      },
+      {q}, {"x"}, rot_probe);
+  expect_close(rot_back, rot_plain, 2e-5, "rotary with a failed backward launch");
+  fused_ops_inject_launch_failures(0);
+  EXPECT_NE(fused_ops_status().find("plain fallback after: gated_residual backward"), std::string::npos)
+      << fused_ops_status();
+  EXPECT_TRUE(fused_ops_active(torch::Device(torch::kCUDA, 0))) << "one failed launch turned the kernels off";
+}
+
 }  // namespace sedd::fused_ops_test

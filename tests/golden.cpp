@@ -20,6 +20,7 @@ namespace {
 void compare(GoldenReport& rep, const std::string& name, const torch::Tensor& ours,
              const torch::Tensor& ref, double rtol) {
   rep.compared++;
+  rep.used.insert(name);
   if (ours.sizes() != ref.sizes()) {
     rep.mismatches.push_back(fmt::format("{}: shape {} != stored {}", name, c10::str(ours.sizes()),
                                          c10::str(ref.sizes())));
@@ -51,6 +52,7 @@ GoldenReport check_golden_diffusion(const std::string& path, double rtol) {
       std::string g = "/noise/" + kind;
       auto noise = make_noise(noise_config_from(f, g, kind));
       torch::Tensor t = f.read(g + "/t");
+      rep.used.insert(g + "/t");
       for (const auto& ds : f.children(g)) {
         if (ds == "t") continue;
         torch::Tensor ref = f.read(g + "/" + ds);
@@ -73,6 +75,7 @@ GoldenReport check_golden_diffusion(const std::string& path, double rtol) {
       torch::Tensor sigma = f.read(g + "/sigma", torch::kDouble).unsqueeze(-1);   // [B, 1]
       torch::Tensor dsigma = f.read(g + "/dsigma", torch::kDouble).unsqueeze(-1); // [B, 1]
       torch::Tensor log_score = f.read(g + "/log_score", torch::kDouble);
+      for (const auto& in : inputs) rep.used.insert(g + "/" + in);
       std::map<std::string, std::function<torch::Tensor()>> rules = {
           {"score_entropy", [&] { return graph->score_entropy(log_score, sigma, x, x0); }},
           {"transp_transition", [&] { return graph->transp_transition(x, sigma); }},
@@ -111,10 +114,13 @@ GoldenReport check_golden_models(const std::string& path, double rtol) {
     ModelConfig cfg = read_model_config(f, g);
     DDiT model(cfg);
     model->eval();
+    // load_state_dict refuses a missing or an unexpected tensor: every one of params/ is used.
     load_state_dict(*model, read_state_dict(f, g + "/params"), path + ":" + g + "/params");
+    for (const auto& p : f.children(g + "/params")) rep.used.insert(g + "/params/" + p);
     torch::NoGradGuard no_grad;
     auto check = [&](const std::string& ds, const torch::Tensor& ours) {
       rep.compared++;
+      rep.used.insert(ds);
       torch::Tensor ref = f.read(ds, torch::kFloat);
       if (ours.sizes() != ref.sizes()) {
         rep.mismatches.push_back(fmt::format("{}: shape {} != stored {}", ds, c10::str(ours.sizes()), c10::str(ref.sizes())));
@@ -124,9 +130,13 @@ GoldenReport check_golden_models(const std::string& path, double rtol) {
       rep.worst = std::max(rep.worst, err);
       if (!(err <= rtol)) rep.mismatches.push_back(fmt::format("{}: max rel err {:.3g} > {:.1g}", ds, err, rtol));
     };
-    if (f.exists(g + "/output/log_score"))
+    if (f.exists(g + "/output/log_score")) {
+      rep.used.insert(g + "/input/indices");
+      rep.used.insert(g + "/input/sigma");
       check(g + "/output/log_score", model->forward(f.read(g + "/input/indices"), f.read(g + "/input/sigma", torch::kFloat)));
+    }
     if (f.exists(g + "/loss/loss")) {
+      for (const char* in : {"/loss/t", "/loss/xt", "/loss/x0"}) rep.used.insert(g + in);
       auto graph = make_graph(cfg.graph, cfg.tokens);
       auto noise = make_noise(cfg.noise);
       auto t = f.read(g + "/loss/t", torch::kFloat);
@@ -136,6 +146,20 @@ GoldenReport check_golden_models(const std::string& path, double rtol) {
     }
   }
   return rep;
+}
+
+std::vector<std::string> list_datasets(const std::string& path) {
+  h5::File f(path, h5::Mode::Read);
+  std::vector<std::string> out;
+  std::function<void(const std::string&)> walk = [&](const std::string& group) {
+    for (const auto& name : f.children(group)) {
+      std::string child = (group == "/" ? "" : group) + "/" + name;
+      if (f.is_group(child)) walk(child);
+      else out.push_back(child);
+    }
+  };
+  walk("/");
+  return out;
 }
 
 }  // namespace sedd::test

@@ -3,6 +3,7 @@
 // check that a damaged copy of the file is caught.
 #pragma once
 #include <torch/torch.h>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -12,7 +13,11 @@ struct GoldenReport {
   std::vector<std::string> mismatches;  // "<dataset>: max rel err X > tol"
   int compared = 0;                     // datasets compared
   double worst = 0;                     // largest relative error seen
+  std::set<std::string> used;           // every dataset read: compared outputs and the inputs they need
 };
+
+// Every dataset of the file, by full path ("/graph/absorb/rate"), found by walking its groups.
+std::vector<std::string> list_datasets(const std::string& path);
 
 // /noise/* and /graph/*; float64, relative tolerance `rtol`.
 GoldenReport check_golden_diffusion(const std::string& path, double rtol = 1e-9);

@@ -13,12 +13,49 @@
 using namespace sedd;
 using namespace sedd::test;
 
+namespace {
+// The groups of the reference schema that the shipped file holds; losing one must fail.
+const char* const kGoldenGroups[] = {"/noise/loglinear", "/noise/geometric", "/graph/absorb", "/graph/uniform"};
+}  // namespace
+
 TEST(GoldenDiffusion, MatchesEveryStoredOutput) {
   auto rep = check_golden_diffusion(golden_path());
   for (const auto& m : rep.mismatches) ADD_FAILURE() << m;
-  // The shipped file has 2 noise groups x 2 outputs and 2 graphs x (7 or 6) outputs.
-  EXPECT_GE(rep.compared, 4) << "no /noise or /graph outputs were found in " << golden_path();
+  h5::File f(golden_path(), h5::Mode::Read);
+  for (const char* g : kGoldenGroups) EXPECT_TRUE(f.exists(g) && f.is_group(g)) << g << " is missing from " << golden_path();
+  // Every dataset under /noise and /graph is an output compared or an input of one (the walk of
+  // the file, not a count, says which there are: the shipped file has 2 x 2 + 6 + 7 = 17 outputs).
+  int outputs = 0;
+  for (const auto& ds : list_datasets(golden_path())) {
+    if (ds.rfind("/noise/", 0) != 0 && ds.rfind("/graph/", 0) != 0) continue;
+    EXPECT_TRUE(rep.used.count(ds)) << ds << " is in the file but no check read it";
+    const std::string name = ds.substr(ds.rfind('/') + 1);
+    const bool input = name == "t" || name == "x0" || name == "x" || name == "log_score" ||
+                       (ds.rfind("/graph/", 0) == 0 && (name == "sigma" || name == "dsigma"));
+    outputs += !input;
+  }
+  EXPECT_GE(outputs, 17) << "the shipped file has 17 /noise and /graph outputs";
+  EXPECT_EQ(rep.compared, outputs) << "every output dataset is compared, once";
   std::cout << rep.compared << " outputs compared, worst relative error " << rep.worst << "\n";
+}
+
+// Every dataset of the file (models included) is compared or read as the input of a comparison:
+// nothing in the reference goes unchecked.
+TEST(GoldenFile, EveryDatasetIsComparedOrUsed) {
+  auto diffusion = check_golden_diffusion(golden_path());
+  auto models = check_golden_models(golden_path());
+  auto all = list_datasets(golden_path());
+  EXPECT_GE(all.size(), 17u + 4u);
+  int unvisited = 0;
+  for (const auto& ds : all)
+    if (!diffusion.used.count(ds) && !models.used.count(ds)) {
+      ADD_FAILURE() << ds << " is in " << golden_path() << " but no check read it";
+      ++unvisited;
+    }
+  // The shipped file: 2 models x (log_score, loss).
+  EXPECT_GE(models.compared, 4);
+  std::cout << all.size() << " datasets, " << diffusion.compared + models.compared << " outputs compared, "
+            << unvisited << " unvisited\n";
 }
 
 namespace {

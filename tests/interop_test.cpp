@@ -1,6 +1,7 @@
 // Corpus input formats: Parquet and Arrow IPC (stream and file) files written here by pyarrow,
 // prepared by sedd-prepare on 2 MPI ranks into byte-token shards; bad columnar input is refused
-// naming the file, and nothing is published.
+// naming the file, and nothing is published. The Python tools' options and inputs: sedd_convert.py
+// to-torch --ema / --force and to-h5 --noise cosine, sedd_plot.py on rows without a loss.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -12,6 +13,8 @@
 #include "data/shard.h"
 #include "data/text_source.h"
 #include "io/hdf5.h"
+#include "model/ddit.h"
+#include "model/weights.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -196,4 +199,162 @@ TEST(DataFormats, WithoutArrowParquetAndArrowInputSayWhatIsMissing) {
             std::string::npos)
       << out;
   EXPECT_FALSE(any_shard_left(tmp));
+}
+
+namespace {
+
+std::string convert_tool() { return python() + " " + source_dir() + "/tools/sedd_convert.py "; }
+
+// A small model file: random raw weights and, when asked, an EMA that differs from them (+1).
+StateDict save_small_model(const std::string& path, bool with_ema, uint64_t seed, const std::string& tokenizer = "byte",
+                           const std::string& noise = "loglinear") {
+  ModelConfig c;
+  c.tokens = 11;
+  c.hidden_size = 16;
+  c.n_heads = 2;
+  c.n_blocks = 1;
+  c.cond_dim = 8;
+  c.length = 6;
+  c.noise.kind = noise;
+  torch::manual_seed(seed);
+  DDiT m(c);
+  StateDict raw, ema;
+  for (auto& [k, v] : state_dict(*m)) {
+    bool buffer = k.find("inv_freq") != std::string::npos;  // the rotary frequencies stay what they are
+    raw[k] = buffer ? v.detach().clone() : v.detach().clone().normal_(0, 0.3);
+  }
+  if (with_ema)
+    for (auto& [k, v] : raw) ema[k] = k.find("inv_freq") != std::string::npos ? v : v + 1;
+  save_model_file(path, c, raw, ema, {7, 700, with_ema, tokenizer});
+  return with_ema ? ema : raw;
+}
+
+void expect_weights(const std::string& model_h5, const StateDict& want) {
+  DDiT b = load_model_file(model_h5, false);
+  auto got = state_dict(*b);
+  ASSERT_EQ(got.size(), want.size());
+  for (auto& [k, v] : want) EXPECT_TRUE(torch::equal(got.at(k).detach(), v)) << k;
+}
+
+std::string read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+}  // namespace
+
+// to-torch --ema writes the EMA weights; on a file without an EMA it is refused naming the file
+// (before, it wrote the raw weights as if they were the EMA), and nothing is written.
+TEST(OptionsConvert, ToTorchEmaWritesTheEmaAndIsRefusedWithoutOne) {
+  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
+  TempDir tmp;
+  auto ema = save_small_model(tmp / "with_ema.h5", true, 1);
+  auto raw = save_small_model(tmp / "no_ema.h5", false, 2);
+  for (const char* d : {"ema", "raw", "refused"}) std::filesystem::create_directories(tmp / d);
+  std::string out;
+  ASSERT_EQ(run(convert_tool() + "to-torch " + (tmp / "with_ema.h5") + " " + (tmp / "ema/model.safetensors") + " --ema",
+                &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("from /ema"), std::string::npos) << out;
+  ASSERT_EQ(run(convert_tool() + "to-h5 " + (tmp / "ema/model.safetensors") + " " + (tmp / "ema.h5"), &out), 0) << out;
+  expect_weights(tmp / "ema.h5", ema);
+
+  ASSERT_EQ(run(convert_tool() + "to-torch " + (tmp / "no_ema.h5") + " " + (tmp / "raw/model.bin"), &out), 0) << out;
+  ASSERT_EQ(run(convert_tool() + "to-h5 " + (tmp / "raw/model.bin") + " " + (tmp / "raw.h5"), &out), 0) << out;
+  expect_weights(tmp / "raw.h5", raw);
+
+  EXPECT_NE(run(convert_tool() + "to-torch " + (tmp / "no_ema.h5") + " " + (tmp / "refused/model.safetensors") + " --ema",
+                &out),
+            0);
+  EXPECT_NE(out.find(tmp / "no_ema.h5" + ": --ema, but the file holds no EMA weights"), std::string::npos) << out;
+  EXPECT_EQ(out.find("Traceback"), std::string::npos) << out;
+  EXPECT_TRUE(std::filesystem::is_empty(tmp / "refused")) << "a refused conversion wrote files";
+}
+
+// A config.json or tokenizer.json already beside the output (another model's) is not replaced
+// silently: refused naming it, unless --force, which also removes a tokenizer.json the new model
+// does not have (to-h5 would embed it).
+TEST(OptionsConvert, ExistingConfigOrTokenizerBesideTheOutputNeedsForce) {
+  ASSERT_FALSE(python().empty());
+  TempDir tmp;
+  const std::string tokenizer_json = R"({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}}})";
+  save_small_model(tmp / "first.h5", false, 3, tokenizer_json);
+  auto second = save_small_model(tmp / "second.h5", false, 4);  // byte tokenizer: no tokenizer.json
+  std::filesystem::create_directories(tmp / "hf");
+  std::string out;
+  ASSERT_EQ(run(convert_tool() + "to-torch " + (tmp / "first.h5") + " " + (tmp / "hf/first.safetensors"), &out), 0) << out;
+  const std::string config_before = read_all(tmp / "hf/config.json");
+  ASSERT_EQ(read_all(tmp / "hf/tokenizer.json"), tokenizer_json);
+
+  EXPECT_NE(run(convert_tool() + "to-torch " + (tmp / "second.h5") + " " + (tmp / "hf/second.safetensors"), &out), 0);
+  EXPECT_NE(out.find(tmp / "hf/config.json" + " already exists beside the output"), std::string::npos) << out;
+  EXPECT_NE(out.find("--force"), std::string::npos) << out;
+  EXPECT_EQ(read_all(tmp / "hf/config.json"), config_before);
+  EXPECT_FALSE(std::filesystem::exists(tmp / "hf/second.safetensors"));
+  // A tokenizer.json alone is protected too.
+  std::filesystem::rename(tmp / "hf/config.json", tmp / "config.json.saved");
+  EXPECT_NE(run(convert_tool() + "to-torch " + (tmp / "second.h5") + " " + (tmp / "hf/second.safetensors"), &out), 0);
+  EXPECT_NE(out.find(tmp / "hf/tokenizer.json" + " already exists beside the output"), std::string::npos) << out;
+  EXPECT_EQ(read_all(tmp / "hf/tokenizer.json"), tokenizer_json);
+  std::filesystem::rename(tmp / "config.json.saved", tmp / "hf/config.json");
+
+  ASSERT_EQ(run(convert_tool() + "to-torch " + (tmp / "second.h5") + " " + (tmp / "hf/second.safetensors") + " --force",
+                &out),
+            0)
+      << out;
+  EXPECT_NE(read_all(tmp / "hf/config.json"), config_before);
+  EXPECT_FALSE(std::filesystem::exists(tmp / "hf/tokenizer.json")) << "the first model's tokenizer was left beside the second";
+  ASSERT_EQ(run(convert_tool() + "to-h5 " + (tmp / "hf/second.safetensors") + " " + (tmp / "back.h5"), &out), 0) << out;
+  ModelFileInfo info;
+  load_model_file(tmp / "back.h5", false, &info);
+  EXPECT_EQ(info.tokenizer, "byte");
+  expect_weights(tmp / "back.h5", second);
+}
+
+// to-h5 --noise takes every schedule the library has, cosine included.
+TEST(OptionsConvert, ToH5NoiseAcceptsCosine) {
+  ASSERT_FALSE(python().empty());
+  TempDir tmp;
+  save_small_model(tmp / "model.h5", false, 5);
+  std::filesystem::create_directories(tmp / "hf");
+  std::string out;
+  ASSERT_EQ(run(convert_tool() + "to-torch " + (tmp / "model.h5") + " " + (tmp / "hf/model.safetensors"), &out), 0) << out;
+  ASSERT_EQ(run(convert_tool() + "to-h5 " + (tmp / "hf/model.safetensors") + " " + (tmp / "cosine.h5") +
+                    " --noise cosine --eps 0.002",
+                &out),
+            0)
+      << out;
+  DDiT m = load_model_file(tmp / "cosine.h5", false);
+  EXPECT_EQ(m->cfg.noise.kind, "cosine");
+  EXPECT_EQ(m->cfg.noise.eps, 0.002);
+  EXPECT_NE(run(convert_tool() + "to-h5 " + (tmp / "hf/model.safetensors") + " " + (tmp / "x.h5") + " --noise cosin", &out),
+            0);
+  EXPECT_NE(out.find("invalid choice: 'cosin'"), std::string::npos) << out;
+}
+
+// sedd_plot.py: rows without a (finite) loss are skipped, not a traceback; a file with no
+// plottable row is a clear error naming it; the PNG is written.
+TEST(OptionsPlot, RowsWithoutALossAreSkippedAndAFileWithNoneIsAnError) {
+  ASSERT_FALSE(python().empty());
+  TempDir tmp;
+  const std::string plot = python() + " " + source_dir() + "/tools/sedd_plot.py ";
+  std::filesystem::create_directories(tmp / "run");
+  std::ofstream(tmp / "run/metrics.jsonl") << R"({"step": 1, "loss": 3.5, "lr": 0.001})" << "\n"
+                                           << R"({"step": 2, "valid_loss": 3.1})" << "\n"
+                                           << R"({"step": 3, "loss": null, "skipped": 1})" << "\n"
+                                           << R"({"step": 4, "loss": 2.5, "valid_loss": 2.8})" << "\n";
+  std::string out;
+  ASSERT_EQ(run(plot + (tmp / "run"), &out), 0) << out;
+  EXPECT_EQ(out.find("Traceback"), std::string::npos) << out;
+  EXPECT_NE(out.find("2 of 4 rows have no finite loss"), std::string::npos) << out;
+  EXPECT_EQ(read_all(tmp / "run/loss.png").substr(0, 8), "\x89PNG\r\n\x1a\n") << "loss.png is not a PNG";
+  ASSERT_EQ(run(plot + (tmp / "run/metrics.jsonl") + " --out " + (tmp / "other.png"), &out), 0) << out;
+  EXPECT_EQ(read_all(tmp / "other.png").substr(0, 4), "\x89PNG");
+
+  std::ofstream(tmp / "none.jsonl") << R"({"step": 1, "lr": 0.001})" << "\n" << R"({"step": 2, "loss": null})" << "\n";
+  EXPECT_NE(run(plot + (tmp / "none.jsonl") + " --out " + (tmp / "none.png"), &out), 0);
+  EXPECT_NE(out.find(tmp / "none.jsonl" + ": none of its 2 rows has a step with a finite loss"), std::string::npos) << out;
+  EXPECT_EQ(out.find("Traceback"), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(tmp / "none.png"));
 }

@@ -1,9 +1,23 @@
 // The fused, masked-rows output loss against the plain path (full logits, then the loss).
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
 
 #include "diffusion/keyed_random.h"
+#include "diffusion/loss.h"
 #include "diffusion/output_loss.h"
+#include "distributed/communicator.h"
+#include "distributed/runtime.h"
+#include "distributed/watchdog.h"
+#include "distributed/zero.h"
 #include "model/objective.h"
+#include "test_util.h"
+
+#ifdef SEDD_HAVE_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 using namespace sedd;
 
@@ -137,4 +151,141 @@ TEST(FusedLossGpu, Bf16FusedLossTracksTheFp32Reference) {
   std::cout << "bf16 fused loss vs fp32 plain on CPU: relative error " << err << "\n";
   EXPECT_LT(err, 2e-2);
   EXPECT_GT(err, 0.0) << "bf16 did not engage";
+}
+
+// The bf16 fused loss keeps its logits in float32 (bf16 operands, float32 accumulation, the bias
+// added in float32). Against a float64 reference on the same bf16-rounded operands every row's loss
+// is within 1e-4 (relative); logits rounded to bf16 before exp/log (2^-9 |s| at |s| = 8..16) miss
+// that tolerance by far, which the test checks too so that it can tell the two apart.
+TEST(FusedLossGpu, Bf16LossKeepsItsLogitsInFloat32) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(21);
+  const int64_t R = 256, D = 64, V = 300;
+  auto f = torch::randn({R, D});
+  f = f / f.norm(2, {1}, true);                                 // unit rows
+  auto w = torch::randn({V, D}) * 8.0, bias = torch::randn({V});  // logits ~ N(0, 64): |s| up to ~25
+  auto f_b = f.to(torch::kBFloat16).to(torch::kDouble), w_b = w.to(torch::kBFloat16).to(torch::kDouble);
+  auto logits = torch::addmm(bias.to(torch::kDouble), f_b, w_b.t());
+  const double tol = 1e-4;
+  for (auto kind : {RowLoss::SeddAbsorb, RowLoss::CrossEntropy}) {
+    OutputLossRows rows;
+    rows.target = torch::randint(V, {R}, torch::kLong);
+    rows.a = torch::zeros({R});
+    rows.b = torch::full({R}, 0.5);
+    auto ref = row_loss_from_logits(kind, logits, rows, V);
+    auto rounded = row_loss_from_logits(kind, logits.to(torch::kBFloat16).to(torch::kDouble), rows, V);
+    OutputLossRows dev{rows.target.cuda(), {}, rows.a.cuda(), rows.b.cuda()};
+    auto ours = fused_output_loss(kind, f.cuda(), w.cuda(), bias.cuda(), dev, V, /*low_precision=*/true, 40 * V)
+                    .cpu()
+                    .to(torch::kDouble);
+    const double err = test::max_rel_error(ours, ref, 1.0), rounded_err = test::max_rel_error(rounded, ref, 1.0);
+    const char* name = kind == RowLoss::SeddAbsorb ? "score entropy" : "cross entropy";
+    std::cout << name << ": bf16 fused loss error " << err << ", with bf16-rounded logits " << rounded_err << "\n";
+    EXPECT_LT(err, tol) << name;
+    EXPECT_GT(rounded_err, 10 * tol) << name << ": the test cannot tell rounded logits apart";
+  }
+}
+
+// On the GPU the masked rows are gathered without nonzero(): in float32 the fused loss and its
+// gradients equal the CPU's (same rows, summation order aside).
+TEST(FusedLossGpu, MaskedRowsOnTheGpuGiveTheCpuLoss) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (bool scale : {true, false}) {
+    auto cfg = config("absorb", scale);
+    auto m = random_model(cfg, torch::kFloat);
+    auto g = make_graph(cfg.graph, cfg.tokens);
+    auto noise = make_noise(cfg.noise);
+    auto b = make_batch(*g, *noise, 6, cfg.length);
+    auto cpu = loss_and_grads(m, *g, *noise, b, true, 50);
+    m->to(torch::kCUDA);
+    auto gpu = loss_and_grads(m, *g, *noise, Batch{b.x0.cuda(), b.xt.cuda(), b.t.cuda()}, true, 50);
+    EXPECT_LT(rel_err(gpu.first.cpu(), cpu.first), 1e-5) << "scale_by_sigma " << scale;
+    for (size_t i = 0; i < cpu.second.size(); ++i)
+      EXPECT_LT(rel_err(gpu.second[i].cpu(), cpu.second[i]), 1e-4) << "parameter " << i;
+  }
+}
+
+namespace {
+
+#ifdef SEDD_HAVE_CUDA
+// The child of TrainingStepsDoNotSynchronise: one rank with NCCL and the watchdog as sedd-train
+// runs it, training steps as Trainer::run makes them (two micro-batches, keyed draws and dropout,
+// the fused loss and kernels, bf16, ZeRO-1). Step 1 warms up (the fused-op self-check, allocator,
+// cuBLAS); steps 2..N run with c10's sync debug mode set to error, so any call that makes the host
+// wait for the device (item(), nonzero(), a blocking copy, a stream synchronisation) throws.
+void train_steps_without_sync() {
+  auto& rt = test::child_runtime("cuda");
+  Watchdog dog(60, rt.rank, rt.host);
+  auto comm = make_nccl_communicator(rt.device.index(), &dog);
+  const int64_t B = 8, L = 64, steps = 5;
+  const uint64_t seed = 3;
+  for (std::string objective : {"sedd", "mdlm", "d3pm"}) {
+    auto cfg = config("absorb", objective == "sedd");
+    cfg.objective = objective;
+    cfg.tokens = 500;
+    cfg.hidden_size = 64;
+    cfg.length = L;
+    cfg.dropout = 0.1;
+    cfg.timesteps = 100;
+    auto m = random_model(cfg, torch::kFloat);
+    m->to(rt.device);
+    m->bf16 = true;
+    auto g = make_graph(cfg.graph, cfg.tokens);
+    auto noise = make_noise(cfg.noise);
+    std::vector<ParamSpec> params;
+    for (auto& p : m->named_parameters()) params.push_back({p.key(), p.value(), p.value().dim() >= 2});
+    AdamWConfig ac;
+    ac.bucket_elems = 1 << 14;
+    ShardedAdamW opt(std::move(params), *comm, ac);
+    LossOptions lo;
+    lo.chunk_elems = 1 << 14;
+    std::vector<torch::Tensor> batches;  // pinned host batches, as the data reader hands them over
+    for (int64_t s = 0; s < steps; ++s) batches.push_back(torch::randint(cfg.tokens, {B, L}, torch::kLong).pin_memory());
+    torch::Tensor loss_sum;
+    for (int64_t step = 1; step <= steps; ++step) {
+      if (step == 2) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+      auto x0 = batches[step - 1].to(rt.device, /*non_blocking=*/true);
+      auto loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(rt.device));
+      for (int64_t first = 0; first < B; first += B / 2) {
+        if (first + B / 2 >= B) opt.overlap_next_backward();
+        auto rows = torch::arange(first, first + B / 2, torch::TensorOptions().dtype(torch::kLong).device(rt.device));
+        auto u = time_uniforms("stratified", seed, step, rows, B);
+        LossDraws draws{seed, static_cast<uint64_t>(step), rows, u};
+        DropoutKey key{seed, static_cast<uint64_t>(step), rows};
+        auto total = training_loss(m, *g, *noise, x0.narrow(0, first, B / 2), draws, &key, lo).sum();
+        (total * (1.0 / B)).backward();
+        loss += total.detach().to(torch::kDouble);
+      }
+      loss_sum = opt.step(1e-3, loss).loss_sum;
+    }
+    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+    const double last = loss_sum.item<double>();
+    std::cout << objective << ": steps 2.." << steps << " queued without a host synchronisation; last loss " << last
+              << "\n";
+    EXPECT_TRUE(std::isfinite(last)) << objective;
+  }
+}
+#endif
+
+}  // namespace
+
+// Item of the step contract: after the first step, a training step never makes the host wait for
+// the device (the masked rows' count is the one planned wait, on an event behind the corruption,
+// which c10's sync debug mode does not count). Runs in a child process: MPI and NCCL of their own.
+TEST(FusedLossGpu, TrainingStepsDoNotSynchronise) {
+  if (!nccl_available()) GTEST_SKIP() << "no CUDA device or no NCCL in this build";
+#ifdef SEDD_HAVE_CUDA
+  if (std::getenv("SEDD_SYNC_CHILD")) {
+    train_steps_without_sync();
+    return;
+  }
+  std::string out;
+  int rc = test::run(fmt::format("env -u OMPI_COMM_WORLD_RANK -u OMPI_COMM_WORLD_SIZE SEDD_SYNC_CHILD=1 {} "
+                                 "--gtest_filter=FusedLossGpu.TrainingStepsDoNotSynchronise",
+                                 "/proc/" + std::to_string(::getpid()) + "/exe"),
+                     &out);
+  std::cout << out;
+  EXPECT_EQ(rc, 0) << "a training step synchronised with the device (or failed); see the child's output above";
+  EXPECT_NE(out.find("d3pm: steps 2..5 queued without a host synchronisation"), std::string::npos);
+#endif
 }

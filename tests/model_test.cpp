@@ -1,5 +1,6 @@
 // The DDiT score network: config validation, strict weight files, PyTorch interop, gradients.
 #include <gtest/gtest.h>
+#include <ATen/autocast_mode.h>
 
 #include <filesystem>
 #include <fstream>
@@ -202,7 +203,8 @@ TEST(ModelInterop, PyTorchCheckpointRoundTripThroughTheConverter) {
       double err = model_rel_error(ours, golden.read(g + "/output/log_score", torch::kFloat));
       EXPECT_LE(err, 1e-4) << name << " via " << ext;
       // ... and back to PyTorch: identical tensors under the same names.
-      ASSERT_EQ(run(python() + " " + conv + " to-torch " + h5out + " " + back, &out), 0) << out;
+      // --force: every conversion of this loop writes its config.json into the same folder.
+      ASSERT_EQ(run(python() + " " + conv + " to-torch --force " + h5out + " " + back, &out), 0) << out;
       std::string cmp = fmt::format(
           "{} -c \"import h5py,torch\n"
           "f=h5py.File('{}','r'); ref={{k: torch.from_numpy(v[()]) for k,v in f['{}/params'].items()}}\n"
@@ -475,4 +477,22 @@ TEST(ModelGpu, Bf16AutocastStaysCloseToFp32) {
   std::cout << "bf16 vs fp32 on GPU: max error " << rel << " of the largest log-score\n";
   EXPECT_LT(rel, 5e-2);
   EXPECT_GT(rel, 0.0) << "autocast did not engage";
+}
+
+// The bf16 autocast guard of the forward restores the caller's autocast state and dtype.
+TEST(ModelGpu, Bf16ForwardRestoresTheCallersAutocastDtype) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  auto cfg = tiny_config();
+  DDiT m(cfg);
+  m->to(torch::kCUDA);
+  m->eval();
+  m->bf16 = true;
+  const auto dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  const bool enabled = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kHalf);
+  torch::NoGradGuard ng;
+  m->forward(torch::randint(cfg.vocab_dim(), {2, 16}, torch::kLong).to(torch::kCUDA), torch::rand({2}).to(torch::kCUDA));
+  EXPECT_EQ(at::autocast::get_autocast_dtype(at::kCUDA), at::kHalf);
+  EXPECT_EQ(at::autocast::is_autocast_enabled(at::kCUDA), enabled);
+  at::autocast::set_autocast_dtype(at::kCUDA, dtype);
 }

@@ -6,6 +6,9 @@
 #include "distributed/runtime.h"
 #include "distributed/zero.h"
 #include "io/error.h"
+
+#include <chrono>
+#include <functional>
 #include <thread>
 
 using namespace sedd;
@@ -14,6 +17,30 @@ namespace {
 Communicator& comm() {
   static auto c = make_mpi_communicator();
   return *c;
+}
+
+// This rank's GPU for the NCCL tests, or -1 with the reason to skip them in `why`: no GPU, or
+// fewer GPUs on the node than ranks (ranks sharing a GPU make NCCL fail; the runtime refuses it).
+int nccl_test_device(std::string* why) {
+  if (!nccl_available()) {
+    *why = "no CUDA device or no NCCL in this build";
+    return -1;
+  }
+  auto& rt = Runtime::get();
+  try {
+    return resolve_device("cuda", rt.local_rank, rt.local_world, static_cast<int>(torch::cuda::device_count())).index();
+  } catch (const sedd::Error& e) {
+    *why = e.what();
+    return -1;
+  }
+}
+
+// Rank 0 arrives `ms` late: the others must wait for it in a barrier.
+double seconds_in_barrier_with_late_root(const std::function<void()>& barrier, int ms) {
+  if (Runtime::get().rank == 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  auto t0 = std::chrono::steady_clock::now();
+  barrier();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 }  // namespace
 
@@ -80,6 +107,12 @@ TEST(MpiCollectives, BroadcastFromLastRank) {
   comm().broadcast(t, w - 1);
   EXPECT_TRUE(torch::equal(t, torch::full({4}, static_cast<int64_t>(w - 1), torch::kLong)));
   comm().barrier();
+}
+
+TEST(MpiCollectives, BarrierWaitsForEveryRank) {
+  if (comm().size() < 2) GTEST_SKIP() << "multi-rank test: run under mpirun with at least 2 ranks";
+  const double waited = seconds_in_barrier_with_late_root([] { comm().barrier(); }, 300);
+  if (comm().rank() != 0) EXPECT_GT(waited, 0.2) << "the barrier did not wait for the late rank";
 }
 
 TEST(MpiCollectives, RuntimeKnowsItsPlace) {
@@ -318,9 +351,10 @@ TEST(MpiCollectivesGpu, CudaTensorsAreRefusedByTheMpiBackend) {
 
 // NCCL path: runs on a GPU (any world size), skips cleanly without one.
 TEST(NcclCollectives, AllReduceReduceScatterAllGatherOnGpu) {
-  if (!nccl_available()) GTEST_SKIP() << "no CUDA device or no NCCL in this build";
+  std::string why;
+  const int dev = nccl_test_device(&why);
+  if (dev < 0) GTEST_SKIP() << why;
   auto& rt = Runtime::get();
-  const int dev = rt.local_rank % static_cast<int>(torch::cuda::device_count());
   Watchdog dog(60, rt.rank, rt.host);
   auto nccl = make_nccl_communicator(dev, &dog);
   const int r = nccl->rank(), w = nccl->size();
@@ -348,6 +382,9 @@ TEST(NcclCollectives, AllReduceReduceScatterAllGatherOnGpu) {
   auto b = torch::full({3}, static_cast<float>(r), opts.dtype(torch::kFloat));
   nccl->broadcast(b, 0);
   EXPECT_EQ(b.sum().item<float>(), 0.0f);
+  // barrier() holds the host back until every rank arrives (a device all-reduce would not).
+  const double waited = seconds_in_barrier_with_late_root([&] { nccl->barrier(); }, 300);
+  if (w > 1 && r != 0) EXPECT_GT(waited, 0.2) << "the NCCL communicator's barrier did not wait for the late rank";
   // A host tensor handed to NCCL is a clear error, not a bad pointer.
   auto host = torch::ones({3});
   try {
@@ -362,9 +399,10 @@ TEST(NcclCollectives, AllReduceReduceScatterAllGatherOnGpu) {
 
 // ZeRO on NCCL: the same step as on MPI (CPU) for the same parameters and gradients.
 TEST(NcclZeroGpu, ShardedStepOnGpuMatchesTheCpuStep) {
-  if (!nccl_available()) GTEST_SKIP() << "no CUDA device or no NCCL in this build";
+  std::string why;
+  const int dev = nccl_test_device(&why);
+  if (dev < 0) GTEST_SKIP() << why;
   auto& rt = Runtime::get();
-  const int dev = rt.local_rank % static_cast<int>(torch::cuda::device_count());
   Watchdog dog(60, rt.rank, rt.host);
   auto nccl = make_nccl_communicator(dev, &dog);
   auto make = [](torch::Device d) {

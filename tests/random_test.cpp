@@ -2,9 +2,12 @@
 #include <gtest/gtest.h>
 
 #include <ATen/core/PhiloxRNGEngine.h>
+#include <cmath>
+#include <limits>
 
 #include "diffusion/keyed_random.h"
 #include "diffusion/philox.h"
+#include "test_util.h"
 
 using namespace sedd;
 
@@ -85,9 +88,31 @@ TEST(RandomKeyed, CategoricalFollowsTheWeightsAndItsKeys) {
   // A row's draw does not depend on the other rows of the batch.
   auto some = torch::tensor({17, 3, 19999}, torch::kLong);
   EXPECT_TRUE(torch::equal(keyed_categorical(weights.index_select(0, some), s, some), draws.index_select(0, some)));
-  // All-zero rows give 0, as do empty batches.
-  EXPECT_EQ(keyed_categorical(torch::zeros({2, 5}), s, torch::arange(2, torch::kLong)).sum().item<int64_t>(), 0);
+  // Empty batches draw nothing.
   EXPECT_EQ(keyed_categorical(torch::zeros({0, 5}), s, torch::zeros({0}, torch::kLong)).numel(), 0);
+}
+
+// A row of all-zero, NaN or infinite weights has no token to draw: an error naming the row, its
+// sample and the step, never token 0 (which a sampler would take for a plausible draw).
+TEST(RandomKeyed, CategoricalRefusesRowsWithNothingToDraw) {
+  RandomStream s{9, purpose::kSample, 17};
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    for (double poison : {0.0, std::nan(""), std::numeric_limits<double>::infinity()}) {
+      auto w = torch::rand({40, 6}, torch::kDouble).to(dtype) + 0.1;
+      w[23].fill_(0.0);
+      if (poison != 0.0) w[23][2] = poison;
+      w[31].fill_(0.0);  // a later bad row: the first one is named
+      auto rows = torch::arange(100, 140, torch::kLong), offs = torch::full({40}, 12, torch::kLong);
+      std::string msg = test::error_of([&] { keyed_categorical(w, s, rows, offs); });
+      EXPECT_NE(msg.find("row 23 of 40 (sample/sequence 123, column offset 12, step 17)"), std::string::npos)
+          << c10::toString(dtype) << " " << poison << ": " << msg;
+      EXPECT_NE(msg.find(fmt::format("sum to {}", poison)), std::string::npos) << msg;
+      // Without the bad rows the same call draws.
+      w[23].fill_(1.0);
+      w[31].fill_(1.0);
+      EXPECT_EQ(test::error_of([&] { keyed_categorical(w, s, rows, offs); }), "<no error>");
+    }
+  }
 }
 
 // The CUDA kernels compute the same uniforms bit for bit, and the same categorical draws.
@@ -101,13 +126,23 @@ TEST(RandomGpu, CudaDrawsEqualCpuDraws) {
     EXPECT_TRUE(torch::equal(cpu, gpu.cpu())) << c10::toString(dtype);
   }
   auto w = torch::rand({512, 5000}, torch::kDouble).pow(4);
-  w.narrow(0, 7, 1).zero_();  // a row of zeros draws 0 on both
   auto cpu = keyed_categorical(w, s, rows.narrow(0, 0, 333).repeat({2}).narrow(0, 0, 512), {});
   auto gpu = keyed_categorical(w.cuda(), s, rows.narrow(0, 0, 333).repeat({2}).narrow(0, 0, 512).cuda(), {});
-  EXPECT_EQ(gpu[7].item<int64_t>(), 0);
   double agree = (cpu == gpu.cpu()).to(torch::kDouble).mean().item<double>();
   std::cout << "categorical draws equal on CPU and GPU for " << 100 * agree << "% of rows\n";
   EXPECT_GE(agree, 0.998);
   auto gpu32 = keyed_categorical(w.to(torch::kFloat).cuda(), s, rows.narrow(0, 0, 333).repeat({2}).narrow(0, 0, 512).cuda(), {});
   EXPECT_GE((gpu32.cpu() == cpu).to(torch::kDouble).mean().item<double>(), 0.99);
+  // A row with nothing to draw (zeros, a NaN) is the same error on the device, naming the same row.
+  for (double poison : {0.0, std::nan("")}) {
+    auto bad = w.clone();
+    bad[7].zero_();
+    bad[7][3] = poison;
+    auto r = rows.narrow(0, 0, 333).repeat({2}).narrow(0, 0, 512);
+    std::string on_cpu = test::error_of([&] { keyed_categorical(bad, s, r, {}); });
+    std::string on_gpu = test::error_of([&] { keyed_categorical(bad.cuda(), s, r.cuda(), {}); });
+    EXPECT_NE(on_gpu.find(fmt::format("row 7 of 512 (sample/sequence {}", r[7].item<int64_t>())), std::string::npos)
+        << on_gpu;
+    EXPECT_EQ(on_gpu, on_cpu);
+  }
 }

@@ -193,6 +193,7 @@ TEST(Resilience, KillNineDuringCheckpointWritesNeverBreaksLatest) {
     if (!pids.empty()) ::kill(pids[rng() % pids.size()], SIGKILL);
     wait_rc(bg, 30s);
     run(fmt::format("pkill -9 -f '^{}/sedd-train .*{}'", bin_dir(), dir));
+    for (int i = 0; i < 100 && !rank_pids(dir).empty(); ++i) std::this_thread::sleep_for(100ms);
     // `latest` must name a complete checkpoint that loads.
     auto latest = Checkpointer(dir, 2).latest();
     ASSERT_TRUE(latest.has_value()) << "trial " << trial;

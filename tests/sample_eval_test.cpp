@@ -85,7 +85,15 @@ TEST(Sampler, MarginalsConvergeToTheTruth) {
       std::cout << kind << "/" << pred << ": chi2 at 2, 16, 256 steps = " << chi[2] << ", " << chi[16] << ", "
                 << chi[256] << " (critical " << crit << ")\n";
       EXPECT_LT(chi[256], crit) << kind << " " << pred;
-      EXPECT_LT(chi[256], chi[2] + crit) << kind << " " << pred;
+      // The draws are keyed (seed 42), so these values are fixed. With an exact denoiser the
+      // absorbing samplers and the uniform analytic one are exact at any step count; the uniform
+      // Euler step is biased at 2 steps, and the statistic must see it (the test has power).
+      if (std::string(kind) == "uniform" && std::string(pred) == "euler") {
+        EXPECT_GT(chi[2], 3 * crit) << "a 2-step Euler sampler on the uniform graph should be visibly biased";
+      } else {
+        EXPECT_LT(chi[2], crit) << kind << " " << pred;
+        EXPECT_LT(chi[16], crit) << kind << " " << pred;
+      }
     }
   }
 }
@@ -245,7 +253,7 @@ TEST(Elbo, TrainedModelBoundsTheTrueEntropyOfAMarkovChain) {
       "--train.lr 3e-3 --train.warmup 50 --train.schedule cosine --train.ema 0.99 --train.log_every 100",
       kMpirun, bin_dir(), tmp / "train.h5", tmp / "run", L);
   ASSERT_EQ(run(train, &out), 0) << out;
-  std::string eval = fmt::format("{} -np 2 {}/sedd-eval --checkpoint {} --data {} --mc-samples 32 --max-sequences 128 "
+  std::string eval = fmt::format("{} -np 2 {}/sedd-eval --checkpoint {} --device cpu --data {} --mc-samples 32 --max-sequences 128 "
                                  "--json {}",
                                  kMpirun, bin_dir(), tmp / "run", tmp / "test.h5", tmp / "eval.json");
   ASSERT_EQ(run(eval, &out), 0) << out;
@@ -306,7 +314,7 @@ TEST(SamplerCli, SamplesAreTheSameForAnyBatchSizeAndRankCount) {
             0)
       << out;
   auto sample_cmd = [&](int np, int batch, const std::string& file) {
-    return fmt::format("{} -np {} {}/sedd-sample --checkpoint {} --num-samples 7 --steps 16 --batch-size {} "
+    return fmt::format("{} -np {} {}/sedd-sample --checkpoint {} --device cpu --num-samples 7 --steps 16 --batch-size {} "
                        "--prefix 'The ' --suffix 'dog.' --fix 10=120 --seed 5 --out {}",
                        kMpirun, np, bin_dir(), tmp / "run", batch, file);
   };
@@ -337,7 +345,7 @@ TEST(SamplerCli, SamplesAreTheSameForAnyBatchSizeAndRankCount) {
   }
   EXPECT_NE(a[0]["ids"], a[1]["ids"]);
   // Bad requests fail with one clear message.
-  EXPECT_NE(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} --fix 40=1", kMpirun, bin_dir(), tmp / "run"), &out), 0);
+  EXPECT_NE(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} --device cpu --fix 40=1", kMpirun, bin_dir(), tmp / "run"), &out), 0);
   EXPECT_NE(out.find("outside the sequence"), std::string::npos) << out;
   EXPECT_NE(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} --device cpu --precision bf16", kMpirun, bin_dir(),
                             tmp / "run"),
@@ -416,50 +424,78 @@ std::vector<nlohmann::json> jsonl(const std::string& f) {
 }  // namespace
 
 // Past the training length: block by block, the prefix kept, the same samples for any batching and
-// rank count; generative perplexity under an autoregressive scorer equals its exact likelihood of
-// the samples, and the unigram entropy is that of each sample's token counts.
+// rank count, and the unigram entropy is that of each sample's token counts; generative perplexity
+// under an autoregressive scorer equals its exact likelihood of the samples, recomputed here.
 TEST(SamplerCli, BlocksPastTheWindowAndGenerativePerplexity) {
   TwoModels t;
   std::string out;
   auto cmd = [&](int np, int batch, const std::string& file, const std::string& extra) {
-    return fmt::format("{} -np {} {}/sedd-sample --checkpoint {} --num-samples 5 --steps 12 --length 100 --block-size 20 "
+    return fmt::format("{} -np {} {}/sedd-sample --checkpoint {} --device cpu --num-samples 5 --steps 12 --length 100 "
+                       "--block-size 20 "
                        "--batch-size {} --prefix 'the ' --seed 3 --out {} {}",
                        kMpirun, np, bin_dir(), t.sedd, batch, file, extra);
   };
-  ASSERT_EQ(run(cmd(1, 5, t.tmp / "a.jsonl", "--score-with " + t.ar + " --stats " + (t.tmp / "st.json")), &out), 0) << out;
+  ASSERT_EQ(run(cmd(1, 5, t.tmp / "a.jsonl", ""), &out), 0) << out;
   ASSERT_EQ(run(cmd(2, 2, t.tmp / "b.jsonl", ""), &out), 0) << out;
   auto a = jsonl(t.tmp / "a.jsonl"), b = jsonl(t.tmp / "b.jsonl");
   ASSERT_EQ(a.size(), 5u);
-  auto scorer = load_model_file(resolve_model_file(t.ar), true);
-  scorer->eval();
-  DDiTScore score(scorer, false);
-  auto g = make_graph(scorer->cfg.graph, scorer->cfg.tokens);
-  auto noise = make_noise(scorer->cfg.noise);
-  ElboConfig ec{2, "antithetic", 0};
-  ec.objective = ObjectiveSpec{"ar", 0, scorer->cfg.bos};
-  std::vector<int64_t> all;
-  double nll_sum = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     auto ids = a[i]["ids"].get<std::vector<int64_t>>();
     ASSERT_EQ(ids.size(), 100u);
     EXPECT_EQ(a[i]["text"].get<std::string>().substr(0, 4), "the ");
     EXPECT_EQ(a[i]["ids"], b[i]["ids"]) << "batching or ranks changed block-generated sample " << i;
-    auto x = torch::tensor(ids, torch::kLong).unsqueeze(0);
-    double nll = elbo_batch(*g, *noise, score, x, 0, ec, torch::kCPU).bound[0].item<double>() / 100;
-    nll_sum += nll;
-    EXPECT_NEAR(a[i]["gen_perplexity"].get<double>(), std::exp(nll), 1e-6 * std::exp(nll)) << i;
-    auto f = torch::bincount(x[0]).to(torch::kDouble) / 100.0;
+    auto f = torch::bincount(torch::tensor(ids, torch::kLong)).to(torch::kDouble) / 100.0;
     double h = -(f * torch::where(f > 0, f.log(), torch::zeros_like(f))).sum().item<double>();
     EXPECT_NEAR(a[i]["unigram_entropy"].get<double>(), h, 1e-9) << i;
   }
+  // Generative perplexity under the autoregressive scorer (its window is 32: samples of that
+  // length, on 2 ranks), against the scorer's likelihood computed here from its network alone, not
+  // through the bound code sedd-sample calls: -log p(x_l | x_<l) from a forward pass over the prefix
+  // [eot, x_0 .. x_{l-1}] only (nothing later can leak in), log-softmax over the vocabulary in
+  // float64. Tolerance 1e-5: float32 logits of passes of other lengths.
+  ASSERT_EQ(run(fmt::format("{} -np 2 {}/sedd-sample --checkpoint {} --device cpu --num-samples 5 --steps 12 "
+                            "--batch-size 2 --prefix 'the ' --seed 3 --score-with {} --stats {} --out {}",
+                            kMpirun, bin_dir(), t.sedd, t.ar, t.tmp / "st.json", t.tmp / "s.jsonl"),
+                &out),
+            0)
+      << out;
+  auto scored = jsonl(t.tmp / "s.jsonl");
+  ASSERT_EQ(scored.size(), 5u);
+  auto scorer = load_model_file(resolve_model_file(t.ar), true);
+  scorer->eval();
+  ASSERT_EQ(scorer->cfg.objective, "ar");
+  ASSERT_EQ(scorer->cfg.bos, 256) << "the AR input starts with the data's end-of-text id";
+  const int64_t N = scorer->cfg.tokens;
+  torch::NoGradGuard no_grad;
+  double nll_sum = 0;
+  for (size_t i = 0; i < scored.size(); ++i) {
+    auto ids = scored[i]["ids"].get<std::vector<int64_t>>();
+    ASSERT_EQ(ids.size(), 32u);
+    double nll = 0;
+    for (size_t l = 0; l < ids.size(); ++l) {
+      std::vector<int64_t> prefix = {256};
+      prefix.insert(prefix.end(), ids.begin(), ids.begin() + l);
+      auto logits = scorer->forward_raw(torch::tensor(prefix, torch::kLong).unsqueeze(0), torch::zeros({1}));
+      auto logp = torch::log_softmax(logits[0][l].narrow(0, 0, N).to(torch::kDouble), 0);
+      nll -= logp[ids[l]].item<double>();
+    }
+    nll /= static_cast<double>(ids.size());
+    nll_sum += nll;
+    EXPECT_NEAR(scored[i]["gen_perplexity"].get<double>(), std::exp(nll), 1e-5 * std::exp(nll)) << i;
+  }
   auto st = nlohmann::json::parse(fs::read_text(t.tmp / "st.json"));
-  EXPECT_NEAR(st["gen_perplexity"].get<double>(), std::exp(nll_sum / 5), 1e-6 * std::exp(nll_sum / 5));
+  std::cout << "generative perplexity under the AR model: " << st["gen_perplexity"] << ", recomputed "
+            << std::exp(nll_sum / 5) << "\n";
+  EXPECT_NEAR(st["gen_perplexity"].get<double>(), std::exp(nll_sum / 5), 1e-5 * std::exp(nll_sum / 5));
   EXPECT_EQ(st["scorer_objective"], "ar");
   EXPECT_GT(st["unigram_entropy_sd"].get<double>(), 0.0);
+  // An autoregressive scorer reads samples up to its window only.
+  EXPECT_NE(run(cmd(1, 5, t.tmp / "c.jsonl", "--score-with " + t.ar), &out), 0);
+  EXPECT_NE(out.find("window"), std::string::npos) << out;
   // A suffix cannot condition block generation; a block as long as the window is refused.
   EXPECT_NE(run(cmd(1, 5, t.tmp / "c.jsonl", "--suffix dog"), &out), 0);
   EXPECT_NE(out.find("block generation conditions the first block only"), std::string::npos) << out;
-  EXPECT_NE(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} --length 100 --block-size 32", kMpirun, bin_dir(),
+  EXPECT_NE(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} --device cpu --length 100 --block-size 32", kMpirun, bin_dir(),
                             t.sedd),
                 &out),
             0);
@@ -474,7 +510,7 @@ TEST(ElboCli, SeveralDatasetsInOneTableAndJson) {
   std::ofstream(t.tmp / "suite.txt") << "# held-out sets\nforward " << (t.tmp / "a.h5") << "\nbackward=" << (t.tmp / "b.h5")
                                      << "\n";
   auto eval = [&](const std::string& args, const std::string& json) {
-    return run(fmt::format("{} -np 2 {}/sedd-eval --checkpoint {} --mc-samples 4 --max-sequences 12 {} --json {}",
+    return run(fmt::format("{} -np 2 {}/sedd-eval --checkpoint {} --device cpu --mc-samples 4 --max-sequences 12 {} --json {}",
                            kMpirun, bin_dir(), t.sedd, args, json),
                &out);
   };
@@ -496,7 +532,7 @@ TEST(ElboCli, SeveralDatasetsInOneTableAndJson) {
   EXPECT_NE(eval("--data " + (t.tmp / "other.h5"), t.tmp / "x.json"), 0);
   EXPECT_NE(out.find("another tokenizer than the model"), std::string::npos) << out;
   // sedd-compare puts both models on the same data in one table.
-  ASSERT_EQ(run(fmt::format("{} -np 2 {}/sedd-compare --checkpoint {} --checkpoint {} --data {} --mc-samples 4 "
+  ASSERT_EQ(run(fmt::format("{} -np 2 {}/sedd-compare --checkpoint {} --checkpoint {} --device cpu --data {} --mc-samples 4 "
                             "--max-sequences 12 --json {}",
                             kMpirun, bin_dir(), t.sedd, t.ar, t.data, t.tmp / "cmp.json"),
                 &out),
@@ -511,4 +547,70 @@ TEST(ElboCli, SeveralDatasetsInOneTableAndJson) {
   EXPECT_EQ(cmp[1]["stderr_nats_per_token"].get<double>(), 0.0) << "an exact likelihood has no Monte Carlo error";
   EXPECT_GT(cmp[1]["stderr_data_nats_per_token"].get<double>(), 0.0) << "rows carry sedd-eval's fields";
   EXPECT_GT(cmp[0]["parameters"].get<int64_t>(), 0);
+}
+
+// The command-line tools on a GPU against their CPU runs (the CPU tests above pin --device cpu).
+// Tolerances: fp32 on the GPU draws the same keyed numbers and differs only in summation order:
+// bounds and generative perplexity within 1e-4 (relative). bf16 (the GPU default: bf16 network,
+// fp32 loss math): bounds within 1%, generative perplexity under the bf16 scorer within 5% (the
+// exponential of a mean log-likelihood off by up to ~0.05 nats/token).
+// Samples of one GPU run for two batch sizes agree on at least 95% of their tokens (another batch
+// shape may sum in another order and move a draw across a boundary of its distribution).
+TEST(SamplerCliGpu, ToolsOnTheGpuTrackTheirCpuRuns) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  TwoModels t;
+  std::string out;
+  auto eval = [&](const std::string& device, const std::string& json) {
+    EXPECT_EQ(run(fmt::format("{} -np 1 {}/sedd-eval --checkpoint {} {} --data {} --mc-samples 4 --max-sequences 12 "
+                              "--json {}",
+                              kMpirun, bin_dir(), t.sedd, device, t.data, json),
+                  &out),
+              0)
+        << out;
+    return nlohmann::json::parse(fs::read_text(json))["nats_per_token"].get<double>();
+  };
+  const double cpu = eval("--device cpu", t.tmp / "cpu.json");
+  const double fp32 = eval("--device cuda --precision fp32", t.tmp / "fp32.json");
+  const double bf16 = eval("--device cuda", t.tmp / "bf16.json");
+  std::cout << "sedd-eval nats/token: cpu " << cpu << ", cuda fp32 " << fp32 << ", cuda bf16 " << bf16 << "\n";
+  EXPECT_NEAR(fp32, cpu, 1e-4 * cpu);
+  EXPECT_NEAR(bf16, cpu, 1e-2 * cpu);
+
+  // Generative perplexity: the GPU's score of each sample against the AR model's exact likelihood
+  // of that sample on the CPU.
+  auto scorer = load_model_file(resolve_model_file(t.ar), true);
+  scorer->eval();
+  DDiTScore score(scorer, false);
+  auto g = make_graph(scorer->cfg.graph, scorer->cfg.tokens);
+  auto noise = make_noise(scorer->cfg.noise);
+  ElboConfig ec{2, "antithetic", 0};
+  ec.objective = ObjectiveSpec{"ar", 0, scorer->cfg.bos};
+  auto sample = [&](const std::string& device, int batch, const std::string& file) {
+    EXPECT_EQ(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} {} --num-samples 5 --steps 12 --batch-size {} "
+                              "--prefix 'the ' --seed 3 --score-with {} --out {}",
+                              kMpirun, bin_dir(), t.sedd, device, batch, t.ar, file),
+                  &out),
+              0)
+        << out;
+    return jsonl(file);
+  };
+  for (auto [device, tol] : {std::pair<std::string, double>{"--device cuda --precision fp32", 1e-4},
+                             std::pair<std::string, double>{"--device cuda", 5e-2}}) {
+    auto rows = sample(device, 5, t.tmp / "s.jsonl");
+    ASSERT_EQ(rows.size(), 5u) << device;
+    for (const auto& row : rows) {
+      auto x = torch::tensor(row["ids"].get<std::vector<int64_t>>(), torch::kLong).unsqueeze(0);
+      const double nll = elbo_batch(*g, *noise, score, x, 0, ec, torch::kCPU).bound[0].item<double>() / x.size(1);
+      EXPECT_NEAR(row["gen_perplexity"].get<double>(), std::exp(nll), tol * std::exp(nll)) << device;
+    }
+  }
+  auto a = sample("--device cuda --precision fp32", 5, t.tmp / "a.jsonl");
+  auto b = sample("--device cuda --precision fp32", 2, t.tmp / "b.jsonl");
+  int64_t same = 0, total = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    auto ia = a[i]["ids"].get<std::vector<int64_t>>(), ib = b[i]["ids"].get<std::vector<int64_t>>();
+    for (size_t k = 0; k < std::min(ia.size(), ib.size()); ++k) same += ia[k] == ib[k], ++total;
+  }
+  std::cout << "GPU samples for batch sizes 5 and 2 agree on " << same << " of " << total << " tokens\n";
+  EXPECT_GE(same, 0.95 * 5 * 32);
 }

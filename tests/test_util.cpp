@@ -1,12 +1,19 @@
 #include "test_util.h"
 
+#include "distributed/runtime.h"
+
 #include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <random>
 
+#include <nlohmann/json.hpp>
+
 #include "io/error.h"
+#include "io/fs.h"
+#include "io/hdf5.h"
+#include "train/checkpoint.h"
 
 namespace sedd::test {
 
@@ -36,6 +43,14 @@ std::string golden_path() {
   if (const char* p = std::getenv("SEDD_GOLDEN")) return p;
   return SEDD_GOLDEN_DEFAULT;
 }
+Runtime& child_runtime(const std::string& device) {
+  int argc = 1;
+  static char arg0[] = "child";
+  static char* args[] = {arg0, nullptr};
+  char** argv = args;
+  return Runtime::init(&argc, &argv, device);
+}
+
 std::string source_dir() { return SEDD_SOURCE_DIR; }
 std::string bin_dir() { return SEDD_BIN_DIR; }
 std::string python() { return SEDD_PYTHON; }
@@ -83,6 +98,36 @@ double chi_square(const torch::Tensor& samples, const torch::Tensor& p) {
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale) {
   auto ad = a.to(torch::kDouble), bd = b.to(torch::kDouble);
   return ((ad - bd).abs() / (bd.abs() + atol_scale)).max().item<double>();
+}
+
+torch::Tensor checkpoint_moments(const std::string& run_dir) {
+  auto dir = Checkpointer(run_dir, 1).latest();
+  SEDD_CHECK(dir.has_value(), "{}: no checkpoint", run_dir);
+  auto state = nlohmann::json::parse(sedd::fs::read_text(*dir + "/state.json"));
+  const int64_t numel = state.at("numel").get<int64_t>(), world = state.at("world_size").get<int64_t>();
+  torch::Tensor out;
+  int64_t covered = 0;
+  for (int64_t k = 0; k < world; ++k) {
+    h5::File f(fmt::format("{}/optim/rank_{}.h5", *dir, k), h5::Mode::Read);
+    auto m = f.read("/exp_avg"), v = f.read("/exp_avg_sq");
+    if (!out.defined()) out = torch::full({2, numel}, std::nan(""), torch::TensorOptions().dtype(m.scalar_type()));
+    auto pieces = f.read("/pieces", torch::kLong).view({-1, 3});
+    auto p = pieces.accessor<int64_t, 2>();
+    for (int64_t i = 0; i < pieces.size(0); ++i) {
+      out[0].narrow(0, p[i][0], p[i][1]).copy_(m.narrow(0, p[i][2], p[i][1]));
+      out[1].narrow(0, p[i][0], p[i][1]).copy_(v.narrow(0, p[i][2], p[i][1]));
+      covered += p[i][1];
+    }
+  }
+  SEDD_CHECK(covered == numel, "{}: the optimizer pieces cover {} of {} parameters", *dir, covered, numel);
+  return out;
+}
+
+double moments_rel_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  double worst = 0;
+  for (int64_t r = 0; r < a.size(0); ++r)
+    worst = std::max(worst, ((a[r] - b[r]).abs().max() / a[r].abs().max()).item<double>());
+  return worst;
 }
 
 }  // namespace sedd::test

@@ -4,6 +4,10 @@
 #include <functional>
 #include <string>
 
+namespace sedd {
+struct Runtime;
+}
+
 namespace sedd::test {
 
 // A fresh folder under $TMPDIR, removed when the object goes away.
@@ -22,6 +26,9 @@ std::string python();           // the virtualenv's python (may be empty)
 // Runs a shell command; returns its exit status and fills `output` with stdout+stderr.
 int run(const std::string& cmd, std::string* output = nullptr);
 
+// Runtime::init for a test's own child process (a GPU test that re-runs itself as one MPI rank).
+Runtime& child_runtime(const std::string& device);
+
 // "mpirun" with root allowed and oversubscription (this machine has 2 cores).
 extern const std::string kMpirun;
 
@@ -36,5 +43,12 @@ double chi_square(const torch::Tensor& samples, const torch::Tensor& p);
 
 // Largest elementwise |a-b| / (|b| + atol_scale) over two tensors of equal shape.
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale = 1e-12);
+
+// The Adam moments of a run folder's latest checkpoint, put together from every rank's
+// optim/rank_K.h5 pieces: [2, numel] (exp_avg, exp_avg_sq) in parameter order, in the dtype they
+// were saved in (float64 for train.precision fp64, where model.h5 holds float32 weights only).
+torch::Tensor checkpoint_moments(const std::string& run_dir);
+// Largest |a - b| of each row of two checkpoint_moments() relative to that row's largest |a|.
+double moments_rel_diff(const torch::Tensor& a, const torch::Tensor& b);
 
 }  // namespace sedd::test

@@ -1,11 +1,13 @@
 // sedd-compare: evaluates several checkpoints (any objective) on the same data and prints the table
 // that papers report: objective, parameters, tokens seen, nats/token with its standard error and
-// the perplexity (bound); JSON too. Trains nothing; ranks split the sequences.
+// the perplexity (bound); JSON too. Trains nothing; ranks split the sequences. Options, the --json
+// path, every checkpoint and the datasets' shards are checked on every rank before any evaluation.
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "data/shard.h"
 #include "distributed/control.h"
 #include "eval/evaluate.h"
 #include "model/score.h"
@@ -31,17 +33,31 @@ int main(int argc, char** argv) {
       "precision", po::value(&precision)->default_value("auto"), "bf16 | fp32 (auto: bf16 on GPUs)")(
       "json", po::value(&json_out), "write the table as JSON");
   if (int rc = tools::parse_options("sedd-compare", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
-  try {
+  ControlPlane control;  // a collective: made before any rank may fail
+  std::vector<tools::LoadedModel> models;
+  const int refused = tools::agree(rt, "sedd-compare", [&] {
+    if (rt.is_root()) tools::check_writable(json_out, "--json");  // found now, not after the evaluation
+    EvalOptions o;
+    o.elbo = ElboConfig{mc, "antithetic", static_cast<uint64_t>(seed)};
+    o.batch_size = batch;
+    o.max_sequences = max_sequences;
+    o.validate();
+    for (const auto& d : data) expand_shard_list(parse_named_dataset(d).second);  // missing data: refused now
     rt.select_device(device);
-    ControlPlane control;
+    for (const auto& ckpt : checkpoints)
+      models.push_back(tools::load_checkpoint(ckpt, true, rt.device, tools::use_bf16(precision, rt.device)));
+  });
+  if (refused >= 0) return refused;
+  try {
     struct Row {
       std::string given, path, objective;  // given: the --checkpoint argument, the table's name
       int64_t params, tokens_seen;
       EvalSummary s;
     };
     std::vector<Row> rows;
-    for (const auto& ckpt : checkpoints) {
-      auto m = tools::load_checkpoint(ckpt, true, rt.device, tools::use_bf16(precision, rt.device));
+    for (size_t i = 0; i < models.size(); ++i) {
+      const std::string& ckpt = checkpoints[i];
+      auto& m = models[i];
       const auto& cfg = m.model->cfg;
       EvalOptions o;
       o.elbo = ElboConfig{mc, "antithetic", static_cast<uint64_t>(seed)};
@@ -78,6 +94,9 @@ int main(int argc, char** argv) {
       std::printf("diffusion rows: upper bounds (<=) on nats/token; autoregressive rows: exact (=); s.e. combines "
                   "Monte Carlo and data sampling. packing: %s\n",
                   kPackingDescription);
+      for (const auto& r : rows)
+        if (r.s.tokenizer_check != "same")
+          std::printf("%s on %s: tokenizer check %s\n", r.given.c_str(), r.s.name.c_str(), r.s.tokenizer_check.c_str());
       if (!json_out.empty()) {
         std::ofstream f(json_out);
         f << j.dump(2) << "\n";
@@ -86,7 +105,7 @@ int main(int argc, char** argv) {
       }
     }
   } catch (const std::exception& e) {
-    rt.abort(std::string("sedd-compare: ") + e.what());
+    return tools::end_job(rt, "sedd-compare", e);
   }
-  return 0;
+  return tools::kExitOk;
 }

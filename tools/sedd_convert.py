@@ -11,10 +11,13 @@
             the rotary buffer) are read off the tensors, and a config or flag that disagrees with
             them is refused; without a config the other settings come from the flags' defaults.
             A tokenizer.json beside the input is embedded as the `tokenizer` attribute.
-  to-torch  IN.h5 OUT.{safetensors,bin,pth} [--ema]
+  to-torch  IN.h5 OUT.{safetensors,bin,pth} [--ema] [--force]
             Writes the state dict under PyTorch names (the same names SEDD's model uses), and beside
             it config.json (every model.h5 config field, model_type "sedd", vocab_size, step,
-            tokens_seen) and, when the model carries one, tokenizer.json.
+            tokens_seen) and, when the model carries one, tokenizer.json. --ema writes the EMA
+            weights and is refused for a file without them. A config.json or tokenizer.json already
+            beside the output is refused unless --force (which replaces them, and removes a
+            tokenizer.json that this model does not have: to-h5 would embed it).
 """
 import argparse
 import json
@@ -320,9 +323,13 @@ def to_torch(args):
     except OSError as e:
         fail(f"{args.input}: cannot read as HDF5 ({e})")
     with f:
-        group = "ema" if args.ema and "ema" in f else "model"
-        if group not in f:
+        if "model" not in f:
             fail(f"{args.input}: not a sedd model file (no /model group)")
+        # Raw weights in place of the EMA asked for would be a silently different model.
+        if args.ema and "ema" not in f:
+            fail(f"{args.input}: --ema, but the file holds no EMA weights (no /ema group); "
+                 f"drop --ema to write the raw weights")
+        group = "ema" if args.ema else "model"
         sd = {k: torch.from_numpy(f[group][k][()]) for k in f[group]}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     attrs = {**OPTIONAL_DEFAULTS, **attrs}
@@ -345,15 +352,24 @@ def to_torch(args):
             config["tokenizer"] = tokenizer  # "byte": no file of its own
 
     folder = os.path.dirname(os.path.abspath(args.output))
+    config_path, tokenizer_path = os.path.join(folder, "config.json"), os.path.join(folder, "tokenizer.json")
+    # Files beside the output belong to whatever was converted there before: replace them only when told.
+    if not args.force:
+        for path in (config_path, tokenizer_path):
+            if os.path.lexists(path):
+                fail(f"{path} already exists beside the output "
+                     f"(from another conversion?); pass --force to replace it, or write into another folder")
     if args.output.endswith(".safetensors"):
         from safetensors.torch import save_file
         outputs = [(args.output, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))]
     else:
         outputs = [(args.output, lambda tmp: torch.save(sd, tmp))]
-    outputs.append((os.path.join(folder, "config.json"), text_writer(json.dumps(config, indent=2) + "\n")))
+    outputs.append((config_path, text_writer(json.dumps(config, indent=2) + "\n")))
     if tokenizer_json:
-        outputs.append((os.path.join(folder, "tokenizer.json"), text_writer(tokenizer_json)))
+        outputs.append((tokenizer_path, text_writer(tokenizer_json)))
     write_atomically(outputs)
+    if not tokenizer_json and os.path.lexists(tokenizer_path):  # --force: another model's tokenizer
+        os.unlink(tokenizer_path)
     print(f"wrote {args.output}: {len(sd)} tensors from /{group}; config.json"
           f"{' and tokenizer.json' if tokenizer_json else ''} beside it")
 
@@ -368,7 +384,7 @@ def main():
                                     "default: config.json beside a bare state dict")
     a.add_argument("--n-heads", type=int, help="default: from the rotary buffer, else hidden_size / 64")
     a.add_argument("--graph", choices=["absorb", "uniform"], help="default: absorb")
-    a.add_argument("--noise", choices=["loglinear", "geometric"], help="default: loglinear")
+    a.add_argument("--noise", choices=["loglinear", "geometric", "cosine"], help="default: loglinear")
     a.add_argument("--eps", type=float, help="default: 1e-3")
     a.add_argument("--sigma-min", type=float, help="default: 1e-4")
     a.add_argument("--sigma-max", type=float, help="default: 20")
@@ -379,7 +395,9 @@ def main():
     b = sub.add_parser("to-torch", help="model.h5 -> PyTorch weights + config.json")
     b.add_argument("input")
     b.add_argument("output")
-    b.add_argument("--ema", action="store_true")
+    b.add_argument("--ema", action="store_true", help="write the EMA weights (refused when the file has none)")
+    b.add_argument("--force", action="store_true",
+                   help="replace a config.json / tokenizer.json already beside the output")
     args = p.parse_args()
     to_h5(args) if args.cmd == "to-h5" else to_torch(args)
 

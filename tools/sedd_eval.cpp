@@ -1,11 +1,13 @@
 // sedd-eval: the likelihood bound (nats/token, bits/token, perplexity, with standard errors) of a
 // checkpoint on one or several token datasets, sequences split across MPI ranks; one table and
-// JSON. The autoregressive baseline's likelihood is exact.
+// JSON. The autoregressive baseline's likelihood is exact. Options, the --json path, the checkpoint
+// and the datasets' shards are checked on every rank before any evaluation.
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "data/shard.h"
 #include "distributed/control.h"
 #include "eval/evaluate.h"
 #include "model/score.h"
@@ -35,24 +37,29 @@ int main(int argc, char** argv) {
       "no-ema", po::bool_switch(&raw_weights), "use the raw weights instead of the EMA")(
       "json", po::value(&json_out), "write the results as JSON");
   if (int rc = tools::parse_options("sedd-eval", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
-  try {
-    std::vector<std::pair<std::string, std::string>> datasets;
+  ControlPlane control;  // a collective: made before any rank may fail
+  std::vector<std::pair<std::string, std::string>> datasets;
+  tools::LoadedModel m;
+  EvalOptions o;
+  const int refused = tools::agree(rt, "sedd-eval", [&] {
+    if (rt.is_root()) tools::check_writable(json_out, "--json");  // found now, not after the evaluation
     for (const auto& d : data) datasets.push_back(parse_named_dataset(d));
-    if (!suite.empty()) for (const auto& d : read_dataset_suite(suite)) datasets.push_back(d);
-    if (datasets.empty()) {
-      if (rt.is_root()) std::fprintf(stderr, "sedd-eval: error: give --data GLOB (or NAME=GLOB, repeated) or --suite FILE\n");
-      return 2;
-    }
-    rt.select_device(device);
-    ControlPlane control;
-    auto m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
-    const auto& cfg = m.model->cfg;
-    EvalOptions o;
+    if (!suite.empty())
+      for (const auto& d : read_dataset_suite(suite)) datasets.push_back(d);
+    SEDD_CHECK_OPTION(!datasets.empty(), "give --data GLOB (or NAME=GLOB, repeated) or --suite FILE");
     o.elbo = ElboConfig{mc, sampling, static_cast<uint64_t>(seed)};
-    o.elbo.objective = tools::objective_of(cfg);
     o.batch_size = batch;
     o.max_sequences = max_sequences;
+    o.validate();
+    for (const auto& [name, glob] : datasets) expand_shard_list(glob);  // missing data: refused now
+    rt.select_device(device);
+    m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
+    o.elbo.objective = tools::objective_of(m.model->cfg);
     o.model_tokenizer = m.info.tokenizer;
+  });
+  if (refused >= 0) return refused;
+  try {
+    const auto& cfg = m.model->cfg;
     DDiTScore score(m.model, /*cache=*/false);
     const std::string weights = raw_weights || !m.info.has_ema ? "raw" : "EMA";
     if (rt.is_root())
@@ -81,9 +88,13 @@ int main(int argc, char** argv) {
                     static_cast<long long>(s.tokens), s.nats_per_token, s.stderr_total(),
                     s.bits_per_token(), bound, s.perplexity(), s.stderr_mc, s.stderr_data);
       std::printf("packing: %s\n", kPackingDescription);
+      for (const auto& s : results)
+        if (s.tokenizer_check != "same")
+          std::printf("%s: tokenizer check %s\n", s.name.c_str(), s.tokenizer_check.c_str());
       auto row = [&](const EvalSummary& s) {
         auto j = to_json(s);
-        j["tokens_x_draws_per_s"] = static_cast<double>(s.tokens) * mc / s.seconds;
+        // Token evaluations per second: K draws each for a bound, one pass for an exact likelihood.
+        j["tokens_x_draws_per_s"] = static_cast<double>(s.tokens) * (s.exact ? 1 : mc) / s.seconds;
         return j;
       };
       if (!json_out.empty()) {
@@ -106,7 +117,7 @@ int main(int argc, char** argv) {
       }
     }
   } catch (const std::exception& e) {
-    rt.abort(std::string("sedd-eval: ") + e.what());
+    return tools::end_job(rt, "sedd-eval", e);
   }
-  return 0;
+  return tools::kExitOk;
 }

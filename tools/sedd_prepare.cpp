@@ -1,5 +1,7 @@
 // sedd-prepare: text / JSONL / Parquet / Arrow files -> HDF5 token shards. Runs under mpirun
-// (ranks split the inputs); shards appear in --out only when every rank succeeded.
+// (ranks split the inputs); shards appear in --out only when every rank succeeded. --out must be
+// empty or new; --overwrite replaces an earlier run's shards there. Exit codes as every tool's
+// (tool_common.h): an error that every rank meets is printed once.
 #include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
@@ -9,6 +11,7 @@
 #include "data/prepare.h"
 #include "distributed/runtime.h"
 #include "io/error.h"
+#include "tool_common.h"
 
 namespace po = boost::program_options;
 using namespace sedd;
@@ -27,11 +30,13 @@ int main(int argc, char** argv) {
       "field", po::value(&opt.field)->default_value("text"), "JSON field (jsonl) or string column (parquet, arrow) holding the text")(
       "jsonl-field", po::value(&jsonl_field), "the older spelling of --format jsonl --field NAME")(
       "tokenizer", po::value(&opt.tokenizer)->default_value("byte"), "byte, or PATH/tokenizer.json (byte-level BPE)")(
-      "out", po::value(&opt.out)->required(), "output folder for shard-*.h5")(
+      "out", po::value(&opt.out)->required(), "output folder for shard-*.h5 (must be empty or new)")(
+      "overwrite", po::bool_switch(&opt.overwrite),
+      "replace the shard-*.h5 files already in --out (removed only once the new shards are complete)")(
       "shard-tokens", po::value(&opt.shard_tokens)->default_value(int64_t{1} << 24), "maximum tokens per shard");
   try {
     po::variables_map vm;
-    po::store(po::parse_command_line(argc, argv, desc), vm);
+    po::store(po::command_line_parser(argc, argv).options(desc).positional({}).run(), vm);  // stray words refused
     if (vm.count("help")) {
       if (rt.is_root()) std::cout << desc << "\n";
       return 0;
@@ -61,32 +66,32 @@ int main(int argc, char** argv) {
                  bytes / 1e6, static_cast<long long>(tokens), tokens / std::max(s, 1e-9), tty ? "   " : "\n");
   };
   PrepareStats st;
-  std::string error;
-  try {
-    st = prepare_shards(opt, rt.rank, rt.world, progress);
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
   // Every rank learns whether any failed; only then are shards published (or all discarded).
-  int failed = !error.empty(), any_failed = 0;
-  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (failed) std::fprintf(stderr, "\nsedd-prepare: error (rank %d): %s\n", rt.rank, error.c_str());
-  if (any_failed) {
+  // --out is probed first, on its own: no rank may see the probe file while it checks the folder.
+  int failed = tools::agree(rt, "sedd-prepare", [&] {
+    if (rt.is_root()) tools::check_writable_folder(opt.out, "--out");
+  });
+  if (failed < 0)
+    failed = tools::agree(rt, "sedd-prepare", [&] { st = prepare_shards(opt, rt.rank, rt.world, progress); });
+  if (failed >= 0) {
     discard_staging(opt.out, rt.rank);
-    return 1;
+    return failed;
+  }
+  if (opt.overwrite) {
+    // Every rank's new shards are complete in staging: only now do the old ones go, before any new
+    // one is moved in (so no old shard is left among the new ones).
+    if (rt.is_root()) remove_published_shards(opt.out);
+    MPI_Barrier(MPI_COMM_WORLD);
   }
   publish_shards(opt.out, rt.rank);
   int64_t local[4] = {st.documents, st.tokens, st.shards, st.bytes}, total[4];
-  MPI_Reduce(local, total, 4, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
+  MPI_Allreduce(local, total, 4, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);  // every rank exits alike
   if (rt.is_root()) {
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::fprintf(stderr, "%s[prepare] %lld documents, %lld tokens, %lld shards in %s (%.1f s, %.0f tokens/s, %d ranks)\n",
                  tty ? "\n" : "", static_cast<long long>(total[0]), static_cast<long long>(total[1]), static_cast<long long>(total[2]),
                  opt.out.c_str(), s, total[1] / std::max(s, 1e-9), rt.world);
-    if (total[0] == 0) {
-      std::fprintf(stderr, "sedd-prepare: error: the inputs hold no documents\n");
-      return 1;
-    }
+    if (total[0] == 0) std::fprintf(stderr, "sedd-prepare: error: the inputs hold no documents\n");
   }
-  return 0;
+  return total[0] == 0 ? tools::kExitBadInput : tools::kExitOk;
 }

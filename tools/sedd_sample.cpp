@@ -1,6 +1,7 @@
 // sedd-sample: text from a checkpoint with the Euler or analytic sampler; prefix, suffix and
 // arbitrary position conditioning; samples split across MPI ranks (sample i depends only on the
-// seed and i); JSONL output in sample order.
+// seed and i); JSONL output in sample order. Everything that can be refused (options, output
+// paths, the checkpoints, the scorer's fit) is checked on every rank before any sampling.
 #include <unistd.h>
 
 #include <chrono>
@@ -24,14 +25,45 @@ void parse_fixed(const std::string& spec, Constraint& c) {
   std::string item;
   while (std::getline(ss, item, ',')) {
     auto eq = item.find('=');
-    SEDD_CHECK(eq != std::string::npos, "--fix: expected POS=TOKEN_ID, got '{}'", item);
+    SEDD_CHECK_OPTION(eq != std::string::npos, "--fix: expected POS=TOKEN_ID, got '{}'", item);
     try {
       c.positions.push_back(std::stoll(item.substr(0, eq)));
       c.tokens.push_back(std::stoll(item.substr(eq + 1)));
     } catch (const std::exception&) {
-      fail("--fix: expected POS=TOKEN_ID with integers, got '{}'", item);
+      fail_option("--fix: expected POS=TOKEN_ID with integers, got '{}'", item);
     }
   }
+}
+
+// The scorer of --score-with must read the samples as the sampled model's data: the same
+// vocabulary, tokenizer and end-of-text id, and a window that holds a whole sample (an
+// autoregressive scorer: any sample up to its window; a diffusion scorer bounds whole windows of
+// its training length only). Returns a note when the tokenizers could not be compared.
+std::string check_scorer(const tools::LoadedModel& scorer, const tools::LoadedModel& sampled, int64_t length) {
+  const ModelConfig &s = scorer.model->cfg, &m = sampled.model->cfg;
+  SEDD_CHECK_OPTION(s.tokens == m.tokens, "--score-with {}: the scorer has {} tokens, the sampled model {}",
+                    scorer.path, s.tokens, m.tokens);
+  const TokenizerMatch match = compare_tokenizers(scorer.info.tokenizer, sampled.info.tokenizer);
+  SEDD_CHECK_OPTION(match != TokenizerMatch::Different,
+                    "--score-with {}: the scorer was trained with another tokenizer than {} (both store one and they "
+                    "differ): its perplexity of these samples would mean nothing",
+                    scorer.path, sampled.path);
+  SEDD_CHECK_OPTION(s.bos < 0 || m.bos < 0 || s.bos == m.bos,
+                    "--score-with {}: the scorer's end-of-text id is {}, the sampled model's {}: other packing rules",
+                    scorer.path, s.bos, m.bos);
+  if (s.objective == "ar")
+    SEDD_CHECK_OPTION(length <= s.length,
+                      "--score-with {}: the samples have {} tokens, more than the autoregressive scorer's window of {}",
+                      scorer.path, length, s.length);
+  else
+    SEDD_CHECK_OPTION(length == s.length,
+                      "--score-with {}: the samples have {} tokens, the {} scorer's window is {}: a diffusion scorer "
+                      "bounds whole windows of its training length only (sample --length {}, or score with an "
+                      "autoregressive model)",
+                      scorer.path, length, s.objective, s.length, s.length);
+  if (match == TokenizerMatch::Same) return "";
+  return fmt::format("tokenizer check skipped: the scorer's tokenizer is {}, the sampled model's {}",
+                     describe_tokenizer(scorer.info.tokenizer), describe_tokenizer(sampled.info.tokenizer));
 }
 
 std::string eta(double s) {
@@ -76,18 +108,37 @@ int main(int argc, char** argv) {
       "no-cache", po::bool_switch(&no_cache), "disable exact caching (models without time conditioning)")(
       "no-ema", po::bool_switch(&raw_weights), "use the raw weights instead of the EMA")(
       "out", po::value(&out), "JSONL output (default: print to stdout)");
-  if (int rc = tools::parse_options("sedd-sample", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
-  try {
+  po::variables_map given;
+  if (int rc = tools::parse_options("sedd-sample", desc, argc, argv, rt.is_root(), &given); rc >= 0) return rc;
+  auto set = [&](const char* option) { return given.count(option) && !given[option].defaulted(); };
+  ControlPlane control;  // a collective: made before any rank may fail
+  tools::LoadedModel m, scorer;
+  Constraint cons;
+  SamplerConfig sc;
+  std::string scorer_note;
+  const int refused = tools::agree(rt, "sedd-sample", [&] {
+    if (rt.is_root()) {  // rank 0 writes the outputs: found unwritable now, not after sampling
+      tools::check_writable(out, "--out");
+      tools::check_writable(stats_json, "--stats");
+    }
+    SEDD_CHECK_OPTION(num_samples > 0 && batch > 0, "--num-samples and --batch-size must be positive");
+    SEDD_CHECK_OPTION(length >= 0 && block_size >= 0, "--length and --block-size must be >= 0");
     rt.select_device(device);
-    ControlPlane control;
-    auto m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
+    m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
     const auto& cfg = m.model->cfg;
+    // Options for another kind of model are refused, never silently ignored.
+    SEDD_CHECK_OPTION(cfg.objective == "sedd" || !set("predictor"),
+                      "--predictor: {} is a {} model, which samples {}; --predictor applies to sedd (score entropy) "
+                      "models only",
+                      m.path, cfg.objective, cfg.objective == "ar" ? "left to right" : "ancestrally");
+    for (const char* opt : {"temperature", "top-p"})
+      SEDD_CHECK_OPTION(cfg.objective == "ar" || !set(opt),
+                        "--{}: {} is a {} model; --{} applies to autoregressive models only", opt, m.path,
+                        cfg.objective, opt);
     if (length <= 0) length = cfg.length;
-    SEDD_CHECK(num_samples > 0 && batch > 0, "--num-samples and --batch-size must be positive");
-    Constraint cons;
     auto encode = [&](const std::string& text, const char* opt) {
-      SEDD_CHECK(m.tokenizer() != nullptr, "{}: the checkpoint stores no tokenizer, so {} cannot be encoded; use --fix",
-                 m.path, opt);
+      SEDD_CHECK_OPTION(m.tokenizer() != nullptr,
+                        "{}: the checkpoint stores no tokenizer, so {} cannot be encoded; use --fix", m.path, opt);
       return m.tokenizer()->encode(text);
     };
     if (!prefix.empty()) {
@@ -100,7 +151,6 @@ int main(int argc, char** argv) {
         cons.positions.push_back(length - static_cast<int64_t>(ids.size()) + static_cast<int64_t>(i)), cons.tokens.push_back(ids[i]);
     }
     if (!fixed.empty()) parse_fixed(fixed, cons);
-    SamplerConfig sc;
     sc.objective = tools::objective_of(cfg);
     sc.temperature = temperature;
     sc.top_p = top_p;
@@ -111,18 +161,22 @@ int main(int argc, char** argv) {
     sc.validate();
     cons.validate(length, cfg.tokens);
     if (block_size <= 0) block_size = cfg.length / 2;
-    SEDD_CHECK(length <= cfg.length || !(!suffix.empty() || !fixed.empty()),
-               "--suffix and --fix need --length <= the training length ({}): block generation conditions the first "
-               "block only (use --prefix)",
-               cfg.length);
-    // The scorer: loaded up front so a bad path fails before any sampling.
-    tools::LoadedModel scorer;
+    SEDD_CHECK_OPTION(length <= cfg.length || !(!suffix.empty() || !fixed.empty()),
+                      "--suffix and --fix need --length <= the training length ({}): block generation conditions the "
+                      "first block only (use --prefix)",
+                      cfg.length);
     if (!score_with.empty()) {
       scorer = tools::load_checkpoint(score_with, true, rt.device, m.model->bf16);
-      SEDD_CHECK(scorer.model->cfg.tokens == cfg.tokens, "{}: the scorer has {} tokens, the sampled model {}",
-                 scorer.path, scorer.model->cfg.tokens, cfg.tokens);
+      scorer_note = check_scorer(scorer, m, length);
     }
-
+  });
+  if (refused >= 0) return refused;
+  try {
+    const auto& cfg = m.model->cfg;
+    // What drew the samples (the rows' "predictor"): a predictor for sedd models only.
+    const std::string sampler =
+        cfg.objective == "sedd" ? predictor : cfg.objective == "ar" ? "autoregressive" : "ancestral";
+    if (rt.is_root() && !scorer_note.empty()) std::fprintf(stderr, "[sample] --score-with: %s\n", scorer_note.c_str());
     auto graph = make_graph(cfg.graph, cfg.tokens);
     auto noise = make_noise(cfg.noise);
     auto mine = shard_range(num_samples, rt.world, rt.rank);
@@ -196,7 +250,7 @@ int main(int argc, char** argv) {
       }
       for (int64_t i = 0; i < num_samples; ++i) {
         std::vector<int64_t> row(all.begin() + i * length, all.begin() + (i + 1) * length);
-        nlohmann::ordered_json j = {{"index", i}, {"seed", seed}, {"steps", steps}, {"predictor", predictor}};
+        nlohmann::ordered_json j = {{"index", i}, {"seed", seed}, {"steps", steps}, {"predictor", sampler}};
         j["unigram_entropy"] = sample_entropy[i];
         if (!score_with.empty()) j["gen_perplexity"] = std::exp(sample_nll[i]);
         if (m.tokenizer()) j["text"] = m.tokenizer()->decode(row);
@@ -225,6 +279,7 @@ int main(int argc, char** argv) {
       if (!score_with.empty()) {
         stats["scorer"] = scorer.path;
         stats["scorer_objective"] = scorer.model->cfg.objective;
+        stats["scorer_tokenizer_check"] = scorer_note.empty() ? "same" : scorer_note;
         stats["gen_perplexity"] = std::exp(nll);  // exp of the mean nats/token over all samples' tokens
         stats["gen_perplexity_mean"] = p;
         stats["gen_perplexity_sd"] = p_sd;
@@ -247,7 +302,7 @@ int main(int argc, char** argv) {
                    static_cast<long long>(score.rows_reused()), out.empty() ? "" : ", written to ", out.c_str());
     }
   } catch (const std::exception& e) {
-    rt.abort(std::string("sedd-sample: ") + e.what());
+    return tools::end_job(rt, "sedd-sample", e);
   }
-  return 0;
+  return tools::kExitOk;
 }

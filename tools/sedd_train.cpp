@@ -1,5 +1,6 @@
-// sedd-train: distributed SEDD training under mpirun/srun. Exit codes: 0 done, 3 stopped by a
-// pre-emption signal after a checkpoint (requeue), 2 bad options, anything else an error.
+// sedd-train: distributed SEDD training under mpirun/srun. Exit codes (tool_common.h, the same on
+// every rank): 0 done, 1 a failure while running, 2 bad options, settings or input data (a refused
+// resume, a run folder in use), 3 stopped by a pre-emption signal after a checkpoint (requeue).
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -10,6 +11,7 @@
 #include "distributed/runtime.h"
 #include "distributed/watchdog.h"
 #include "io/error.h"
+#include "tool_common.h"
 #include "train/trainer.h"
 #include "train_options.h"
 
@@ -24,29 +26,25 @@ int main(int argc, char** argv) {
   TrainingConfig cfg;
   tools::OptionTable opts;
   tools::build_train_options(opts, cfg);
-  Runtime* rt = nullptr;
+  // MPI first: a usage error is then printed by rank 0 only, not once per rank.
+  Runtime* rt = &Runtime::init(&argc, &argv, "cpu");
   try {
     tools::parse_train_options(opts, argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "sedd-train: error: %s\n", e.what());
-    return 2;
+    if (rt->is_root()) std::fprintf(stderr, "sedd-train: error: %s\n", e.what());
+    return tools::kExitBadInput;
   }
   if (opts.help) {
-    std::cout << opts.desc << "\n";
-    return 0;
+    if (rt->is_root()) std::cout << opts.desc << "\n";
+    return tools::kExitOk;
   }
-  try {
-    rt = &Runtime::init(&argc, &argv, cfg.run.device);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "sedd-train: error: %s\n", e.what());
-    return 2;
-  }
-  try {
-    cfg.validate(rt->world);
-  } catch (const std::exception& e) {
-    if (rt->is_root()) std::fprintf(stderr, "sedd-train: error: %s\n", e.what());
-    return 2;  // every rank sees the same config, so every rank exits here
-  }
+  // Every rank sees the same config, so every rank exits here alike.
+  if (int rc = tools::agree(*rt, "sedd-train", [&] {
+        tools::validate_settings(cfg, rt->world);
+        rt->select_device(cfg.run.device);
+      });
+      rc >= 0)
+    return rc;
   // SIGUSR1 is SLURM's pre-emption warning (--signal=B:USR1@s); SIGTERM comes with scancel/requeue.
   for (int sig : {SIGTERM, SIGUSR1, SIGINT}) std::signal(sig, on_stop_signal);
 
@@ -64,14 +62,14 @@ int main(int argc, char** argv) {
     control.barrier("end of training");
     if (out == TrainOutcome::Preempted) {
       if (rt->is_root()) std::printf("[train] stopped by signal %d after saving; exit 3 (requeue)\n", g_stop.load());
-      return 3;
+      return tools::kExitPreempted;
     }
     if (rt->is_root()) std::printf("[train] done: %lld steps\n", static_cast<long long>(trainer.step()));
   } catch (const OptionError& e) {  // every rank throws it alike: no rank waits, all exit 2
     if (rt->is_root()) std::fprintf(stderr, "sedd-train: error: %s\n", e.what());
-    return 2;
+    return tools::kExitBadInput;
   } catch (const std::exception& e) {
-    rt->abort(std::string("sedd-train: ") + e.what());  // ends every rank within seconds
+    return tools::end_job(*rt, "sedd-train", e);  // ends every rank within seconds
   }
-  return 0;
+  return tools::kExitOk;
 }

@@ -7,6 +7,8 @@
 #include <fstream>
 #include <map>
 
+#include "io/error.h"
+
 namespace po = boost::program_options;
 
 namespace sedd::tools {
@@ -75,6 +77,7 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "train.fused_kernels", &c.train.fused_kernels, "GPU: fused CUDA kernels for LayerNorm/modulation, residuals, rotary");
   add(t, "train.loss_chunk_elems", &c.train.loss_chunk_elems, "logits per chunk of the fused loss");
   add(t, "train.peak_tflops", &c.train.peak_tflops, "GPU peak TFLOP/s for MFU (0: from the GPU's name)");
+  add(t, "train.init_from", &c.train.init_from, "model.h5 whose raw weights start the run (empty: random init)");
   add(t, "resume.allow", &c.resume.allow, "checked settings that may differ from the checkpoint's (comma list)");
   add(t, "dist.timeout_s", &c.dist.timeout_s, "watchdog: a collective without progress this long ends the job (0: off)");
   add(t, "debug.nan_at_step", &c.debug.nan_at_step, "tests only: rank 0's loss is NaN at this step (0: off)");
@@ -82,7 +85,10 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
 
 void parse_train_options(OptionTable& t, int argc, char** argv) {
   po::variables_map vm;
-  po::store(po::parse_command_line(argc, argv, t.desc), vm);  // the command line wins: stored first
+  // The command line wins: stored first. No positional options: a stray word is refused.
+  po::store(po::command_line_parser(argc, argv).options(t.desc).positional({}).run(), vm);
+  for (const auto& [key, value] : vm)
+    if (!value.defaulted()) t.command_line.insert(key);
   if (vm.count("config")) {
     std::string file = vm["config"].as<std::string>();
     std::ifstream in(file);
@@ -94,6 +100,18 @@ void parse_train_options(OptionTable& t, int argc, char** argv) {
     }
   }
   po::notify(vm);
+  for (const auto& [key, value] : vm)
+    if (!value.defaulted()) t.given.insert(key);
+}
+
+void validate_settings(const TrainingConfig& c, int world) {
+  try {
+    c.validate(world);
+  } catch (const OptionError&) {
+    throw;
+  } catch (const Error& e) {
+    throw OptionError(e.what());
+  }
 }
 
 std::string resolved_settings(const OptionTable& t) {

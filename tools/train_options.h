@@ -4,6 +4,7 @@
 #pragma once
 #include <boost/program_options.hpp>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -16,11 +17,15 @@ struct OptionTable {
   std::vector<std::pair<std::string, std::function<std::string()>>> printers;
   std::string config_file;
   bool help = false;
+  std::set<std::string> given;         // keys set on the command line or in the config file (not defaults)
+  std::set<std::string> command_line;  // keys set on the command line
 };
 
 void build_train_options(OptionTable& t, TrainingConfig& c);
 // Parses argv (and --config). Throws std::exception with a message naming the bad key or file.
 void parse_train_options(OptionTable& t, int argc, char** argv);
+// TrainingConfig::validate, its errors being settings the user must change (OptionError: exit 2).
+void validate_settings(const TrainingConfig& c, int world);
 // "[section]\nkey = value\n..." of every resolved setting.
 std::string resolved_settings(const OptionTable& t);
 

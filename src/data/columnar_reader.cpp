@@ -23,7 +23,7 @@ namespace {
 // Arrow and Parquet report most problems as a Status, a few (deep in Parquet) as exceptions.
 void check_status(const arrow::Status& status, std::string_view path, std::string_view what,
                   std::string_view hint = "") {
-  if (!status.ok()) fail("{}: {} ({}){}", path, what, status.message(), hint);
+  if (!status.ok()) fail_input("{}: {} ({}){}", path, what, status.message(), hint);
 }
 
 template <typename T>
@@ -47,7 +47,7 @@ auto guarded(std::string_view path, std::string_view what, Fn&& fn) {
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
-    fail("{}: {} ({})", path, what, e.what());
+    fail_input("{}: {} ({})", path, what, e.what());
   }
 }
 
@@ -57,12 +57,12 @@ int text_column(const arrow::Schema& schema, std::string_view path, std::string_
   if (found.empty()) {
     std::string names;
     for (const auto& f : schema.fields()) names += (names.empty() ? "" : ", ") + f->name();
-    fail("{}: no column '{}' (columns: {}); name the text column with --field", path, field, names);
+    fail_input("{}: no column '{}' (columns: {}); name the text column with --field", path, field, names);
   }
-  SEDD_CHECK(found.size() == 1, "{}: column '{}' appears {} times", path, field, found.size());
+  SEDD_CHECK_INPUT(found.size() == 1, "{}: column '{}' appears {} times", path, field, found.size());
   const auto& type = *schema.field(found[0])->type();
-  SEDD_CHECK(type.id() == arrow::Type::STRING || type.id() == arrow::Type::LARGE_STRING,
-             "{}: column '{}' has type {}, expected string or large_string", path, field, type.ToString());
+  SEDD_CHECK_INPUT(type.id() == arrow::Type::STRING || type.id() == arrow::Type::LARGE_STRING,
+                   "{}: column '{}' has type {}, expected string or large_string", path, field, type.ToString());
   return found[0];
 }
 
@@ -77,7 +77,8 @@ class ChunkedTextReader : public ColumnarTextReader {
         const arrow::Array& a = *chunks_[chunk_];
         if (pos_ < a.length()) {
           ++row_;
-          SEDD_CHECK(!a.IsNull(pos_), "{}: row {}: column '{}' is null (every row needs a text)", path_, row_, field_);
+          SEDD_CHECK_INPUT(!a.IsNull(pos_), "{}: row {}: column '{}' is null (every row needs a text)", path_, row_,
+                           field_);
           text = a.type_id() == arrow::Type::LARGE_STRING ? static_cast<const arrow::LargeStringArray&>(a).GetView(pos_)
                                                           : static_cast<const arrow::StringArray&>(a).GetView(pos_);
           ++pos_;
@@ -93,8 +94,8 @@ class ChunkedTextReader : public ColumnarTextReader {
       std::string part;
       if (!guarded(path_, "read error", [&] { return load(chunks_, part); })) return false;
       for (const auto& c : chunks_) {
-        SEDD_CHECK(c->type_id() == arrow::Type::STRING || c->type_id() == arrow::Type::LARGE_STRING,
-                   "{}: {}: column '{}' holds {}, not strings", path_, part, field_, c->type()->ToString());
+        SEDD_CHECK_INPUT(c->type_id() == arrow::Type::STRING || c->type_id() == arrow::Type::LARGE_STRING,
+                         "{}: {}: column '{}' holds {}, not strings", path_, part, field_, c->type()->ToString());
         check_status(check_layout(*c), path_, fmt::format("{} (from row {}): damaged column '{}'", part, row_ + 1, field_));
       }
     }
@@ -149,7 +150,8 @@ class ArrowIpcTextReader final : public ChunkedTextReader {
     file_ = value_or_fail(arrow::io::MemoryMappedFile::Open(path_, arrow::io::FileMode::READ), path_, "cannot open");
     size_ = value_or_fail(file_->GetSize(), path_, "cannot open");
     std::string head = prefix(0, std::min<int64_t>(size_, 6));
-    SEDD_CHECK(head.rfind("PAR1", 0) != 0, "{}: this is a Parquet file, not Arrow IPC; use --format parquet", path_);
+    SEDD_CHECK_INPUT(head.rfind("PAR1", 0) != 0, "{}: this is a Parquet file, not Arrow IPC; use --format parquet",
+                     path_);
     auto options = arrow::ipc::IpcReadOptions::Defaults();
     if (head == "ARROW1") {
       const char* what = "not a readable Arrow IPC file", *hint = "; it may be truncated";
@@ -186,10 +188,10 @@ class ArrowIpcTextReader final : public ChunkedTextReader {
         // A stream cut at a message boundary reads like a short one: only the end-of-stream
         // marker (continuation 0xFFFFFFFF, length 0) that a closed writer appends tells them apart.
         static const char kEnd[8] = {'\xff', '\xff', '\xff', '\xff', 0, 0, 0, 0};
-        SEDD_CHECK(size_ >= 8 && std::memcmp(prefix(size_ - 8, 8).data(), kEnd, 8) == 0,
-                   "{}: the Arrow IPC stream ends after {} record batches without its end-of-stream marker; "
-                   "the file is truncated (or its writer was never closed)",
-                   path_, next_batch_);
+        SEDD_CHECK_INPUT(size_ >= 8 && std::memcmp(prefix(size_ - 8, 8).data(), kEnd, 8) == 0,
+                         "{}: the Arrow IPC stream ends after {} record batches without its end-of-stream marker; "
+                         "the file is truncated (or its writer was never closed)",
+                         path_, next_batch_);
         return false;
       }
     }

@@ -43,9 +43,9 @@ ShardReader::ShardReader(const ShardInfo& info) : info_(info) {
   {
     h5::H5Guard guard;
     h5::Handle file(H5Fopen(info.path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-    SEDD_CHECK(file.valid(), "{}: cannot open (truncated or damaged?)", info.path);
+    SEDD_CHECK_INPUT(file.valid(), "{}: cannot open (truncated or damaged?)", info.path);
     h5::Handle ds(H5Dopen2(file.get(), "/tokens", H5P_DEFAULT), H5Dclose);
-    SEDD_CHECK(ds.valid(), "{}: cannot open /tokens", info.path);
+    SEDD_CHECK_INPUT(ds.valid(), "{}: cannot open /tokens", info.path);
     h5::Handle dcpl(H5Dget_create_plist(ds.get()), H5Pclose);
     h5::Handle type(H5Dget_type(ds.get()), H5Tclose);
     bool little = H5Tget_order(type.get()) == H5T_ORDER_LE;
@@ -89,8 +89,8 @@ ShardReader::ShardReader(const ShardInfo& info) : info_(info) {
   for (const auto& e : extents_) {
     if (e.file_offset + e.tokens * elem_ > static_cast<int64_t>(map_size_)) {
       ::close(fd);
-      fail("{}: the file is truncated (tokens {}..{} lie past its end)", info.path, e.first_token,
-           e.first_token + e.tokens);
+      fail_input("{}: the file is truncated (tokens {}..{} lie past its end)", info.path, e.first_token,
+                 e.first_token + e.tokens);
     }
   }
   void* m = ::mmap(nullptr, map_size_, PROT_READ, MAP_SHARED, fd, 0);
@@ -132,28 +132,28 @@ ShardInfo read_shard_info(const std::string& path) {
   h5::File f(path, h5::Mode::Read);
   ShardInfo info;
   info.path = path;
-  SEDD_CHECK(f.exists("/tokens"), "{}: not a token shard: dataset /tokens is missing", path);
+  SEDD_CHECK_INPUT(f.exists("/tokens"), "{}: not a token shard: dataset /tokens is missing", path);
   for (const char* attr : {"vocab_size", "eot_id", "tokenizer", "format_version"})
-    SEDD_CHECK(f.has_attr("/", attr), "{}: not a token shard: root attribute '{}' is missing", path, attr);
+    SEDD_CHECK_INPUT(f.has_attr("/", attr), "{}: not a token shard: root attribute '{}' is missing", path, attr);
   int64_t version = f.attr_int("/", "format_version");
-  SEDD_CHECK(version == kShardFormatVersion, "{}: shard format_version {} is not supported (expected {})", path,
-             version, kShardFormatVersion);
+  SEDD_CHECK_INPUT(version == kShardFormatVersion, "{}: shard format_version {} is not supported (expected {})", path,
+                   version, kShardFormatVersion);
   auto shape = f.shape("/tokens");
-  SEDD_CHECK(shape.size() == 1, "{}: /tokens must be 1-D, found {} dimensions", path, shape.size());
+  SEDD_CHECK_INPUT(shape.size() == 1, "{}: /tokens must be 1-D, found {} dimensions", path, shape.size());
   info.tokens = shape[0];
   info.dtype = f.stored_dtype("/tokens");
-  SEDD_CHECK(info.dtype == torch::kUInt16 || info.dtype == torch::kUInt32,
-             "{}: /tokens has dtype {}, expected uint16 or uint32", path, c10::toString(info.dtype));
+  SEDD_CHECK_INPUT(info.dtype == torch::kUInt16 || info.dtype == torch::kUInt32,
+                   "{}: /tokens has dtype {}, expected uint16 or uint32", path, c10::toString(info.dtype));
   info.vocab_size = f.attr_int("/", "vocab_size");
   info.eot_id = f.attr_int("/", "eot_id");
   info.tokenizer = f.attr_string("/", "tokenizer");
   if (f.has_attr("/", "tokenizer_hash"))  // written since the tokenizer travels with the data
-    SEDD_CHECK(f.attr_string("/", "tokenizer_hash") == fs::content_hash(info.tokenizer),
-               "{}: the stored tokenizer does not match its tokenizer_hash (damaged file?)", path);
-  SEDD_CHECK(info.vocab_size >= 2 && info.eot_id >= 0 && info.eot_id < info.vocab_size,
-             "{}: inconsistent attributes vocab_size={} eot_id={}", path, info.vocab_size, info.eot_id);
-  SEDD_CHECK(info.dtype == torch::kUInt32 || info.vocab_size <= 65536,
-             "{}: vocab_size {} does not fit the uint16 tokens", path, info.vocab_size);
+    SEDD_CHECK_INPUT(f.attr_string("/", "tokenizer_hash") == fs::content_hash(info.tokenizer),
+                     "{}: the stored tokenizer does not match its tokenizer_hash (damaged file?)", path);
+  SEDD_CHECK_INPUT(info.vocab_size >= 2 && info.eot_id >= 0 && info.eot_id < info.vocab_size,
+                   "{}: inconsistent attributes vocab_size={} eot_id={}", path, info.vocab_size, info.eot_id);
+  SEDD_CHECK_INPUT(info.dtype == torch::kUInt32 || info.vocab_size <= 65536,
+                   "{}: vocab_size {} does not fit the uint16 tokens", path, info.vocab_size);
   return info;
 }
 
@@ -164,7 +164,7 @@ std::vector<std::string> expand_shard_list(const std::string& spec) {
   while (std::getline(ss, item, ',')) {
     if (item.empty()) continue;
     if (item.find_first_of("*?[") == std::string::npos) {
-      SEDD_CHECK(std::filesystem::exists(item), "{}: no such shard file", item);
+      SEDD_CHECK_INPUT(std::filesystem::exists(item), "{}: no such shard file", item);
       files.push_back(item);
       continue;
     }
@@ -172,11 +172,11 @@ std::vector<std::string> expand_shard_list(const std::string& spec) {
     int rc = glob(item.c_str(), 0, nullptr, &g);
     std::vector<std::string> hits(g.gl_pathv, g.gl_pathv + (rc == 0 ? g.gl_pathc : 0));
     globfree(&g);
-    SEDD_CHECK(!hits.empty(), "{}: the pattern matches no shard files", item);
+    SEDD_CHECK_INPUT(!hits.empty(), "{}: the pattern matches no shard files", item);
     std::sort(hits.begin(), hits.end());
     files.insert(files.end(), hits.begin(), hits.end());
   }
-  SEDD_CHECK(!files.empty(), "no shard files given (empty data list '{}')", spec);
+  SEDD_CHECK_INPUT(!files.empty(), "no shard files given (empty data list '{}')", spec);
   return files;
 }
 

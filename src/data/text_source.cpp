@@ -23,7 +23,7 @@ class PlainTextDocument final : public DocumentSource {
   bool next(std::string& text) override {
     if (done_) return false;
     std::ifstream in(path_, std::ios::binary);
-    SEDD_CHECK(in.good(), "{}: cannot open input", path_);
+    SEDD_CHECK_INPUT(in.good(), "{}: cannot open input", path_);
     text.assign(std::istreambuf_iterator<char>(in), {});
     SEDD_CHECK(!in.bad(), "{}: read error", path_);
     bytes_ = static_cast<int64_t>(text.size());
@@ -43,7 +43,7 @@ class JsonLinesDocuments final : public DocumentSource {
  public:
   JsonLinesDocuments(std::string path, std::string field)
       : path_(std::move(path)), field_(std::move(field)), in_(path_, std::ios::binary) {
-    SEDD_CHECK(in_.good(), "{}: cannot open input", path_);
+    SEDD_CHECK_INPUT(in_.good(), "{}: cannot open input", path_);
   }
   bool next(std::string& text) override {
     std::string line;
@@ -55,11 +55,11 @@ class JsonLinesDocuments final : public DocumentSource {
       try {
         j = nlohmann::json::parse(line);
       } catch (const nlohmann::json::exception& e) {
-        fail("{}:{}: not valid JSON ({})", path_, line_no_, e.what());
+        fail_input("{}:{}: not valid JSON ({})", path_, line_no_, e.what());
       }
       auto it = j.is_object() ? j.find(field_) : j.end();
-      SEDD_CHECK(it != j.end() && it->is_string(), "{}:{}: no string field '{}' (set --field)", path_, line_no_,
-                 field_);
+      SEDD_CHECK_INPUT(it != j.end() && it->is_string(), "{}:{}: no string field '{}' (set --field)", path_, line_no_,
+                       field_);
       text = it->get<std::string>();
       return true;
     }
@@ -102,7 +102,7 @@ class ColumnarDocuments final : public DocumentSource {
 InputFormat parse_input_format(const std::string& name) {
   for (auto f : {InputFormat::Text, InputFormat::Jsonl, InputFormat::Parquet, InputFormat::Arrow})
     if (name == format_name(f)) return f;
-  fail("--format: unknown input format '{}' (text, jsonl, parquet or arrow)", name);
+  fail_option("--format: unknown input format '{}' (text, jsonl, parquet or arrow)", name);
 }
 
 InputFormat input_format_of(const std::string& path) {

@@ -19,14 +19,17 @@ TokenStream::TokenStream(TokenStreamConfig cfg) : cfg_(std::move(cfg)) {
   const ShardInfo& first = shards_.front();
   window_offsets_.push_back(0);
   for (const auto& s : shards_) {
-    SEDD_CHECK(s.vocab_size == first.vocab_size && s.eot_id == first.eot_id && s.tokenizer == first.tokenizer,
-               "{}: vocabulary/tokenizer differs from {} (vocab {} vs {}); all shards of a dataset must share one",
-               s.path, first.path, s.vocab_size, first.vocab_size);
+    SEDD_CHECK_INPUT(s.vocab_size == first.vocab_size && s.eot_id == first.eot_id && s.tokenizer == first.tokenizer,
+                     "{}: vocabulary/tokenizer differs from {} (vocab {} vs {}); all shards of a dataset must share "
+                     "one",
+                     s.path, first.path, s.vocab_size, first.vocab_size);
     window_offsets_.push_back(window_offsets_.back() + s.tokens / cfg_.seq_len);
+    total_tokens_ += s.tokens;
+    dropped_tokens_ += s.tokens % cfg_.seq_len;
   }
   total_windows_ = window_offsets_.back();
-  SEDD_CHECK(total_windows_ > 0, "{}: the shards hold no full window of seq_len = {} tokens", cfg_.data,
-             cfg_.seq_len);
+  SEDD_CHECK_INPUT(total_windows_ > 0, "{}: the shards hold no full window of seq_len = {} tokens", cfg_.data,
+                   cfg_.seq_len);
   readers_.resize(shards_.size());
   start_prefetch();
 }
@@ -66,7 +69,7 @@ void TokenStream::read_window(const WindowRef& w, int64_t* out) {
   int64_t hi = readers_[w.shard]->read(offset, cfg_.seq_len, out);
   if (hi >= s.vocab_size) {
     int64_t at = std::find_if(out, out + cfg_.seq_len, [&](int64_t v) { return v >= s.vocab_size; }) - out;
-    fail("{}: token id {} >= vocab_size {} at offset {}", s.path, out[at], s.vocab_size, offset + at);
+    fail_input("{}: token id {} >= vocab_size {} at offset {}", s.path, out[at], s.vocab_size, offset + at);
   }
 }
 

@@ -51,6 +51,9 @@ class TokenStream {
   void seek(int64_t position);              // global sequences consumed so far
   int64_t rows_per_rank() const { return cfg_.global_batch / cfg_.world; }
   int64_t windows_per_epoch() const { return total_windows_; }
+  // Tokens never read: each shard's tail shorter than seq_len (windows do not cross shards).
+  int64_t dropped_tokens() const { return dropped_tokens_; }
+  int64_t total_tokens() const { return total_tokens_; }
   WindowRef locate(int64_t k) const;        // global sequence k -> its window
   const ShardInfo& shard(int i) const { return shards_[i]; }
   size_t shard_count() const { return shards_.size(); }
@@ -69,7 +72,7 @@ class TokenStream {
   TokenStreamConfig cfg_;
   std::vector<ShardInfo> shards_;
   std::vector<int64_t> window_offsets_;  // prefix sums of windows per shard
-  int64_t total_windows_ = 0;
+  int64_t total_windows_ = 0, total_tokens_ = 0, dropped_tokens_ = 0;
   std::vector<std::unique_ptr<ShardReader>> readers_;  // opened on first use
   int64_t position_ = 0;
 

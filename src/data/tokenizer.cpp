@@ -33,7 +33,7 @@ void check_utf8(const std::string& s, const std::string& where) {
       unsigned cp = ((c & 0x7) << 18) | ((s[i + 1] & 0x3F) << 12) | ((s[i + 2] & 0x3F) << 6) | (s[i + 3] & 0x3F);
       ok = cp >= 0x10000 && cp <= 0x10FFFF;
     }
-    SEDD_CHECK(ok, "{}: invalid UTF-8 at byte offset {}", where, i);
+    SEDD_CHECK_INPUT(ok, "{}: invalid UTF-8 at byte offset {}", where, i);
     i += len;
   }
 }
@@ -114,7 +114,7 @@ class BpeTokenizer final : public Tokenizer {
     try {
       j = json::parse(text);
     } catch (const json::exception& e) {
-      fail("{}: not valid tokenizer JSON ({})", source, e.what());
+      fail_input("{}: not valid tokenizer JSON ({})", source, e.what());
     }
     SEDD_CHECK(j.contains("model") && j["model"].value("type", "") == "BPE",
                "{}: only byte-level BPE tokenizer.json files are supported (model.type must be BPE)", source);
@@ -333,9 +333,24 @@ class BpeTokenizer final : public Tokenizer {
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
   if (!spec.empty() && spec.front() == '{') return std::make_unique<BpeTokenizer>(spec, "tokenizer stored in the data");
-  SEDD_CHECK(std::filesystem::exists(spec), "{}: tokenizer file not found (use --tokenizer byte or a tokenizer.json)",
-             spec);
+  SEDD_CHECK_INPUT(std::filesystem::exists(spec),
+                   "{}: tokenizer file not found (use --tokenizer byte or a tokenizer.json)", spec);
   return std::make_unique<BpeTokenizer>(fs::read_text(spec), spec);
+}
+
+namespace {
+bool definite_tokenizer(const std::string& t) { return t == "byte" || (!t.empty() && t.front() == '{'); }
+}  // namespace
+
+TokenizerMatch compare_tokenizers(const std::string& a, const std::string& b) {
+  if (!definite_tokenizer(a) || !definite_tokenizer(b)) return TokenizerMatch::Unknown;
+  return a == b ? TokenizerMatch::Same : TokenizerMatch::Different;
+}
+
+std::string describe_tokenizer(const std::string& t) {
+  if (t == "byte") return "byte";
+  if (t.empty()) return "none stored";
+  return definite_tokenizer(t) ? "a tokenizer.json" : "a file name only (" + t + ")";
 }
 
 }  // namespace sedd

@@ -28,4 +28,12 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec);
 // Throws naming `where` and the byte offset of the first invalid UTF-8 sequence.
 void check_utf8(const std::string& text, const std::string& where);
 
+// Two stored tokenizer descriptions compared: the same, different, or unknown when either does
+// not say which tokenizer it is (empty: a model converted from elsewhere; a bare file name: older
+// shards). Definite descriptions are "byte" and tokenizer.json texts.
+enum class TokenizerMatch { Same, Different, Unknown };
+TokenizerMatch compare_tokenizers(const std::string& a, const std::string& b);
+// "byte", "a tokenizer.json", or "none stored" (what a message calls a description).
+std::string describe_tokenizer(const std::string& t);
+
 }  // namespace sedd

@@ -8,7 +8,8 @@
 namespace sedd {
 
 // weights [..., K] >= 0 (float32 or float64; the draw happens in the weights' dtype). Returns
-// int64 indices [...].
+// int64 indices [...]. A row whose total is not positive and finite (all zeros, a NaN) throws
+// sedd::Error naming the row (one host sync per call).
 torch::Tensor sample_categorical(const torch::Tensor& weights, torch::Generator& gen);
 
 // Uniform [0,1) draws from the (CPU) generator, moved to `device`, in `dtype`.

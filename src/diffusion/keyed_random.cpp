@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 
 #include "io/error.h"
@@ -46,14 +47,32 @@ void uniform_cpu(const philox::Stream& s, const int64_t* rows, const int64_t* of
   });
 }
 
+// A draw needs a positive, finite total: a row of zeros, a NaN or an infinity has no token to draw,
+// and the inverse-CDF search below would quietly return 0 for it.
+bool drawable(double total) { return std::isfinite(total) && total > 0; }
+
+[[noreturn]] void undrawable_row(const RandomStream& s, int64_t r, int64_t n, int64_t row, int64_t col, double total) {
+  fail("keyed_categorical: the weights of row {} of {} (sample/sequence {}, column offset {}, step {}) sum to {}: "
+       "all-zero, NaN or infinite probabilities have no token to draw",
+       r, n, row, col, s.step, total);
+}
+
+// Returns the first row whose weights cannot be drawn from (n if none).
 template <typename T>
-void categorical_cpu(const philox::Stream& s, const T* w, const int64_t* rows, const int64_t* offs, int64_t n,
-                     int64_t cols, int64_t* out) {
+int64_t categorical_cpu(const philox::Stream& s, const T* w, const int64_t* rows, const int64_t* offs, int64_t n,
+                        int64_t cols, int64_t* out) {
+  std::atomic<int64_t> first_bad{n};
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* wr = w + r * cols;
       double total = 0;
       for (int64_t c = 0; c < cols; ++c) total += static_cast<double>(wr[c]);
+      if (!drawable(total)) {
+        for (int64_t seen = first_bad.load(); r < seen && !first_bad.compare_exchange_weak(seen, r);) {
+        }
+        out[r] = 0;
+        continue;
+      }
       const double threshold = s.uniform_double(static_cast<uint64_t>(rows[r]), static_cast<uint64_t>(offs[r])) * total;
       double run = 0;
       int64_t arg = 0;
@@ -67,6 +86,7 @@ void categorical_cpu(const philox::Stream& s, const T* w, const int64_t* rows, c
       out[r] = arg;
     }
   });
+  return first_bad.load();
 }
 
 }  // namespace
@@ -117,24 +137,37 @@ torch::Tensor keyed_categorical(const torch::Tensor& weights_in, const RandomStr
   if (n == 0 || cols == 0) return out;
   if (w.is_cuda()) {
     // Device: the same inverse-CDF rule with a cumulative sum and a sorted search, in row chunks so
-    // the float64 sums stay below 512 MB.
+    // the float64 sums stay below 512 MB. Undrawable rows are flagged on the device and read back
+    // once per call, after every chunk is queued.
     auto u = keyed_uniform(s, rows, 1, torch::kDouble, offs);  // [n, 1]
+    auto bad = torch::empty({n}, rows.options().dtype(torch::kBool));
     const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 26) / cols);
     for (int64_t i = 0; i < n; i += chunk) {
       const int64_t m = std::min(chunk, n - i);
       auto cum = w.narrow(0, i, m).to(torch::kDouble).cumsum(1);
-      auto threshold = u.narrow(0, i, m) * cum.narrow(1, cols - 1, 1);
+      auto total = cum.narrow(1, cols - 1, 1);
+      auto threshold = u.narrow(0, i, m) * total;
       auto idx = torch::searchsorted(cum, threshold, /*out_int32=*/false, /*right=*/true).squeeze(1);
-      auto positive = cum.select(1, cols - 1) > 0;  // a row of zeros draws 0, like the CPU loop
-      out.narrow(0, i, m).copy_(torch::where(positive, idx.clamp_max(cols - 1), torch::zeros_like(idx)));
+      auto ok = (total.squeeze(1) > 0).logical_and_(torch::isfinite(total.squeeze(1)));
+      bad.narrow(0, i, m).copy_(ok.logical_not());
+      out.narrow(0, i, m).copy_(torch::where(ok, idx.clamp_max(cols - 1), torch::zeros_like(idx)));
+    }
+    if (bad.any().item<bool>()) {  // the one host sync of the call
+      const int64_t r = bad.nonzero().min().item<int64_t>();
+      undrawable_row(s, r, n, rows[r].item<int64_t>(), offs[r].item<int64_t>(),
+                     w[r].to(torch::kDouble).sum().item<double>());
     }
     return out;
   }
   const philox::Stream ps = s.philox();
+  int64_t r = 0;
   if (w.scalar_type() == torch::kDouble)
-    categorical_cpu(ps, w.data_ptr<double>(), rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>());
+    r = categorical_cpu(ps, w.data_ptr<double>(), rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>());
   else
-    categorical_cpu(ps, w.data_ptr<float>(), rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>());
+    r = categorical_cpu(ps, w.data_ptr<float>(), rows.data_ptr<int64_t>(), offs.data_ptr<int64_t>(), n, cols, out.data_ptr<int64_t>());
+  if (r < n)
+    undrawable_row(s, r, n, rows[r].item<int64_t>(), offs[r].item<int64_t>(),
+                   w[r].to(torch::kDouble).sum().item<double>());
   return out;
 }
 

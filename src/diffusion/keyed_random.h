@@ -40,7 +40,9 @@ torch::Tensor keyed_uniform(const RandomStream& s, const torch::Tensor& rows, in
 // One categorical draw per row from unnormalised, non-negative weights [R, K] (float32/float64)
 // by the inverse of the cumulative weights: row r takes the first c whose running sum (float64)
 // exceeds U(stream, rows[r], col_offset[r]) times the row's total. One uniform per row; entries of
-// weight 0 are never drawn; a row of zeros returns 0. Returns int64 [R].
+// weight 0 are never drawn. A row whose total is not positive and finite (all zeros, a NaN) throws
+// sedd::Error naming the row, its stream row and the step (on a device: one host sync per call).
+// Returns int64 [R].
 torch::Tensor keyed_categorical(const torch::Tensor& weights, const RandomStream& s, const torch::Tensor& rows,
                                 const torch::Tensor& col_offset = {});
 

@@ -2,6 +2,9 @@
 // elements as the CPU loops in keyed_random.cpp.
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "diffusion/keyed_random_kernels.h"
 
 namespace sedd::cuda {
@@ -33,6 +36,9 @@ void keyed_uniform(philox::Stream s, const int64_t* rows, const int64_t* offs, i
   const unsigned blocks = blocks_for(n_rows * cols);
   if (double_out) uniform_kernel<double><<<blocks, 256, 0, stream>>>(s, rows, offs, n_rows, cols, static_cast<double*>(out));
   else uniform_kernel<float><<<blocks, 256, 0, stream>>>(s, rows, offs, n_rows, cols, static_cast<float*>(out));
+  // A launch that failed would leave `out` uninitialised: never let it pass as random numbers.
+  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+    throw std::runtime_error(std::string("keyed_uniform: CUDA kernel launch failed: ") + cudaGetErrorString(err));
 }
 
 }  // namespace sedd::cuda

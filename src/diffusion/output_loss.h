@@ -29,8 +29,9 @@ struct OutputLossRows {
 
 // features [R, D], weight [V, D], bias [V] (may be undefined) -> loss per row [R] (float32, or
 // float64 for float64 features). `columns`: token columns N <= V used by the loss (the absorbing
-// mask column is not). `low_precision`: matmuls in bf16 on CUDA (fp32 elsewhere), with the loss
-// math in fp32. Differentiable in features, weight and bias.
+// mask column is not). `low_precision`: matmul operands in bf16 on CUDA (fp32 elsewhere), products
+// accumulated into float32 logits (the bias added in float32: never logits rounded to bf16 before
+// exp/log), the loss math in fp32. Differentiable in features, weight and bias.
 torch::Tensor fused_output_loss(RowLoss kind, const torch::Tensor& features, const torch::Tensor& weight,
                                 const torch::Tensor& bias, const OutputLossRows& rows, int64_t columns,
                                 bool low_precision, int64_t chunk_elems = int64_t{1} << 26);

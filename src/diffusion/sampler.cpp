@@ -14,26 +14,27 @@ torch::Tensor ScoreModel::log_score(const torch::Tensor& x, const torch::Tensor&
 }
 
 void SamplerConfig::validate() const {
-  SEDD_CHECK(predictor == "euler" || predictor == "analytic", "--predictor must be euler or analytic, got '{}'",
-             predictor);
-  SEDD_CHECK(temperature > 0, "--temperature must be positive, got {}", temperature);
-  SEDD_CHECK(top_p > 0 && top_p <= 1, "--top-p must be in (0, 1], got {}", top_p);
-  SEDD_CHECK(steps >= 1, "--steps must be at least 1, got {}", steps);
-  SEDD_CHECK(eps > 0 && eps < 1, "sampling eps must be in (0, 1)");
-  SEDD_CHECK(chunk_elems > 0, "sampler chunk must be positive");
+  SEDD_CHECK_OPTION(predictor == "euler" || predictor == "analytic",
+                    "--predictor must be euler or analytic, got '{}'", predictor);
+  SEDD_CHECK_OPTION(temperature > 0, "--temperature must be positive, got {}", temperature);
+  SEDD_CHECK_OPTION(top_p > 0 && top_p <= 1, "--top-p must be in (0, 1], got {}", top_p);
+  SEDD_CHECK_OPTION(steps >= 1, "--steps must be at least 1, got {}", steps);
+  SEDD_CHECK_OPTION(eps > 0 && eps < 1, "sampling eps must be in (0, 1)");
+  SEDD_CHECK_OPTION(chunk_elems > 0, "sampler chunk must be positive");
 }
 
 void Constraint::validate(int64_t length, int64_t vocab) const {
-  SEDD_CHECK(positions.size() == tokens.size(), "conditioning: {} positions but {} tokens", positions.size(),
-             tokens.size());
+  SEDD_CHECK_OPTION(positions.size() == tokens.size(), "conditioning: {} positions but {} tokens", positions.size(),
+                    tokens.size());
   for (size_t i = 0; i < positions.size(); ++i) {
-    SEDD_CHECK(positions[i] >= 0 && positions[i] < length, "conditioning position {} is outside the sequence (length {})",
-               positions[i], length);
-    SEDD_CHECK(tokens[i] >= 0 && tokens[i] < vocab, "conditioning token id {} at position {} is not in the vocabulary (size {})",
-               tokens[i], positions[i], vocab);
+    SEDD_CHECK_OPTION(positions[i] >= 0 && positions[i] < length,
+                      "conditioning position {} is outside the sequence (length {})", positions[i], length);
+    SEDD_CHECK_OPTION(tokens[i] >= 0 && tokens[i] < vocab,
+                      "conditioning token id {} at position {} is not in the vocabulary (size {})", tokens[i],
+                      positions[i], vocab);
   }
-  SEDD_CHECK(context_length() <= length, "conditioning context of {} tokens is longer than the sequence ({})",
-             context_length(), length);
+  SEDD_CHECK_OPTION(context_length() <= length, "conditioning context of {} tokens is longer than the sequence ({})",
+                    context_length(), length);
 }
 
 void Constraint::apply(torch::Tensor& x) const {

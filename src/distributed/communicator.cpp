@@ -46,9 +46,4 @@ void Communicator::all_gather(const torch::Tensor& mine, torch::Tensor& full) {
   full.copy_(recv.narrow(0, 0, n).view(full.sizes()));
 }
 
-void Communicator::barrier() {
-  torch::Tensor one = torch::ones({1}, torch::TensorOptions().device(device()));
-  all_reduce(one, ReduceOp::Sum);
-}
-
 }  // namespace sedd

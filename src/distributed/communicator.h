@@ -48,7 +48,9 @@ class Communicator {
   // elements, n need not divide by the world size); padded onto the equal-chunk forms.
   void reduce_scatter(const torch::Tensor& full, torch::Tensor& mine, ReduceOp op = ReduceOp::Sum);
   void all_gather(const torch::Tensor& mine, torch::Tensor& full);
-  void barrier();
+  // Returns once every rank has called it: a host barrier (over MPI) for both backends. Device work
+  // queued before it may still be running; NCCL collectives alone would not hold the host back.
+  virtual void barrier() = 0;
 };
 
 // MPI on MPI_COMM_WORLD (CPU tensors; float32/float64/int32/int64/uint8). This MPI is not assumed

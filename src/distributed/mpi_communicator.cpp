@@ -87,6 +87,11 @@ class MpiCommunicator final : public Communicator {
     check_mpi(MPI_Bcast(t.data_ptr(), static_cast<int>(t.numel()), mpi_type(t), root, comm_), rank_, "MPI_Bcast");
   }
 
+  void barrier() override {
+    auto w = watch("barrier");
+    check_mpi(MPI_Barrier(comm_), rank_, "MPI_Barrier");
+  }
+
   std::unique_ptr<Work> reduce_scatter_async(const torch::Tensor& full, torch::Tensor& mine, ReduceOp op,
                                              const std::string& what) override {
     check_collective_tensor(full, torch::kCPU, "MPI", what);

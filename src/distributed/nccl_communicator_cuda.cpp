@@ -6,8 +6,9 @@
 // reduced while backward keeps the compute stream busy); wait() makes the compute stream wait on
 // them, again without blocking the host. Every collective is handed to the watchdog with its CUDA
 // event, and the watchdog polls ncclCommGetAsyncError: a peer that died or hangs aborts the
-// communicator (ncclCommAbort) and the job instead of hanging it. All CUDA calls run under a
-// device guard for the rank's GPU.
+// communicator (ncclCommAbort) and the job instead of hanging it. All CUDA calls run on the rank's
+// GPU: under a device guard on the caller's thread, and after setting the device on the watchdog's
+// thread (which would otherwise create a context on GPU 0). barrier() is a host barrier over MPI.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -61,17 +62,24 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   return ncclSum;
 }
 
-// A CUDA event shared by the Work object and the watchdog entry; destroyed by whichever goes last.
+// A CUDA event shared by the Work object and the watchdog entry; destroyed by whichever goes last,
+// on whichever thread: both set the rank's device first (a thread without one would use GPU 0).
 struct Event {
   cudaEvent_t e = nullptr;
-  explicit Event(int device) {
+  int device;
+  explicit Event(int dev) : device(dev) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
   }
   ~Event() {
-    if (e) cudaEventDestroy(e);
+    if (!e) return;
+    cudaSetDevice(device);
+    cudaEventDestroy(e);
   }
-  bool done() const { return cudaEventQuery(e) == cudaSuccess; }
+  bool done() const {
+    cudaSetDevice(device);
+    return cudaEventQuery(e) == cudaSuccess;
+  }
 };
 
 class NcclWork final : public Work {
@@ -95,6 +103,8 @@ class NcclCommunicator final : public Communicator {
   NcclCommunicator(int device_index, Watchdog* dog) : device_(device_index), dog_(dog) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
+    MPI_Comm_dup(MPI_COMM_WORLD, &host_comm_);
+    MPI_Comm_set_errhandler(host_comm_, MPI_ERRORS_RETURN);
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
     ncclUniqueId id;
     if (rank_ == 0) SEDD_NCCL(ncclGetUniqueId(&id), "unique id");
@@ -107,16 +117,19 @@ class NcclCommunicator final : public Communicator {
     state_->comm = comm_;
     if (dog_) {  // the watchdog thread reaches the communicator only through the shared state
       auto state = state_;
-      dog_->add_error_check([state]() -> std::string {
+      const int device = device_;
+      dog_->add_error_check([state, device]() -> std::string {
         std::lock_guard<std::mutex> lock(state->mu);
         if (state->gone) return "";
+        cudaSetDevice(device);
         ncclResult_t async = ncclSuccess;
         ncclCommGetAsyncError(state->comm, &async);
         if (async == ncclSuccess || async == ncclInProgress) return "";
         return fmt::format("NCCL reported an asynchronous error: {}", ncclGetErrorString(async));
       });
-      dog_->add_abort_hook([state] {
+      dog_->add_abort_hook([state, device] {
         std::lock_guard<std::mutex> lock(state->mu);
+        cudaSetDevice(device);
         if (!state->gone) ncclCommAbort(state->comm), state->gone = true;
       });
     }
@@ -127,6 +140,9 @@ class NcclCommunicator final : public Communicator {
     std::lock_guard<std::mutex> lock(state_->mu);
     if (!state_->gone && comm_) ncclCommDestroy(comm_);
     state_->gone = true;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized && host_comm_ != MPI_COMM_NULL) MPI_Comm_free(&host_comm_);
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -147,6 +163,13 @@ class NcclCommunicator final : public Communicator {
     cudaStream_t s = compute_stream();
     SEDD_NCCL(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t), root, comm_, s), "broadcast");
     watch_on(s, "broadcast");
+  }
+
+  void barrier() override {
+    auto w = dog_ ? dog_->watch("barrier (NCCL communicator, host barrier over MPI)") : Watchdog::Watch();
+    const int rc = MPI_Barrier(host_comm_);
+    SEDD_CHECK(rc == MPI_SUCCESS, "rank {}: MPI_Barrier (NCCL communicator's barrier) failed with MPI error {}", rank_,
+               rc);
   }
 
   // `full` on this device splits into `size_` chunks shaped like `mine`.
@@ -210,6 +233,7 @@ class NcclCommunicator final : public Communicator {
   int rank_ = 0, size_ = 1;
   ncclComm_t comm_ = nullptr;
   cudaStream_t comm_stream_ = nullptr;
+  MPI_Comm host_comm_ = MPI_COMM_NULL;  // barrier(): the ranks meet on the host
   struct State {
     std::mutex mu;
     ncclComm_t comm = nullptr;

@@ -4,12 +4,13 @@
 #include <mpi.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fmt/format.h>
 
 namespace sedd {
 
-Watchdog::Watchdog(double timeout_s, int rank, std::string host, double poll_s)
-    : timeout_s_(timeout_s), poll_s_(poll_s), rank_(rank), host_(std::move(host)) {
+Watchdog::Watchdog(double timeout_s, int rank, std::string host, double poll_s, double abort_deadline_s)
+    : timeout_s_(timeout_s), poll_s_(poll_s), abort_deadline_s_(abort_deadline_s), rank_(rank), host_(std::move(host)) {
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -88,6 +89,15 @@ void Watchdog::loop() {
 void Watchdog::fire(const std::string& reason) {
   std::fprintf(stderr, "[rank %d on %s] watchdog: %s; aborting the job\n", rank_, host_.c_str(), reason.c_str());
   std::fflush(stderr);
+  // A detached thread ends the process if the hooks or MPI_Abort hang (ncclCommAbort can wait
+  // for a stream that never drains): the job must end, not hang a second time.
+  std::thread([rank = rank_, host = host_, deadline = abort_deadline_s_] {
+    std::this_thread::sleep_for(std::chrono::duration<double>(deadline));
+    std::fprintf(stderr, "[rank %d on %s] watchdog: aborting did not finish within %g s; exiting\n", rank,
+                 host.c_str(), deadline);
+    std::fflush(stderr);
+    std::_Exit(124);
+  }).detach();
   for (auto& hook : abort_hooks_) hook();
   int level = 0, initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);

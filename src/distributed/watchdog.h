@@ -6,7 +6,8 @@
 // naming the rank, the host, the collective and its bucket, run the abort hooks (ncclCommAbort), and
 // end the job (MPI_Abort where MPI allows calls from this thread, else the process exits, which
 // makes mpirun/srun end the others). It runs on its own thread, so a rank blocked inside a
-// collective is still caught.
+// collective is still caught. The hooks and MPI_Abort may block themselves (ncclCommAbort behind a
+// stuck stream), so a hard deadline is armed before them: the process exits when it passes.
 #pragma once
 #include <chrono>
 #include <condition_variable>
@@ -20,8 +21,9 @@ namespace sedd {
 
 class Watchdog {
  public:
-  // timeout_s <= 0 disables the timeout (asynchronous errors are still acted on).
-  Watchdog(double timeout_s, int rank, std::string host, double poll_s = 0.25);
+  // timeout_s <= 0 disables the timeout (asynchronous errors are still acted on). Once it fires,
+  // the process exits (code 124) at the latest `abort_deadline_s` later.
+  Watchdog(double timeout_s, int rank, std::string host, double poll_s = 0.25, double abort_deadline_s = 10);
   ~Watchdog();
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;
@@ -62,7 +64,7 @@ class Watchdog {
   void loop();
   [[noreturn]] void fire(const std::string& reason);
 
-  double timeout_s_, poll_s_;
+  double timeout_s_, poll_s_, abort_deadline_s_;
   int rank_;
   std::string host_;
   std::mutex mu_;

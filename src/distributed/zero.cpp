@@ -208,29 +208,33 @@ StepStats ShardedAdamW::step(double lr, const torch::Tensor& local_loss) {
   auto found_inf = finite.logical_not().to(torch::kFloat);
   out.skipped = found_inf;
 
-  // Clipping as a divisor of the gradients inside the fused kernel (1 when not clipping).
-  auto norm32 = out.grad_norm.to(torch::kFloat);
-  torch::Tensor grad_scale = torch::ones({}, step_count_.options());
-  if (cfg_.grad_clip > 0) {
-    grad_scale = torch::where(finite.logical_and(norm32 > cfg_.grad_clip), (norm32 + 1e-6f) / cfg_.grad_clip,
-                              torch::ones_like(norm32));
-  }
+  // Clipping as torch.nn.utils.clip_grad_norm_ does it (the reference trainers' rule): the reduced
+  // gradient is multiplied by min(1, clip / (norm + 1e-6)) in its own dtype before the update.
+  auto clip_coef = torch::ones({}, out.grad_norm.options());
+  if (cfg_.grad_clip > 0)
+    clip_coef = torch::where(finite, torch::clamp_max(cfg_.grad_clip / (out.grad_norm + 1e-6), 1.0), clip_coef);
+  out.clip_coef = clip_coef;
+  if (keep_gradient_) last_gradient_ = grad_shard_.clone();
+  grad_shard_.mul_(clip_coef.to(grad_shard_.scalar_type()));
   step_count_.add_(1);
   for (auto& g : groups_) {
     if (g.params.empty()) continue;
     at::_fused_adamw_(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, {}, g.steps, lr, cfg_.beta1, cfg_.beta2,
-                      g.weight_decay, cfg_.eps, /*amsgrad=*/false, /*maximize=*/false, grad_scale, found_inf);
+                      g.weight_decay, cfg_.eps, /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/{}, found_inf);
   }
   step_count_.sub_(found_inf);  // a skipped update does not count
 
-  // EMA of the own chunks; weight 0 when the update was skipped.
+  // EMA of the own chunks; weight 0 when the update was skipped. The warm-up decay is computed in
+  // float64 (as the reference's Python float), then cast to the weights' dtype.
   torch::Tensor ema_weight;
+  auto skipped64 = found_inf.to(torch::kDouble);
   if (cfg_.ema <= 0) {
-    ema_weight = 1 - found_inf;
+    ema_weight = 1 - skipped64;
   } else {
-    torch::Tensor decay = torch::full({}, cfg_.ema, step_count_.options());
-    if (cfg_.ema_warmup) decay = torch::minimum(decay, (1 + step_count_) / (10 + step_count_));
-    ema_weight = (1 - decay) * (1 - found_inf);
+    auto n = step_count_.to(torch::kDouble);
+    auto decay = torch::full({}, cfg_.ema, n.options());
+    if (cfg_.ema_warmup) decay = torch::minimum(decay, (1 + n) / (10 + n));
+    ema_weight = (1 - decay) * (1 - skipped64);
   }
   for (const auto& b : buckets_)
     ema_.narrow(0, b.shard_offset, b.chunk).lerp_(own_chunk(flat_param_, b), ema_weight.to(ema_.scalar_type()));
@@ -253,19 +257,34 @@ double ShardedAdamW::steps_taken() const { return step_count_.item<double>(); }
 
 void ShardedAdamW::set_steps_taken(double steps) { step_count_.fill_(steps); }
 
-torch::Tensor ShardedAdamW::gather_ema() {
+torch::Tensor ShardedAdamW::gather_shard(const torch::Tensor& shard, const std::string& what) {
+  SEDD_CHECK(shard.numel() == shard_numel_, "gather_shard: {} elements for a shard of {}", shard.numel(), shard_numel_);
+  torch::NoGradGuard ng;
   torch::Tensor padded = torch::empty_like(flat_param_);
   for (size_t k = 0; k < buckets_.size(); ++k) {
     const Bucket& b = buckets_[k];
     auto full = bucket_view(padded, b);
     auto mine = own_chunk(padded, b);
-    mine.copy_(ema_.narrow(0, b.shard_offset, b.chunk));
-    comm_.all_gather_async(mine, full, fmt::format("all_gather of EMA bucket {} of {}", k + 1, buckets_.size()))->wait();
+    mine.copy_(shard.narrow(0, b.shard_offset, b.chunk));
+    comm_.all_gather_async(mine, full, fmt::format("all_gather of {} bucket {} of {}", what, k + 1, buckets_.size()))
+        ->wait();
   }
   std::vector<torch::Tensor> parts;
   for (size_t i = 0; i < params_.size(); ++i)
     parts.push_back(padded.narrow(0, flat_offset_of_param_[i], params_[i].tensor.numel()));
   return torch::cat(parts);
+}
+
+torch::Tensor ShardedAdamW::gather_ema() { return gather_shard(ema_, "EMA"); }
+
+torch::Tensor ShardedAdamW::last_gradient() {
+  SEDD_CHECK(keep_gradient_ && last_gradient_.defined(), "last_gradient: call keep_gradient(true) before the step");
+  return gather_shard(last_gradient_, "gradient");
+}
+
+void ShardedAdamW::reset_ema() {
+  torch::NoGradGuard ng;
+  for (const auto& b : buckets_) ema_.narrow(0, b.shard_offset, b.chunk).copy_(own_chunk(flat_param_, b));
 }
 
 void ShardedAdamW::load_ema(const torch::Tensor& full) {

@@ -44,6 +44,7 @@ struct StepStats {
   torch::Tensor grad_norm;  // 0-dim float64: global gradient norm before clipping
   torch::Tensor skipped;    // 0-dim float32: 1 when a non-finite norm or loss skipped the update
   torch::Tensor loss_sum;   // 0-dim float64: the step's loss summed over ranks
+  torch::Tensor clip_coef;  // 0-dim float64: the factor the gradient was multiplied by (1: not clipped)
 };
 
 class ShardedAdamW {
@@ -84,6 +85,12 @@ class ShardedAdamW {
   void set_steps_taken(double steps);
   // The full EMA as an unpadded, model-ordered vector [numel] (collective: every rank calls it).
   torch::Tensor gather_ema();
+  // Sets the EMA to the current weights (after the weights were replaced before the first step).
+  void reset_ema();
+  // Step-by-step checks (sedd-parity): keep a copy of each step's reduced gradient before
+  // clipping; last_gradient() gathers it as an unpadded, model-ordered vector (collective).
+  void keep_gradient(bool on) { keep_gradient_ = on; }
+  torch::Tensor last_gradient();
   // Loads the own pieces of a full unpadded vector into the EMA shard.
   void load_ema(const torch::Tensor& full);
 
@@ -100,6 +107,8 @@ class ShardedAdamW {
   };
   torch::Tensor bucket_view(const torch::Tensor& flat, const Bucket& b) const;
   torch::Tensor own_chunk(const torch::Tensor& flat, const Bucket& b) const;
+  // A shard-shaped vector of every rank, gathered into the unpadded model order (collective).
+  torch::Tensor gather_shard(const torch::Tensor& shard, const std::string& what);
   void on_gradient(size_t param_index);
   void launch(size_t bucket);
   void launch_ready_buckets(bool all);
@@ -127,6 +136,8 @@ class ShardedAdamW {
   int64_t launched_early_ = 0;
   std::vector<std::unique_ptr<Work>> in_flight_;
   double comm_seconds_ = 0;
+  bool keep_gradient_ = false;
+  torch::Tensor last_gradient_;
 };
 
 }  // namespace sedd

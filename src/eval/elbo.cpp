@@ -11,12 +11,12 @@
 namespace sedd {
 
 void ElboConfig::validate() const {
-  SEDD_CHECK(mc_samples >= 1, "--mc-samples must be at least 1, got {}", mc_samples);
-  SEDD_CHECK(sampling == "iid" || sampling == "antithetic" || sampling == "stratified",
-             "--sampling must be iid, antithetic or stratified, got '{}'", sampling);
-  SEDD_CHECK(sampling != "antithetic" || mc_samples % 2 == 0, "--mc-samples must be even for antithetic sampling, got {}",
-             mc_samples);
-  SEDD_CHECK(mc_samples >= 2, "--mc-samples must be at least 2 to estimate the standard error");
+  SEDD_CHECK_OPTION(mc_samples >= 1, "--mc-samples must be at least 1, got {}", mc_samples);
+  SEDD_CHECK_OPTION(sampling == "iid" || sampling == "antithetic" || sampling == "stratified",
+                    "--sampling must be iid, antithetic or stratified, got '{}'", sampling);
+  SEDD_CHECK_OPTION(sampling != "antithetic" || mc_samples % 2 == 0,
+                    "--mc-samples must be even for antithetic sampling, got {}", mc_samples);
+  SEDD_CHECK_OPTION(mc_samples >= 2, "--mc-samples must be at least 2 to estimate the standard error");
 }
 
 torch::Tensor elbo_times(const ElboConfig& cfg, const torch::Tensor& indices) {
@@ -120,10 +120,17 @@ ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model,
   if (cfg.objective.name == "ar") {  // exact: no Monte Carlo error
     r.bound = values.select(1, 0).clone();
     r.mc_variance = torch::zeros_like(r.bound);
-  } else if (cfg.sampling == "antithetic") {  // the independent units are the pairs
+  } else if (cfg.sampling == "antithetic" && K > 2) {  // the independent units are the pairs
     auto pairs = (values.narrow(1, 0, K / 2) + values.narrow(1, K / 2, K / 2)) / 2;
     r.bound = pairs.mean(1) + r.prior_nats;
     r.mc_variance = pairs.var(1) / static_cast<double>(K / 2);
+  } else if (cfg.sampling == "antithetic") {
+    // One pair: no spread of pairs to estimate from. The iid formula over its two draws, Var/2 with
+    // Var = (a - b)^2 / 2, has mean Var_t (1 - rho) / 2 against the pair mean's true variance
+    // Var_t (1 + rho) / 2: an upper bound whenever the pair's draws are negatively correlated,
+    // which is what antithetic draws are for (and never NaN).
+    r.bound = values.mean(1) + r.prior_nats;
+    r.mc_variance = values.var(1) / static_cast<double>(K);
   } else {  // stratified: the iid formula, which overstates its variance (conservative)
     r.bound = values.mean(1) + r.prior_nats;
     r.mc_variance = values.var(1) / static_cast<double>(K);

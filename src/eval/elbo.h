@@ -31,7 +31,8 @@ struct ElboConfig {
 
 struct ElboResult {            // per sequence of the batch
   torch::Tensor bound;         // [B] nats: mean over draws of the integrand + prior term
-  torch::Tensor mc_variance;   // [B] variance of that mean (from the draws)
+  torch::Tensor mc_variance;   // [B] variance of that mean (from the draws; antithetic: from the pairs, or
+                               // for a single pair the iid formula over its two draws, see elbo.cpp)
   double prior_nats = 0;       // KL term per sequence (the same for every sequence)
 };
 

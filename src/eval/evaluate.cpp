@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "data/token_stream.h"
+#include "data/tokenizer.h"
 #include "io/error.h"
 
 namespace sedd {
@@ -34,14 +35,20 @@ nlohmann::ordered_json to_json(const EvalSummary& s) {
           {"tokens", s.tokens},
           {"sequences", s.sequences},
           {"prior_nats_per_token", s.prior_nats_per_token},
-          {"seconds", s.seconds}};
+          {"seconds", s.seconds},
+          {"tokenizer_check", s.tokenizer_check}};
+}
+
+void EvalOptions::validate() const {
+  elbo.validate();
+  SEDD_CHECK_OPTION(batch_size > 0, "--batch-size must be positive, got {}", batch_size);
+  SEDD_CHECK_OPTION(max_sequences >= 0, "--max-sequences must be >= 0 (0: every window), got {}", max_sequences);
 }
 
 EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const std::string& name,
                              const std::string& data, const EvalOptions& o, torch::Device device,
                              ControlPlane& control, const std::function<void(int64_t, int64_t)>& progress) {
-  o.elbo.validate();
-  SEDD_CHECK(o.batch_size > 0, "--batch-size must be positive");
+  o.validate();
   const int W = control.size(), r = control.rank();
   TokenStreamConfig tc;
   tc.data = data;
@@ -51,15 +58,20 @@ EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const st
   tc.world = W;
   tc.shuffle = false;
   TokenStream stream(tc);
-  SEDD_CHECK(stream.vocab_size() == cfg.tokens, "{}: the data has vocab_size {}, the model {} tokens", data,
-             stream.vocab_size(), cfg.tokens);
-  // The same tokenizer as the model's (when both say which: older shards may name a file instead).
-  auto definite = [](const std::string& t) { return t == "byte" || (!t.empty() && t.front() == '{'); };
-  SEDD_CHECK(!definite(o.model_tokenizer) || !definite(stream.tokenizer()) || o.model_tokenizer == stream.tokenizer(),
-             "{}: the data was tokenized with another tokenizer than the model ({} vs {}); prepare the held-out set "
-             "with the model's tokenizer.json",
-             data, stream.tokenizer() == "byte" ? "byte" : "a tokenizer.json",
-             o.model_tokenizer == "byte" ? "byte" : "another tokenizer.json");
+  SEDD_CHECK_INPUT(stream.vocab_size() == cfg.tokens, "{}: the data has vocab_size {}, the model {} tokens", data,
+                   stream.vocab_size(), cfg.tokens);
+  // The same tokenizer as the model's, when both say which; otherwise the summary says it was not checked.
+  const TokenizerMatch match = compare_tokenizers(o.model_tokenizer, stream.tokenizer());
+  SEDD_CHECK_INPUT(match != TokenizerMatch::Different,
+                   "{}: the data was tokenized with another tokenizer than the model ({} vs {}); prepare the held-out "
+                   "set with the model's tokenizer.json",
+                   data, describe_tokenizer(stream.tokenizer()),
+                   o.model_tokenizer == "byte" ? "byte" : "another tokenizer.json");
+  std::string tokenizer_check = "same";
+  if (match == TokenizerMatch::Unknown)
+    tokenizer_check = fmt::format("skipped: the model's tokenizer is {}, the data's {}; make sure the data was "
+                                  "prepared with the model's tokenizer",
+                                  describe_tokenizer(o.model_tokenizer), describe_tokenizer(stream.tokenizer()));
   int64_t n = stream.windows_per_epoch();
   if (o.max_sequences > 0) n = std::min(n, o.max_sequences);
   auto graph = make_graph(cfg.graph, cfg.tokens);
@@ -87,7 +99,7 @@ EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const st
   s.data = data;
   s.sequences = static_cast<int64_t>(total[2]);
   s.tokens = s.sequences * cfg.length;
-  SEDD_CHECK(s.sequences > 0, "{}: no window of {} tokens to evaluate", data, cfg.length);
+  SEDD_CHECK_INPUT(s.sequences > 0, "{}: no window of {} tokens to evaluate", data, cfg.length);
   const double tokens = static_cast<double>(s.tokens);
   s.nats_per_token = total[0] / tokens;
   s.stderr_mc = std::sqrt(total[1]) / tokens;
@@ -95,6 +107,7 @@ EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const st
   s.stderr_data = total[2] > 1 ? std::sqrt(std::max(0.0, m2 - mean * mean) / (total[2] - 1)) : 0.0;
   s.prior_nats_per_token = control.max(sums[4], "prior") / static_cast<double>(cfg.length);
   s.exact = o.elbo.objective.name == "ar";
+  s.tokenizer_check = tokenizer_check;
   s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return s;
 }
@@ -108,7 +121,7 @@ std::pair<std::string, std::string> parse_named_dataset(const std::string& spec)
 
 std::vector<std::pair<std::string, std::string>> read_dataset_suite(const std::string& path) {
   std::ifstream in(path);
-  SEDD_CHECK(in.good(), "{}: cannot read the suite file", path);
+  SEDD_CHECK_INPUT(in.good(), "{}: cannot read the suite file", path);
   std::vector<std::pair<std::string, std::string>> out;
   int line_no = 0;
   for (std::string line; std::getline(in, line);) {
@@ -119,15 +132,15 @@ std::vector<std::pair<std::string, std::string>> read_dataset_suite(const std::s
     std::string a, b, rest;
     ss >> a >> b >> rest;
     if (a.empty()) continue;
-    SEDD_CHECK(rest.empty(), "{}:{}: expected 'NAME GLOB' or 'NAME=GLOB'", path, line_no);
+    SEDD_CHECK_INPUT(rest.empty(), "{}:{}: expected 'NAME GLOB' or 'NAME=GLOB'", path, line_no);
     if (b.empty()) {
-      SEDD_CHECK(a.find('=') != std::string::npos, "{}:{}: expected 'NAME GLOB' or 'NAME=GLOB'", path, line_no);
+      SEDD_CHECK_INPUT(a.find('=') != std::string::npos, "{}:{}: expected 'NAME GLOB' or 'NAME=GLOB'", path, line_no);
       out.push_back(parse_named_dataset(a));
     } else {
       out.push_back({a, b});
     }
   }
-  SEDD_CHECK(!out.empty(), "{}: the suite names no dataset", path);
+  SEDD_CHECK_INPUT(!out.empty(), "{}: the suite names no dataset", path);
   return out;
 }
 

@@ -23,6 +23,8 @@ struct EvalOptions {
   int64_t batch_size = 8;      // sequences per forward pass on each rank
   int64_t max_sequences = 0;   // 0: every window
   std::string model_tokenizer; // the model's ("byte" or tokenizer.json text; may be empty): the data must match
+  // OptionError naming the bad option (--batch-size, --max-sequences, the ELBO's).
+  void validate() const;
 };
 
 struct EvalSummary {
@@ -34,6 +36,9 @@ struct EvalSummary {
   int64_t tokens = 0, sequences = 0;
   double seconds = 0;
   bool exact = false;          // the autoregressive likelihood: no Monte Carlo
+  // "same": the data's tokenizer is the model's; else "skipped: <why>" (the model or the data does
+  // not say which tokenizer it used, e.g. a converted official checkpoint): the tools print it.
+  std::string tokenizer_check;
   double bits_per_token() const;
   double perplexity() const;   // exp(nats/token): a bound for diffusion models
   double stderr_total() const; // Monte Carlo and data standard errors combined: the tables' +-
@@ -41,7 +46,7 @@ struct EvalSummary {
 
 // One dataset's JSON row, the same in every tool: stderr_nats_per_token is the Monte Carlo
 // standard error, stderr_data_nats_per_token the one over sequences, stderr_total_nats_per_token
-// both combined.
+// both combined; tokenizer_check as in EvalSummary.
 nlohmann::ordered_json to_json(const EvalSummary& s);
 
 // Collective over `control`'s ranks. `progress(done, total)` is called on rank 0.

@@ -67,4 +67,16 @@ void write_text_atomic(const std::string& path, const std::string& text) {
   commit_file(tmp, path);
 }
 
+std::vector<std::string> split_nonempty(const std::string& text, char sep) {
+  std::vector<std::string> parts;
+  size_t i = 0;
+  while (i < text.size()) {
+    size_t j = text.find(sep, i);
+    if (j == std::string::npos) j = text.size();
+    if (j > i) parts.push_back(text.substr(i, j - i));
+    i = j + 1;
+  }
+  return parts;
+}
+
 }  // namespace sedd::fs

@@ -1,6 +1,7 @@
 // File-system helpers for crash-safe writes: a file counts only once it is complete on disk.
 #pragma once
 #include <string>
+#include <vector>
 
 namespace sedd::fs {
 
@@ -15,5 +16,7 @@ std::string read_text(const std::string& path);
 // A stable content hash ("fnv1a64:<16 hex digits>"), the same on every platform and build.
 std::string content_hash(const std::string& bytes);
 void write_text_atomic(const std::string& path, const std::string& text);
+// The non-empty pieces of `text` between `sep` characters ("a//b/" -> {"a", "b"}).
+std::vector<std::string> split_nonempty(const std::string& text, char sep);
 
 }  // namespace sedd::fs

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "io/error.h"
+#include "io/fs.h"
 
 namespace sedd::h5 {
 
@@ -30,6 +31,37 @@ std::recursive_mutex& global_mutex() {
 }
 
 void quiet_errors() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+
+namespace {
+
+// HDF5 closes the files still open at exit (H5_term_library, registered with atexit on the first
+// HDF5 call). A file whose writes failed (disk full, RLIMIT_FSIZE) cannot be closed, and HDF5 1.10
+// then crashes inside that exit-time cleanup (H5F__close_cb), turning one clear error into a
+// segmentation fault. Every file written here is closed explicitly and checked, so the cleanup is
+// turned off; it must be before any other HDF5 call, hence a static initializer.
+const bool kNoExitCleanup = [] {
+  H5dont_atexit();
+  return true;
+}();
+
+herr_t innermost_error(unsigned n, const H5E_error2_t* e, void* out) {
+  if (n == 0 && e->desc) *static_cast<std::string*>(out) = e->desc;
+  return 0;
+}
+
+// Why the last HDF5 call failed, as the end of a message: the system's reason from the innermost
+// entry of HDF5's error stack (": File too large", ": No space left on device"), or `guess`.
+std::string failure_cause(const char* guess) {
+  std::string desc;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, innermost_error, &desc);
+  const std::string key = "error message = '";
+  auto at = desc.find(key);
+  if (at == std::string::npos) return guess;
+  at += key.size();
+  return ": " + desc.substr(at, desc.find('\'', at) - at);
+}
+
+}  // namespace
 
 namespace {
 
@@ -66,17 +98,7 @@ torch::Dtype dtype_of_h5type(hid_t type, const std::string& where) {
   fail("{}: unsupported HDF5 element type (class {}, {} bytes)", where, static_cast<int>(cls), size);
 }
 
-std::vector<std::string> split_path(const std::string& p) {
-  std::vector<std::string> parts;
-  size_t i = 0;
-  while (i < p.size()) {
-    size_t j = p.find('/', i);
-    if (j == std::string::npos) j = p.size();
-    if (j > i) parts.push_back(p.substr(i, j - i));
-    i = j + 1;
-  }
-  return parts;
-}
+std::vector<std::string> split_path(const std::string& p) { return fs::split_nonempty(p, '/'); }
 
 herr_t collect_name(hid_t, const char* name, const H5L_info_t*, void* out) {
   static_cast<std::vector<std::string>*>(out)->push_back(name);
@@ -99,12 +121,11 @@ File::File(const std::string& path, Mode mode) : path_(path) {
     SEDD_CHECK(id >= 0, "{}: cannot create HDF5 file (is the folder there and writable?)", path);
   } else {
     FILE* probe = std::fopen(path.c_str(), "rb");
-    SEDD_CHECK(probe != nullptr, "{}: no such file", path);
+    SEDD_CHECK_INPUT(probe != nullptr, "{}: no such file", path);
     std::fclose(probe);
-    SEDD_CHECK(H5Fis_hdf5(path.c_str()) > 0,
-               "{}: not an HDF5 file, or truncated/damaged", path);
+    SEDD_CHECK_INPUT(H5Fis_hdf5(path.c_str()) > 0, "{}: not an HDF5 file, or truncated/damaged", path);
     id = H5Fopen(path.c_str(), mode == Mode::Read ? H5F_ACC_RDONLY : H5F_ACC_RDWR, H5P_DEFAULT);
-    SEDD_CHECK(id >= 0, "{}: cannot open HDF5 file (truncated or damaged?)", path);
+    SEDD_CHECK_INPUT(id >= 0, "{}: cannot open HDF5 file (truncated or damaged?)", path);
   }
   file_ = Handle(id, H5Fclose);
 }
@@ -130,9 +151,9 @@ bool File::is_group(const std::string& obj) const {
 
 Handle File::open_object(const std::string& obj) const {
   H5Guard guard;
-  SEDD_CHECK(exists(obj), "{}: missing object '{}'", path_, obj);
+  SEDD_CHECK_INPUT(exists(obj), "{}: missing object '{}'", path_, obj);
   hid_t o = H5Oopen(id(), obj.c_str(), H5P_DEFAULT);
-  SEDD_CHECK(o >= 0, "{}: cannot open '{}' (damaged file?)", path_, obj);
+  SEDD_CHECK_INPUT(o >= 0, "{}: cannot open '{}' (damaged file?)", path_, obj);
   return Handle(o, H5Oclose);
 }
 
@@ -162,9 +183,9 @@ void File::create_group(const std::string& group) {
 
 std::vector<int64_t> File::shape(const std::string& dataset) const {
   H5Guard guard;
-  SEDD_CHECK(exists(dataset), "{}: missing dataset '{}'", path_, dataset);
+  SEDD_CHECK_INPUT(exists(dataset), "{}: missing dataset '{}'", path_, dataset);
   Handle ds(H5Dopen2(id(), dataset.c_str(), H5P_DEFAULT), H5Dclose);
-  SEDD_CHECK(ds.valid(), "{}: '{}' is not a dataset (or is damaged)", path_, dataset);
+  SEDD_CHECK_INPUT(ds.valid(), "{}: '{}' is not a dataset (or is damaged)", path_, dataset);
   Handle space(H5Dget_space(ds.get()), H5Sclose);
   int rank = H5Sget_simple_extent_ndims(space.get());
   SEDD_CHECK(rank >= 0, "{}: cannot read the shape of '{}'", path_, dataset);
@@ -175,9 +196,9 @@ std::vector<int64_t> File::shape(const std::string& dataset) const {
 
 torch::Dtype File::stored_dtype(const std::string& dataset) const {
   H5Guard guard;
-  SEDD_CHECK(exists(dataset), "{}: missing dataset '{}'", path_, dataset);
+  SEDD_CHECK_INPUT(exists(dataset), "{}: missing dataset '{}'", path_, dataset);
   Handle ds(H5Dopen2(id(), dataset.c_str(), H5P_DEFAULT), H5Dclose);
-  SEDD_CHECK(ds.valid(), "{}: '{}' is not a dataset (or is damaged)", path_, dataset);
+  SEDD_CHECK_INPUT(ds.valid(), "{}: '{}' is not a dataset (or is damaged)", path_, dataset);
   Handle type(H5Dget_type(ds.get()), H5Tclose);
   return dtype_of_h5type(type.get(), path_ + ":" + dataset);
 }
@@ -192,7 +213,7 @@ torch::Tensor File::read(const std::string& dataset, c10::optional<torch::Dtype>
   Handle ds(H5Dopen2(id(), dataset.c_str(), H5P_DEFAULT), H5Dclose);
   if (out.numel() > 0) {
     herr_t rc = H5Dread(ds.get(), native_type(want), H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data_ptr());
-    SEDD_CHECK(rc >= 0, "{}: cannot read dataset '{}' (truncated or damaged file?)", path_, dataset);
+    SEDD_CHECK_INPUT(rc >= 0, "{}: cannot read dataset '{}' (truncated or damaged file?)", path_, dataset);
   }
   return out;
 }
@@ -201,15 +222,15 @@ void File::read_range(const std::string& dataset, int64_t offset, int64_t count,
   H5Guard guard;
   SEDD_CHECK(out.is_contiguous() && out.numel() >= count, "read_range: output buffer too small");
   Handle ds(H5Dopen2(id(), dataset.c_str(), H5P_DEFAULT), H5Dclose);
-  SEDD_CHECK(ds.valid(), "{}: missing dataset '{}'", path_, dataset);
+  SEDD_CHECK_INPUT(ds.valid(), "{}: missing dataset '{}'", path_, dataset);
   Handle file_space(H5Dget_space(ds.get()), H5Sclose);
   hsize_t start = offset, n = count;
   H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, &start, nullptr, &n, nullptr);
   Handle mem_space(H5Screate_simple(1, &n, nullptr), H5Sclose);
   herr_t rc = H5Dread(ds.get(), native_type(out.scalar_type()), mem_space.get(), file_space.get(),
                       H5P_DEFAULT, out.data_ptr());
-  SEDD_CHECK(rc >= 0, "{}: cannot read '{}' at offset {} (truncated or damaged file?)", path_, dataset,
-             offset);
+  SEDD_CHECK_INPUT(rc >= 0, "{}: cannot read '{}' at offset {} (truncated or damaged file?)", path_, dataset,
+                   offset);
 }
 
 void File::write(const std::string& dataset, const torch::Tensor& t_in, size_t chunk_elems) {
@@ -230,7 +251,7 @@ void File::write(const std::string& dataset, const torch::Tensor& t_in, size_t c
   SEDD_CHECK(ds.valid(), "{}: cannot create dataset '{}' (exists already?)", path_, dataset);
   if (t.numel() > 0) {
     SEDD_CHECK(H5Dwrite(ds.get(), type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) >= 0,
-               "{}: cannot write dataset '{}' (disk full?)", path_, dataset);
+               "{}: cannot write dataset '{}'{}", path_, dataset, failure_cause(" (disk full?)"));
   }
 }
 
@@ -263,7 +284,7 @@ std::vector<std::string> File::attr_names(const std::string& obj) const {
 namespace {
 Handle open_attr(const File& f, const std::string& obj, const std::string& name) {
   H5Guard guard;
-  SEDD_CHECK(f.has_attr(obj, name), "{}: '{}' has no attribute '{}'", f.path(), obj, name);
+  SEDD_CHECK_INPUT(f.has_attr(obj, name), "{}: '{}' has no attribute '{}'", f.path(), obj, name);
   hid_t a = H5Aopen_by_name(f.id(), obj.c_str(), name.c_str(), H5P_DEFAULT, H5P_DEFAULT);
   SEDD_CHECK(a >= 0, "{}: cannot open attribute '{}' of '{}'", f.path(), name, obj);
   return Handle(a, H5Aclose);
@@ -358,7 +379,8 @@ void File::set_attr(const std::string& obj, const std::string& name, const std::
 
 void File::flush() {
   H5Guard guard;
-  SEDD_CHECK(H5Fflush(id(), H5F_SCOPE_GLOBAL) >= 0, "{}: flushing the HDF5 file failed (disk full?)", path_);
+  SEDD_CHECK(H5Fflush(id(), H5F_SCOPE_GLOBAL) >= 0, "{}: flushing the HDF5 file failed{}", path_,
+             failure_cause(" (disk full?)"));
 }
 
 void File::close() {
@@ -366,7 +388,8 @@ void File::close() {
   if (!file_.valid()) return;
   flush();
   hid_t id = file_.release();  // H5Fclose's result is checked here, not ignored by the handle
-  SEDD_CHECK(H5Fclose(id) >= 0, "{}: closing the HDF5 file failed (disk full or I/O error?)", path_);
+  SEDD_CHECK(H5Fclose(id) >= 0, "{}: closing the HDF5 file failed{}", path_,
+             failure_cause(" (disk full or I/O error?)"));
 }
 
 }  // namespace sedd::h5

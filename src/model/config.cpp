@@ -1,6 +1,8 @@
 // ModelConfig validation; see config.h.
 #include "model/config.h"
 
+#include <cmath>
+
 #include "io/error.h"
 
 namespace sedd {
@@ -34,6 +36,11 @@ void ModelConfig::validate() const {
              "model.scale_by_sigma is only defined for the absorbing graph; set it to false for '{}'", graph);
   SEDD_CHECK(time_conditioning || graph == "absorb" || objective == "ar",
              "model.time_conditioning = false needs the absorbing graph (the uniform score depends on sigma)");
+  // Every schedule number must be finite, used by the chosen schedule or not: an infinite sigma_max
+  // passes `sigma_max > sigma_min` and would make every sigma infinite (and JSON writes it as null).
+  for (auto [key, v] : {std::pair<const char*, double>{"diffusion.eps", noise.eps},
+                        {"diffusion.sigma_min", noise.sigma_min}, {"diffusion.sigma_max", noise.sigma_max}})
+    SEDD_CHECK(std::isfinite(v), "{} must be a finite number, got {}", key, v);
   noise.validate();
 }
 

@@ -33,6 +33,7 @@ struct CudaAutocast {
   explicit CudaAutocast(bool on) : on_(on) {
     if (!on_) return;
     prev_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
     at::autocast::set_autocast_enabled(at::kCUDA, true);
     at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
     at::autocast::increment_nesting();
@@ -41,8 +42,10 @@ struct CudaAutocast {
     if (!on_) return;
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
     at::autocast::set_autocast_enabled(at::kCUDA, prev_);
+    at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);  // a caller's autocast dtype survives us
   }
   bool on_, prev_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
 };
 
 }  // namespace
@@ -238,9 +241,13 @@ int64_t DDiTImpl::parameter_count() const {
 }
 
 double DDiTImpl::flops_per_token(int64_t seq_len) const {
-  // 6 N for the matmuls (forward + backward) plus attention scores/values: 12 * blocks * L * D.
-  double n = static_cast<double>(parameter_count() - vocab_embed->embedding.numel());
-  return 6.0 * n + 12.0 * cfg.n_blocks * seq_len * cfg.hidden_size;
+  const double D = static_cast<double>(cfg.hidden_size), L = static_cast<double>(seq_len),
+               V = static_cast<double>(cfg.vocab_dim()), C = static_cast<double>(cfg.cond_dim),
+               F = static_cast<double>(sigma_map->frequencies), blocks = static_cast<double>(cfg.n_blocks);
+  const double per_token = blocks * (24 * D * D + 4 * L * D) + 2 * D * V;
+  // The conditioning is computed once per sequence, not per position.
+  const double per_sequence = 2 * (F * C + C * C) + 2 * C * (6 * blocks + 2) * D;
+  return 3 * (per_token + per_sequence / L);
 }
 
 }  // namespace sedd

@@ -105,7 +105,14 @@ struct DDiTImpl : torch::nn::Module {
   // The scale_by_sigma shift -log(e^sigma - 1) - log(vocab_dim - 1) per sigma [...] (0 when off).
   torch::Tensor score_shift(const torch::Tensor& sigma) const;
   int64_t parameter_count() const;
-  // Approximate training FLOPs per token (forward + backward) for MFU reports.
+  // Model FLOPs of one training token (forward + backward = 3 x forward) for MFU, by the usual
+  // convention (PaLM, appendix B): 2 per multiply-add of every matrix product the network needs,
+  // the attention over the full window and the output layer over the full vocabulary at every
+  // position, whatever the implementation skips (the masked-rows loss projects masked rows only);
+  // elementwise ops, norms, softmax and recomputation are not counted. Per token: 24 D^2 per block
+  // (qkv, attention output, MLP) + 4 L D per block (scores, values) + 2 D V (output layer); per
+  // sequence, divided by L: the sigma embedding 2 (256 C + C^2) and the adaLN modulations
+  // 2 C (6 blocks + 2) D.
   double flops_per_token(int64_t seq_len) const;
 
   ModelConfig cfg;

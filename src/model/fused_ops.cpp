@@ -12,7 +12,9 @@
 #include <atomic>
 #include <cstdio>
 #include <functional>
+#include <map>
 #include <mutex>
+#include <set>
 
 #include "io/error.h"
 
@@ -32,6 +34,19 @@ using torch::Tensor;
 namespace {
 
 constexpr double kLayerNormEps = 1e-5;  // torch's LayerNorm default, as BiasFreeLayerNorm uses
+
+// A kernel that did not launch (the launcher refused the shape, or CUDA refused the launch, e.g.
+// too few registers for the block size on this GPU). The dispatchers and the backward passes catch
+// it and take the plain path; the *_fused entries let it through.
+struct FusedLaunchFailure : Error {
+  using Error::Error;
+};
+
+// Launches to fail on purpose (tests of the fallback); see fused_ops_inject_launch_failures.
+std::atomic<int> g_injected_launch_failures{0};
+
+// Prints `what` once per distinct message: the first time an op falls back for a reason.
+void report_launch_fallback(const std::string& what);
 
 // Reduced-precision tensors go up to float32; float32/float64 stay (as in ddit.cpp).
 Tensor upcast_reduced(const Tensor& x) {
@@ -131,9 +146,11 @@ Tensor aligned_contiguous(const Tensor& t) {
 }
 
 void check_launch(bool taken, const char* op) {
-  SEDD_CHECK(taken, "{}: the CUDA kernel does not take this shape (internal: shapes are checked before)", op);
-  const char* err = cuda::fused_launch_error();
-  SEDD_CHECK(err == nullptr, "{}: CUDA kernel launch failed: {}", op, err ? err : "");
+  const char* err = cuda::fused_launch_error();  // read (and clear) whatever happened
+  if (!taken) throw FusedLaunchFailure(fmt::format("{}: the CUDA kernel does not take this shape", op));
+  if (err) throw FusedLaunchFailure(fmt::format("{}: CUDA kernel launch failed: {}", op, err));
+  if (g_injected_launch_failures.load() > 0 && g_injected_launch_failures.fetch_sub(1) > 0)
+    throw FusedLaunchFailure(fmt::format("{}: CUDA kernel launch failed: injected by a test", op));
 }
 
 cuda::KeyedDropout dropout_args(bool active, double p, int64_t seed, int64_t step, int64_t site, const Tensor& rows) {
@@ -147,6 +164,15 @@ cuda::KeyedDropout dropout_args(bool active, double p, int64_t seed, int64_t ste
   d.scale = static_cast<float>(1.0 / (1.0 - p));    // and multiplies by the float of 1 / (1 - p)
   d.active = true;
   return d;
+}
+
+// The plain op's gradients of sum(op(inputs) * grad) by name ("grad x", ...), for a backward whose
+// kernel did not launch. Backward runs with grad mode off: it is switched on for the recomputation.
+std::map<std::string, Tensor> plain_grads(const TensorOp& op, const std::vector<Tensor>& inputs,
+                                          const std::vector<std::string>& names, const Tensor& grad) {
+  torch::AutoGradMode grad_on(true);
+  auto r = value_and_grads(op, inputs, names, grad);
+  return std::map<std::string, Tensor>(r.begin() + 1, r.end());
 }
 
 class LayerNormModulateFn : public torch::autograd::Function<LayerNormModulateFn> {
@@ -183,12 +209,23 @@ class LayerNormModulateFn : public torch::autograd::Function<LayerNormModulateFn
     Tensor gx = torch::empty_like(x);
     const int64_t splits = cuda::fused_column_splits(B, L);
     Tensor part_g = torch::empty({splits, B, D}, x.options().dtype(torch::kFloat)), part_gx = torch::empty_like(part_g);
-    check_launch(cuda::layer_norm_modulate_backward(g.data_ptr(), kernel_type(g), x.data_ptr(), kernel_type(x),
-                                                    w.data_ptr<float>(), sc.data_ptr<float>(), mean.data_ptr<float>(),
-                                                    rstd.data_ptr<float>(), B, L, D, splits, gx.data_ptr(),
-                                                    part_g.data_ptr<float>(), part_gx.data_ptr<float>(),
-                                                    current_stream()),
-                 "layer_norm_modulate backward");
+    try {
+      check_launch(cuda::layer_norm_modulate_backward(g.data_ptr(), kernel_type(g), x.data_ptr(), kernel_type(x),
+                                                      w.data_ptr<float>(), sc.data_ptr<float>(), mean.data_ptr<float>(),
+                                                      rstd.data_ptr<float>(), B, L, D, splits, gx.data_ptr(),
+                                                      part_g.data_ptr<float>(), part_gx.data_ptr<float>(),
+                                                      current_stream()),
+                   "layer_norm_modulate backward");
+    } catch (const FusedLaunchFailure& e) {
+      report_launch_fallback(e.what());
+      // The plain path's gradients; shift's value does not enter them.
+      const auto out = dtype("out_dtype");
+      auto r = plain_grads(
+          [out](const std::vector<Tensor>& a) { return layer_norm_modulate_plain(a[0], a[1], a[2], a[3], out); },
+          {x, w, torch::zeros_like(sc), sc}, {"x", "weight", "shift", "scale"}, g);
+      return {r.at("grad x"), r.at("grad weight").to(dtype("weight_dtype")),
+              r.at("grad shift").to(dtype("shift_dtype")), r.at("grad scale").to(dtype("scale_dtype")), Tensor()};
+    }
     // Second pass of the reductions over L (and over B for the weight), on [splits, B, D].
     Tensor g_shift = part_g.sum(0);
     Tensor g_xhat = part_gx.sum(0);  // sum_l g * xhat, [B, D]
@@ -245,11 +282,31 @@ class GatedResidualFn : public torch::autograd::Function<GatedResidualFn> {
     const auto dp = dropout_args(ctx->saved_data["dropout"].toBool(), ctx->saved_data["p"].toDouble(),
                                  ctx->saved_data["seed"].toInt(), ctx->saved_data["step"].toInt(),
                                  ctx->saved_data["site"].toInt(), keys);
-    check_launch(cuda::gated_residual_backward(g.data_ptr(), kernel_type(g), bc.data_ptr(), kernel_type(bc),
-                                               bias32.defined() ? bias32.data_ptr<float>() : nullptr,
-                                               gate32.data_ptr<float>(), dp, B, L, D, splits, g_branch.data_ptr(),
-                                               part_b.data_ptr<float>(), part_g.data_ptr<float>(), current_stream()),
-                 "gated_residual backward");
+    try {
+      check_launch(cuda::gated_residual_backward(g.data_ptr(), kernel_type(g), bc.data_ptr(), kernel_type(bc),
+                                                 bias32.defined() ? bias32.data_ptr<float>() : nullptr,
+                                                 gate32.data_ptr<float>(), dp, B, L, D, splits, g_branch.data_ptr(),
+                                                 part_b.data_ptr<float>(), part_g.data_ptr<float>(), current_stream()),
+                   "gated_residual backward");
+    } catch (const FusedLaunchFailure& e) {
+      report_launch_fallback(e.what());
+      const bool dropout = ctx->saved_data["dropout"].toBool();
+      const double p = ctx->saved_data["p"].toDouble();
+      const int64_t site = ctx->saved_data["site"].toInt();
+      const DropoutKey key{static_cast<uint64_t>(ctx->saved_data["seed"].toInt()),
+                           static_cast<uint64_t>(ctx->saved_data["step"].toInt()), keys};
+      // x enters with gradient g whatever its value: zeros stand in for it.
+      auto r = plain_grads(
+          [&](const std::vector<Tensor>& a) {
+            return gated_residual_plain(a[0], a[1], a[2], a[3], p, dropout, dropout ? &key : nullptr, site);
+          },
+          {torch::zeros(bc.sizes(), g.options()), bc, bias32, gate32}, {"", "branch", "bias", "gate"}, g);
+      grads[0] = g;
+      grads[1] = r.at("grad branch");
+      if (bias32.defined()) grads[2] = r.at("grad bias").to(dtype("bias_dtype"));
+      grads[3] = r.at("grad gate").to(dtype("gate_dtype"));
+      return grads;
+    }
     grads[0] = g;  // d out / d x = 1
     grads[1] = g_branch;
     if (bias32.defined()) grads[2] = part_b.sum(torch::IntArrayRef{0, 1}).to(dtype("bias_dtype"));
@@ -282,7 +339,15 @@ class RotaryFn : public torch::autograd::Function<RotaryFn> {
     Tensor f = ctx->get_saved_variables()[0];
     const c10::cuda::CUDAGuard guard(f.device());
     // The rotation's transpose is the rotation by minus the angle.
-    return {rotary_launch(grad_out[0], f, true), Tensor()};
+    try {
+      return {rotary_launch(grad_out[0], f, true), Tensor()};
+    } catch (const FusedLaunchFailure& e) {
+      report_launch_fallback(e.what());
+      // Linear in x: the gradient does not depend on x's value.
+      auto r = plain_grads([](const std::vector<Tensor>& a) { return rotary_plain(a[0], a[1]); },
+                           {torch::zeros_like(grad_out[0]), f}, {"x", ""}, grad_out[0]);
+      return {r.at("grad x"), Tensor()};
+    }
   }
 };
 
@@ -366,20 +431,36 @@ Tensor rotary_fused(const Tensor& x, const Tensor& inv_freq) {
 Tensor layer_norm_modulate(const Tensor& x, const Tensor& weight, const Tensor& shift, const Tensor& scale,
                            std::optional<torch::ScalarType> out_dtype) {
   const auto out = requested_dtype(x, out_dtype).value_or(torch::kFloat);
-  if (ln_unfusable(x, weight, shift, scale, out).empty() && fused_ops_active(x.device()))
-    return layer_norm_modulate_fused(x, weight, shift, scale, out_dtype);
+  if (ln_unfusable(x, weight, shift, scale, out).empty() && fused_ops_active(x.device())) {
+    try {
+      return layer_norm_modulate_fused(x, weight, shift, scale, out_dtype);
+    } catch (const FusedLaunchFailure& e) {
+      report_launch_fallback(e.what());
+    }
+  }
   return layer_norm_modulate_plain(x, weight, shift, scale, out_dtype);
 }
 
 Tensor gated_residual(const Tensor& x, const Tensor& branch, const Tensor& bias, const Tensor& gate, double p,
                       bool training, const DropoutKey* key, int64_t site) {
-  if (gated_unfusable(x, branch, bias, gate, training && p > 0, key).empty() && fused_ops_active(x.device()))
-    return gated_residual_fused(x, branch, bias, gate, p, training, key, site);
+  if (gated_unfusable(x, branch, bias, gate, training && p > 0, key).empty() && fused_ops_active(x.device())) {
+    try {
+      return gated_residual_fused(x, branch, bias, gate, p, training, key, site);
+    } catch (const FusedLaunchFailure& e) {
+      report_launch_fallback(e.what());
+    }
+  }
   return gated_residual_plain(x, branch, bias, gate, p, training, key, site);
 }
 
 Tensor rotary(const Tensor& x, const Tensor& inv_freq) {
-  if (rotary_unfusable(x, inv_freq).empty() && fused_ops_active(x.device())) return rotary_fused(x, inv_freq);
+  if (rotary_unfusable(x, inv_freq).empty() && fused_ops_active(x.device())) {
+    try {
+      return rotary_fused(x, inv_freq);
+    } catch (const FusedLaunchFailure& e) {
+      report_launch_fallback(e.what());
+    }
+  }
   return rotary_plain(x, inv_freq);
 }
 
@@ -432,6 +513,16 @@ enum DeviceState : int { kUnchecked = 0, kActive = 1, kOff = 2 };
 std::array<std::atomic<int>, kMaxDevices> g_state{};
 std::array<std::string, kMaxDevices> g_reason;  // why a device is off; written under g_mutex
 std::mutex g_mutex;
+// Launches that fell back to the plain path. A mutex of its own: a backward pass may fall back on
+// an autograd thread while the self-check holds g_mutex and waits for it.
+std::set<std::string> g_fallbacks;
+std::mutex g_fallback_mutex;
+
+void report_launch_fallback(const std::string& what) {
+  std::lock_guard<std::mutex> lock(g_fallback_mutex);
+  if (!g_fallbacks.insert(what).second) return;
+  std::fprintf(stderr, "sedd: warning: %s; such calls take the plain LibTorch ops (printed once)\n", what.c_str());
+}
 
 // Autocast off (the self-check chooses every dtype itself), restored on exit.
 struct NoCudaAutocast {
@@ -553,6 +644,8 @@ bool fused_ops_active(const torch::Device& device) {
 #endif
 }
 
+void fused_ops_inject_launch_failures(int count) { g_injected_launch_failures.store(count); }
+
 std::string fused_ops_status() {
   if (!fused_ops_built()) return "fused kernels: not built (no nvcc at configure time); plain LibTorch ops";
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -566,6 +659,8 @@ std::string fused_ops_status() {
   std::string line = "fused kernels:";
   if (!active.empty()) line += " active on " + active;
   if (!off.empty()) line += std::string(active.empty() ? "" : ";") + " off on " + off + " (plain LibTorch ops there)";
+  std::lock_guard<std::mutex> fallback_lock(g_fallback_mutex);
+  for (const auto& f : g_fallbacks) line += "; plain fallback after: " + f;
   return line;
 }
 

@@ -73,8 +73,15 @@ bool fused_ops_built();
 // stderr, and the device keeps the plain path from then on. False on CPU and without kernels.
 bool fused_ops_active(const torch::Device& device);
 
-// One line for logs and benchmarks: "fused kernels: active on cuda:0", "... not built", ...
+// One line for logs and benchmarks: "fused kernels: active on cuda:0", "... not built", ...; it
+// names every launch that fell back to the plain path.
 std::string fused_ops_status();
+
+// A fused kernel that fails to launch (CUDA refuses the block shape, or the launcher the row) makes
+// the dispatcher, or the backward pass of an op whose forward was fused, compute that call with the
+// plain ops; a warning naming the op and the CUDA error is printed once per distinct failure. For
+// tests: the next `count` launch checks fail as if CUDA had refused the launch.
+void fused_ops_inject_launch_failures(int count);
 
 // Runs every fused op and its plain counterpart on small random inputs on `device` (float32 and
 // bf16, vectorised and scalar row widths, with and without dropout), forward and backward, and

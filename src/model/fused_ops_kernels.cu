@@ -21,6 +21,9 @@ namespace {
 
 // A row kernel's thread handles at most this many VEC-chunks of its row.
 constexpr int kMaxChunks = 2;
+// Row kernels launch up to this many threads per block (rows of fused_max_row_elems), so they are
+// compiled with __launch_bounds__(kMaxThreads): at most 64 registers per thread. Without the bound
+// the float32 backward kernels take ~70 and blocks above ~896 threads cannot launch.
 constexpr int kMaxThreads = 1024;
 constexpr int64_t kMaxGridX = 2147483647;
 
@@ -107,10 +110,10 @@ __device__ __forceinline__ void keep_scale(const KeyedDropout& dp, uint64_t key_
 // One block per row: the row stays in registers for the mean, the variance (two passes over the
 // registers, so no catastrophic cancellation) and the output.
 template <typename Tx, typename Ty, int VEC>
-__global__ void layer_norm_modulate_forward_kernel(const Tx* __restrict__ x, const float* __restrict__ weight,
-                                                   const float* __restrict__ shift, const float* __restrict__ scale,
-                                                   int64_t L, int D, float eps, Ty* __restrict__ y,
-                                                   float* __restrict__ mean_out, float* __restrict__ rstd_out) {
+__global__ void __launch_bounds__(kMaxThreads)
+    layer_norm_modulate_forward_kernel(const Tx* __restrict__ x,
+        const float* __restrict__ weight, const float* __restrict__ shift, const float* __restrict__ scale, int64_t L,
+        int D, float eps, Ty* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out) {
   const int64_t row = blockIdx.x, b = row / L;
   const int nvec = D / VEC;
   const Tx* xr = x + row * D;
@@ -164,11 +167,11 @@ __global__ void layer_norm_modulate_forward_kernel(const Tx* __restrict__ x, con
 // input gradient (block reductions), and per thread the running column sums of g and g * xhat
 // for the gradients of shift, scale and weight. a = weight * (1 + scale[b]) is loaded once.
 template <typename Tg, typename Tx, int VEC>
-__global__ void layer_norm_modulate_backward_kernel(const Tg* __restrict__ g, const Tx* __restrict__ x,
-                                                    const float* __restrict__ weight, const float* __restrict__ scale,
-                                                    const float* __restrict__ mean, const float* __restrict__ rstd,
-                                                    int64_t L, int D, int64_t rows_per_split, Tx* __restrict__ g_x,
-                                                    float* __restrict__ partial_g, float* __restrict__ partial_gxhat) {
+__global__ void __launch_bounds__(kMaxThreads)
+    layer_norm_modulate_backward_kernel(const Tg* __restrict__ g,
+        const Tx* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ scale,
+        const float* __restrict__ mean, const float* __restrict__ rstd, int64_t L, int D, int64_t rows_per_split,
+        Tx* __restrict__ g_x, float* __restrict__ partial_g, float* __restrict__ partial_gxhat) {
   const int64_t b = blockIdx.x, s = blockIdx.y, B = gridDim.x;
   const int nvec = D / VEC;
   const int64_t l_begin = s * rows_per_split, l_end = l_begin + rows_per_split < L ? l_begin + rows_per_split : L;
@@ -267,11 +270,11 @@ __global__ void gated_residual_forward_kernel(const Tx* __restrict__ x, const Tb
 // Block (b, s) walks the rows of split s of batch row b; the dropout mask is recomputed from the
 // key. gate[b] and bias stay in registers; column sums feed the gate and bias gradients.
 template <typename Tg, typename Tb, int VEC>
-__global__ void gated_residual_backward_kernel(const Tg* __restrict__ g, const Tb* __restrict__ branch,
-                                               const float* __restrict__ bias, const float* __restrict__ gate,
-                                               KeyedDropout dp, int64_t L, int D, int64_t rows_per_split,
-                                               Tb* __restrict__ g_branch, float* __restrict__ partial_gbranch,
-                                               float* __restrict__ partial_ggate) {
+__global__ void __launch_bounds__(kMaxThreads)
+    gated_residual_backward_kernel(const Tg* __restrict__ g,
+        const Tb* __restrict__ branch, const float* __restrict__ bias, const float* __restrict__ gate, KeyedDropout dp,
+        int64_t L, int D, int64_t rows_per_split, Tb* __restrict__ g_branch, float* __restrict__ partial_gbranch,
+        float* __restrict__ partial_ggate) {
   const int64_t b = blockIdx.x, s = blockIdx.y, B = gridDim.x;
   const int nvec = D / VEC;
   const int64_t l_begin = s * rows_per_split, l_end = l_begin + rows_per_split < L ? l_begin + rows_per_split : L;

@@ -6,6 +6,13 @@
 #include "diffusion/output_loss.h"
 #include "io/error.h"
 
+#include <optional>
+
+#ifdef SEDD_HAVE_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace sedd {
 
 namespace {
@@ -26,7 +33,42 @@ torch::Tensor weighted_cross_entropy(DDiT& model, const DDiTHidden& hid, const t
   return per_seq.index_add_(0, torch::div(rows, L, "floor"), loss_rows * weights.to(loss_rows.scalar_type()));
 }
 
-torch::Tensor masked_rows(const torch::Tensor& xt, int64_t mask) { return (xt.reshape({-1}) == mask).nonzero().squeeze(1); }
+// The flat indices of the positions of x_t that hold the mask, ascending (what nonzero() gives),
+// found without making the host wait for the forward pass. nonzero() must read the count on the
+// host, which waits for everything queued before it; so the count is queued as soon as x_t is,
+// copied to pinned host memory behind an event, and rows() (called once the forward is queued)
+// waits on that event only: for the corruption and the work queued before it, never for the
+// forward. The rows are then gathered on the device at that size, with no further host read.
+// On the CPU the values are on the host anyway: nonzero(), as always.
+class PendingMaskedRows {
+ public:
+  PendingMaskedRows(const torch::Tensor& xt, int64_t mask) : is_mask_(xt.reshape({-1}) == mask) {
+#ifdef SEDD_HAVE_CUDA
+    if (!is_mask_.is_cuda()) return;
+    count_ = torch::empty({}, torch::TensorOptions().dtype(torch::kLong).pinned_memory(true));
+    count_.copy_(is_mask_.sum(), /*non_blocking=*/true);
+    counted_.record(c10::cuda::getCurrentCUDAStream(is_mask_.device().index()));
+#endif
+  }
+
+  torch::Tensor rows() {
+    if (!count_.defined()) return is_mask_.nonzero().squeeze(1);
+#ifdef SEDD_HAVE_CUDA
+    counted_.synchronize();
+#endif
+    const int64_t k = count_.item<int64_t>();  // host memory: no device read
+    // Masked position i goes to slot (masks up to and including i) - 1; the others to spare slot k.
+    auto slot = torch::where(is_mask_, is_mask_.cumsum(0) - 1, k);
+    auto index = torch::arange(is_mask_.numel(), slot.options());
+    return torch::empty({k + 1}, slot.options()).scatter_(0, slot, index).narrow(0, 0, k);
+  }
+
+ private:
+  torch::Tensor is_mask_, count_;
+#ifdef SEDD_HAVE_CUDA
+  at::cuda::CUDAEvent counted_;
+#endif
+};
 
 torch::Tensor corrupt(const Graph& g, const torch::Tensor& x0, const torch::Tensor& sigma, const LossDraws& d) {
   return g.corrupt(x0, sigma, RandomStream{d.seed, purpose::kCorrupt, d.step}, RandomStream{d.seed, purpose::kRedraw, d.step},
@@ -51,10 +93,13 @@ torch::Tensor sedd_sequence_loss(DDiT& model, const Graph& graph, const Noise& n
   }
   const int64_t B = xt.size(0), L = xt.size(1), N = graph.tokens();
   auto sigma = noise.total(td), dsigma = noise.rate(td);  // [B] float64
+  // Absorbing: only masked positions have a loss (counted before the forward is queued); uniform:
+  // every position does.
+  std::optional<PendingMaskedRows> masked;
+  if (graph.absorbing()) masked.emplace(xt, N);
   DDiTHidden hid = model->forward_hidden(xt, sigma.to(dtype), dropout);
   auto flat_xt = xt.reshape({-1});
-  // Absorbing: only masked positions have a loss; uniform: every position does.
-  torch::Tensor rows = graph.absorbing() ? masked_rows(xt, N) : torch::arange(B * L, flat_xt.options());
+  torch::Tensor rows = masked ? masked->rows() : torch::arange(B * L, flat_xt.options());
   auto batch = torch::div(rows, L, "floor");
   auto feats = model->output_features(hid, rows);
   auto sig = sigma.index_select(0, batch), e = exp_minus_one(sig);
@@ -76,6 +121,11 @@ torch::Tensor sedd_sequence_loss(DDiT& model, const Graph& graph, const Noise& n
   return (per_seq * dsigma.to(per_seq.scalar_type())).to(dtype);
 }
 
+SeddDraws sedd_training_draws(const Graph& graph, const Noise& noise, const torch::Tensor& x0, const LossDraws& d) {
+  auto t = training_time(d.u);
+  return {t, corrupt(graph, x0, noise.total(t), d)};
+}
+
 torch::Tensor training_loss(DDiT& model, const Graph& graph, const Noise& noise, const torch::Tensor& x0,
                             const LossDraws& d, const DropoutKey* dropout, const LossOptions& o) {
   const auto& cfg = model->cfg;
@@ -83,8 +133,8 @@ torch::Tensor training_loss(DDiT& model, const Graph& graph, const Noise& noise,
   const int64_t B = x0.size(0), L = x0.size(1), N = cfg.tokens;
   auto flat_x0 = x0.reshape({-1});
   if (cfg.objective == "sedd") {
-    auto t = training_time(d.u);
-    return sedd_sequence_loss(model, graph, noise, corrupt(graph, x0, noise.total(t), d), x0, t, dropout, o);
+    auto draws = sedd_training_draws(graph, noise, x0, d);
+    return sedd_sequence_loss(model, graph, noise, draws.xt, x0, draws.t, dropout, o);
   }
   if (cfg.objective == "ar") {
     auto input = autoregressive_input(x0, cfg.bos);
@@ -98,8 +148,9 @@ torch::Tensor training_loss(DDiT& model, const Graph& graph, const Noise& noise,
     auto t = training_time(d.u);
     auto sigma = noise.total(t), weight = noise.rate(t) / torch::expm1(sigma);  // -alpha'/(1 - alpha)
     auto xt = corrupt(graph, x0, sigma, d);
+    PendingMaskedRows masked(xt, N);  // before the forward: see PendingMaskedRows
     DDiTHidden hid = model->forward_hidden(xt, sigma.to(dtype), dropout);
-    auto rows = masked_rows(xt, N);
+    auto rows = masked.rows();
     auto batch = torch::div(rows, L, "floor");
     return weighted_cross_entropy(model, hid, rows, flat_x0.index_select(0, rows), weight.index_select(0, batch), B, o)
         .to(dtype);
@@ -109,11 +160,13 @@ torch::Tensor training_loss(DDiT& model, const Graph& graph, const Noise& noise,
   auto step = discrete_step(d.u, T);
   auto sigma_t = discrete_sigma(noise, step, T), sigma_s = discrete_sigma(noise, step - 1, T);
   auto xt = corrupt(graph, x0, sigma_t, d);
+  std::optional<PendingMaskedRows> masked;  // before the forward: see PendingMaskedRows
+  if (graph.absorbing()) masked.emplace(xt, N);
   DDiTHidden hid = model->forward_hidden(xt, sigma_t.to(dtype), dropout);
   if (graph.absorbing()) {
     // KL(q || p) of a masked position is a (-log p(x0)) with a = (alpha_{t-1} - alpha_t) / (1 - alpha_t).
     auto a = -torch::expm1(sigma_s - sigma_t) / -torch::expm1(-sigma_t) * torch::exp(-sigma_s);
-    auto rows = masked_rows(xt, N);
+    auto rows = masked->rows();
     auto batch = torch::div(rows, L, "floor");
     auto w = (static_cast<double>(T) * a + o.lambda_ce).index_select(0, batch);
     return weighted_cross_entropy(model, hid, rows, flat_x0.index_select(0, rows), w, B, o).to(dtype);

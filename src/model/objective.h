@@ -39,6 +39,13 @@ struct LossDraws {
 torch::Tensor training_loss(DDiT& model, const Graph& graph, const Noise& noise, const torch::Tensor& x0,
                             const LossDraws& draws, const DropoutKey* dropout, const LossOptions& options);
 
+// The diffusion times t [B] (float64) and the noisy input xt [B, L] that training_loss draws for the
+// sedd objective: exposed so that a step can be replayed by another trainer with the same draws.
+struct SeddDraws {
+  torch::Tensor t, xt;
+};
+SeddDraws sedd_training_draws(const Graph& graph, const Noise& noise, const torch::Tensor& x0, const LossDraws& draws);
+
 // The score-entropy loss at given noisy inputs: sigma'(t) * sum_l l_l [B]; t [B] float64.
 torch::Tensor sedd_sequence_loss(DDiT& model, const Graph& graph, const Noise& noise, const torch::Tensor& xt,
                                  const torch::Tensor& x0, const torch::Tensor& t, const DropoutKey* dropout,

@@ -34,8 +34,8 @@ void load_state_dict(torch::nn::Module& m, const StateDict& sd, const std::strin
       if (v.size() > 8) s += fmt::format(", ... ({} in all)", v.size());
       return s.empty() ? std::string("none") : s;
     };
-    fail("{}: weights do not fit this model (another model shape?). missing: {}; unexpected: {}; mis-shaped: {}",
-         source, list(missing), list(extra), list(misshaped));
+    fail_input("{}: weights do not fit this model (another model shape?). missing: {}; unexpected: {}; mis-shaped: {}",
+               source, list(missing), list(extra), list(misshaped));
   }
   torch::NoGradGuard no_grad;
   for (auto& [name, t] : target) t.copy_(sd.at(name));
@@ -60,7 +60,7 @@ void write_state_dict(h5::File& f, const std::string& group, const StateDict& sd
 ModelConfig read_model_config(const h5::File& f, const std::string& obj) {
   ModelConfig c;
   auto need_int = [&](const char* key) {
-    SEDD_CHECK(f.has_attr(obj, key), "{}: model config attribute '{}' is missing on '{}'", f.path(), key, obj);
+    SEDD_CHECK_INPUT(f.has_attr(obj, key), "{}: model config attribute '{}' is missing on '{}'", f.path(), key, obj);
     return f.attr_int(obj, key);
   };
   c.tokens = need_int("tokens");
@@ -69,7 +69,7 @@ ModelConfig read_model_config(const h5::File& f, const std::string& obj) {
   c.n_blocks = need_int("n_blocks");
   c.cond_dim = need_int("cond_dim");
   c.length = f.has_attr(obj, "length") ? f.attr_int(obj, "length") : c.length;
-  SEDD_CHECK(f.has_attr(obj, "graph"), "{}: model config attribute 'graph' is missing on '{}'", f.path(), obj);
+  SEDD_CHECK_INPUT(f.has_attr(obj, "graph"), "{}: model config attribute 'graph' is missing on '{}'", f.path(), obj);
   c.graph = f.attr_string(obj, "graph");
   c.scale_by_sigma = f.has_attr(obj, "scale_by_sigma") ? f.attr_int(obj, "scale_by_sigma") != 0 : c.graph == "absorb";
   c.time_conditioning = f.has_attr(obj, "time_conditioning") ? f.attr_int(obj, "time_conditioning") != 0 : true;
@@ -84,7 +84,7 @@ ModelConfig read_model_config(const h5::File& f, const std::string& obj) {
   try {
     c.validate();
   } catch (const Error& e) {
-    fail("{}: invalid model config: {}", f.path(), e.what());
+    fail_input("{}: invalid model config: {}", f.path(), e.what());
   }
   return c;
 }
@@ -129,7 +129,7 @@ void save_model_file(const std::string& path, const ModelConfig& cfg, const Stat
 
 DDiT load_model_file(const std::string& path, bool use_ema, ModelFileInfo* info) {
   h5::File f(path, h5::Mode::Read);
-  SEDD_CHECK(f.is_group("/model"), "{}: not a sedd model file (no /model group)", path);
+  SEDD_CHECK_INPUT(f.is_group("/model"), "{}: not a sedd model file (no /model group)", path);
   const int64_t version = f.has_attr("/", "format_version") ? f.attr_int("/", "format_version") : 1;
   if (version < 1 || version > kModelFormatVersion)
     throw OptionError(fmt::format("{}: model file format_version {} is not one this build reads (1..{}); a newer sedd "

@@ -282,12 +282,12 @@ void mark_stopped_for_requeue(const std::string& dir) {
 
 std::string resolve_model_file(const std::string& arg) {
   stdfs::path p(arg);
-  SEDD_CHECK(stdfs::exists(p), "{}: no such checkpoint, run folder or model file", arg);
+  SEDD_CHECK_INPUT(stdfs::exists(p), "{}: no such checkpoint, run folder or model file", arg);
   if (stdfs::is_regular_file(p)) return p.string();
   if (stdfs::exists(p / "model.h5")) return (p / "model.h5").string();
   Checkpointer ck(p.string(), 1);
   auto latest = ck.latest();
-  SEDD_CHECK(latest.has_value(), "{}: no model.h5 and no checkpoints/latest inside (is this a run folder?)", arg);
+  SEDD_CHECK_INPUT(latest.has_value(), "{}: no model.h5 and no checkpoints/latest inside (is this a run folder?)", arg);
   return *latest + "/model.h5";
 }
 

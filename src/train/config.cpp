@@ -7,39 +7,76 @@
 
 namespace sedd {
 
+namespace {
+
+// Every numeric option is checked here, NaN and infinity included: a NaN compares false both ways,
+// so a check like `x > 0` alone lets it through or (grad_clip) silently turns a feature off.
+void check_finite(double v, const char* key) {
+  SEDD_CHECK(std::isfinite(v), "{} must be a finite number, got {}", key, v);
+}
+
+void check_in(double v, const char* key, double lo, double hi, bool hi_open, const char* note = "") {
+  check_finite(v, key);
+  SEDD_CHECK(v >= lo && (hi_open ? v < hi : v <= hi), "{} must be in [{}, {}{}{}, got {}", key, lo, hi,
+             hi_open ? ")" : "]", note, v);
+}
+
+}  // namespace
+
 void TrainingConfig::validate(int world) const {
   SEDD_CHECK(!data.train.empty(), "data.train is required (a shard glob such as datasets/demo/train/*.h5)");
   SEDD_CHECK(data.seq_len >= 2, "data.seq_len must be at least 2, got {}", data.seq_len);
+  SEDD_CHECK(data.prefetch >= 0, "data.prefetch must be >= 0 (0: no read-ahead), got {}", data.prefetch);
   SEDD_CHECK(train.steps > 0, "train.steps must be positive, got {}", train.steps);
   SEDD_CHECK(train.batch_size > 0, "train.batch_size must be positive, got {}", train.batch_size);
   SEDD_CHECK(train.batch_size % world == 0,
              "train.batch_size ({}) must be divisible by the number of ranks ({}); try {}", train.batch_size, world,
              (train.batch_size / world + 1) * world);
+  // A negative value would silently mean 0 (no accumulation) in micro_batch().
+  SEDD_CHECK(train.micro_batch_size >= 0, "train.micro_batch_size must be >= 0 (0: batch_size / ranks), got {}",
+             train.micro_batch_size);
   int64_t rows = rows_per_rank(world), mb = micro_batch(world);
   SEDD_CHECK(mb > 0 && rows % mb == 0,
              "train.batch_size / ranks = {} must be divisible by train.micro_batch_size ({}); "
              "batch_size must equal ranks x micro_batch_size x accumulation steps",
              rows, mb);
+  check_finite(train.lr, "train.lr");
   SEDD_CHECK(train.lr > 0, "train.lr must be positive, got {}", train.lr);
-  SEDD_CHECK(train.warmup >= 0, "train.warmup must be >= 0");
+  SEDD_CHECK(train.warmup >= 0, "train.warmup must be >= 0, got {}", train.warmup);
   SEDD_CHECK(train.schedule == "constant" || train.schedule == "cosine",
              "train.schedule must be 'constant' or 'cosine', got '{}'", train.schedule);
-  SEDD_CHECK(train.beta1 >= 0 && train.beta1 < 1 && train.beta2 >= 0 && train.beta2 < 1,
-             "train.beta1 and train.beta2 must be in [0, 1)");
-  SEDD_CHECK(train.ema < 1, "train.ema must be < 1 (0 disables it), got {}", train.ema);
+  check_in(train.min_lr_ratio, "train.min_lr_ratio", 0, 1, false, " (the cosine floor as a fraction of train.lr)");
+  check_finite(train.weight_decay, "train.weight_decay");
+  SEDD_CHECK(train.weight_decay >= 0, "train.weight_decay must be >= 0 (0: none), got {}", train.weight_decay);
+  check_in(train.beta1, "train.beta1", 0, 1, true);
+  check_in(train.beta2, "train.beta2", 0, 1, true);
+  check_finite(train.adam_eps, "train.adam_eps");
+  SEDD_CHECK(train.adam_eps > 0, "train.adam_eps must be positive, got {}", train.adam_eps);
+  // NaN would turn clipping off without a word (the clip applies only when grad_clip > 0).
+  SEDD_CHECK(std::isfinite(train.grad_clip),
+             "train.grad_clip must be a finite number (<= 0 turns clipping off), got {}", train.grad_clip);
+  check_in(train.ema, "train.ema", 0, 1, true, " (0 disables it)");
   SEDD_CHECK(train.precision == "fp32" || train.precision == "bf16" || train.precision == "fp64",
              "train.precision must be fp32, bf16 or fp64, got '{}'", train.precision);
-  SEDD_CHECK(train.log_every > 0, "train.log_every must be positive");
-  SEDD_CHECK(train.keep_ckpts > 0, "train.keep_ckpts must be at least 1");
+  SEDD_CHECK(train.log_every > 0, "train.log_every must be positive, got {}", train.log_every);
+  SEDD_CHECK(train.eval_every >= 0, "train.eval_every must be >= 0 (0: never), got {}", train.eval_every);
+  // Validation averages over eval_batches batches: 0 would divide 0 by 0 and drop the row.
+  SEDD_CHECK(train.eval_batches > 0, "train.eval_batches must be positive, got {}", train.eval_batches);
+  SEDD_CHECK(train.keep_ckpts > 0, "train.keep_ckpts must be at least 1, got {}", train.keep_ckpts);
   SEDD_CHECK(train.bucket_elems > 0, "train.bucket_elems must be positive, got {}", train.bucket_elems);
   SEDD_CHECK(train.time_sampling == "iid" || train.time_sampling == "antithetic" || train.time_sampling == "stratified",
              "train.time_sampling must be iid, antithetic or stratified, got '{}'", train.time_sampling);
   SEDD_CHECK(train.time_sampling != "antithetic" || train.batch_size % 2 == 0,
              "train.time_sampling = antithetic pairs sequences: train.batch_size ({}) must be even", train.batch_size);
+  check_finite(train.lambda_ce, "diffusion.lambda_ce");
   SEDD_CHECK(train.lambda_ce >= 0, "diffusion.lambda_ce must be >= 0, got {}", train.lambda_ce);
-  SEDD_CHECK(train.loss_chunk_elems > 0, "train.loss_chunk_elems must be positive");
-  SEDD_CHECK(train.peak_tflops >= 0, "train.peak_tflops must be >= 0 (0: from the GPU's name)");
+  SEDD_CHECK(train.loss_chunk_elems > 0, "train.loss_chunk_elems must be positive, got {}", train.loss_chunk_elems);
+  check_finite(train.peak_tflops, "train.peak_tflops");
+  SEDD_CHECK(train.peak_tflops >= 0, "train.peak_tflops must be >= 0 (0: from the GPU's name), got {}",
+             train.peak_tflops);
+  check_finite(dist.timeout_s, "dist.timeout_s");
   SEDD_CHECK(dist.timeout_s >= 0, "dist.timeout_s must be >= 0 (0: no timeout), got {}", dist.timeout_s);
+  SEDD_CHECK(debug.nan_at_step >= 0, "debug.nan_at_step must be >= 0 (0: off), got {}", debug.nan_at_step);
   SEDD_CHECK(train.eval_every == 0 || !data.valid.empty(), "train.eval_every > 0 needs data.valid");
   SEDD_CHECK(run.device == "cpu" || run.device == "cuda" || run.device == "auto",
              "run.device must be cpu, cuda or auto, got '{}'", run.device);

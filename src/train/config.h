@@ -46,6 +46,7 @@ struct TrainSection {
   int64_t loss_chunk_elems = int64_t{1} << 26;  // logits per chunk of the fused loss
   double peak_tflops = 0;             // MFU denominator per GPU; 0: from the GPU's name
   double lambda_ce = 0.01;            // d3pm: weight of the auxiliary cross entropy (hybrid loss)
+  std::string init_from;              // model.h5 whose raw weights start the run (ignored on resume)
 };
 
 struct ResumeSection {

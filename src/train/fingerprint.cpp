@@ -11,12 +11,13 @@ namespace sedd {
 
 namespace {
 
-const char* const kKeys[] = {"diffusion.objective", "diffusion.timesteps", "model.hidden_size",  "model.n_heads",        "model.n_blocks",
-                             "model.cond_dim",     "model.dropout",        "model.scale_by_sigma",
-                             "model.time_conditioning", "diffusion.graph", "diffusion.noise",
-                             "diffusion.eps",      "diffusion.sigma_min",  "diffusion.sigma_max",
-                             "data.seq_len",       "data.train",           "tokenizer",
-                             "train.batch_size",   "run.seed",             "train.time_sampling"};
+const char* const kKeys[] = {"diffusion.objective", "diffusion.timesteps",  "diffusion.lambda_ce",
+                             "model.hidden_size",   "model.n_heads",        "model.n_blocks",
+                             "model.cond_dim",      "model.dropout",        "model.scale_by_sigma",
+                             "model.time_conditioning", "diffusion.graph",  "diffusion.noise",
+                             "diffusion.eps",       "diffusion.sigma_min",  "diffusion.sigma_max",
+                             "data.seq_len",        "data.train",           "tokenizer",
+                             "train.batch_size",    "run.seed",             "train.time_sampling"};
 
 std::string describe(const nlohmann::json& v) {
   if (v.is_array()) {  // a dataset: its shards
@@ -39,28 +40,39 @@ nlohmann::json run_fingerprint(const TrainingConfig& c, const TokenStream& train
                       {"bytes", ec ? -1 : static_cast<int64_t>(bytes)},
                       {"tokens", s.tokens}});
   }
+  auto f = settings_fingerprint(c);
+  f["data.train"] = shards;
+  f["tokenizer"] = fs::content_hash(train.tokenizer());
+  return f;
+}
+
+nlohmann::json settings_fingerprint(const TrainingConfig& c) {
   const auto& m = c.model;
-  return {{"fingerprint_version", kFingerprintVersion},
-          {"diffusion.objective", m.objective},
-          {"diffusion.timesteps", m.timesteps},
-          {"model.hidden_size", m.hidden_size},
-          {"model.n_heads", m.n_heads},
-          {"model.n_blocks", m.n_blocks},
-          {"model.cond_dim", m.cond_dim},
-          {"model.dropout", m.dropout},
-          {"model.scale_by_sigma", m.scale_by_sigma},
-          {"model.time_conditioning", m.time_conditioning},
-          {"diffusion.graph", m.graph},
-          {"diffusion.noise", m.noise.kind},
-          {"diffusion.eps", m.noise.eps},
-          {"diffusion.sigma_min", m.noise.sigma_min},
-          {"diffusion.sigma_max", m.noise.sigma_max},
-          {"data.seq_len", c.data.seq_len},
-          {"data.train", shards},
-          {"tokenizer", fs::content_hash(train.tokenizer())},
-          {"train.batch_size", c.train.batch_size},
-          {"run.seed", c.run.seed},
-          {"train.time_sampling", c.train.time_sampling}};
+  nlohmann::json f = {{"fingerprint_version", kFingerprintVersion},
+                      {"diffusion.objective", m.objective},
+                      {"model.hidden_size", m.hidden_size},
+                      {"model.n_heads", m.n_heads},
+                      {"model.n_blocks", m.n_blocks},
+                      {"model.cond_dim", m.cond_dim},
+                      {"model.dropout", m.dropout},
+                      {"model.scale_by_sigma", m.scale_by_sigma},
+                      {"model.time_conditioning", m.time_conditioning},
+                      {"diffusion.graph", m.graph},
+                      {"diffusion.noise", m.noise.kind},
+                      {"diffusion.eps", m.noise.eps},
+                      {"diffusion.sigma_min", m.noise.sigma_min},
+                      {"diffusion.sigma_max", m.noise.sigma_max},
+                      {"data.seq_len", c.data.seq_len},
+                      {"train.batch_size", c.train.batch_size},
+                      {"run.seed", c.run.seed},
+                      {"train.time_sampling", c.train.time_sampling}};
+  // Only d3pm reads the chain length and the cross-entropy weight (it changes the loss): other
+  // objectives leave them out, so a resume never trips over a setting it does not use.
+  if (m.objective == "d3pm") {
+    f["diffusion.timesteps"] = m.timesteps;
+    f["diffusion.lambda_ce"] = c.train.lambda_ce;
+  }
+  return f;
 }
 
 std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, const nlohmann::json& now,

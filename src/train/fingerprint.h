@@ -19,6 +19,9 @@ constexpr int64_t kFingerprintVersion = 1;
 
 // {"key": value, ...} with the keys named as the options are (model.hidden_size, data.train, ...).
 nlohmann::json run_fingerprint(const TrainingConfig& cfg, const TokenStream& train);
+// The part that comes from the settings alone (run_fingerprint adds the data and tokenizer);
+// diffusion.timesteps and diffusion.lambda_ce only for the objective that uses them (d3pm).
+nlohmann::json settings_fingerprint(const TrainingConfig& cfg);
 
 // One line per key that differs and is not in `allowed` ("data.seq_len: checkpoint 128, now 64").
 std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, const nlohmann::json& now,

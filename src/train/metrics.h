@@ -22,7 +22,9 @@ class MetricsLog {
 // A100, L40S, B200); 0 when the name is not in the table (then MFU needs train.peak_tflops).
 double gpu_peak_bf16_flops(const std::string& device_name);
 
-// Model FLOPs utilisation: tokens/s (all ranks) x FLOPs per token / (ranks x peak per GPU).
+// Model FLOPs utilisation: tokens/s (all ranks) x model FLOPs per token (DDiTImpl::flops_per_token:
+// what the network needs at every position, the output layer over the full vocabulary, whatever
+// the implementation skips) / (ranks x peak per GPU).
 inline double model_flops_utilisation(double tokens_per_s, double flops_per_token, int ranks, double peak_per_gpu) {
   return peak_per_gpu > 0 ? tokens_per_s * flops_per_token / (ranks * peak_per_gpu) : 0.0;
 }

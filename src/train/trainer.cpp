@@ -12,6 +12,7 @@
 #include "io/error.h"
 #include "io/fs.h"
 #include "model/fused_ops.h"
+#include "model/weights.h"
 #include "train/fingerprint.h"
 #include "train/metrics.h"
 
@@ -73,7 +74,7 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
     tc.data = cfg_.data.valid;
     tc.shuffle = false;
     valid_ = std::make_unique<TokenStream>(tc);
-    SEDD_CHECK(valid_->vocab_size() == train_->vocab_size() && valid_->tokenizer() == train_->tokenizer(),
+    SEDD_CHECK_INPUT(valid_->vocab_size() == train_->vocab_size() && valid_->tokenizer() == train_->tokenizer(),
                "{}: the validation data uses another vocabulary/tokenizer than {}", cfg_.data.valid, cfg_.data.train);
   }
   cfg_.model.tokens = train_->vocab_size();
@@ -89,6 +90,13 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
   torch::manual_seed(cfg_.run.seed);  // the same initial weights on every rank
   model_ = DDiT(cfg_.model);
   model_->to(rt_.device, dtype_);
+  if (!cfg_.train.init_from.empty()) {
+    // Starting weights from a model file (raw weights, strict names and shapes): fine-tuning, or
+    // the same start as another trainer. A resumed run takes its checkpoint's weights instead.
+    DDiT init = load_model_file(cfg_.train.init_from, /*use_ema=*/false);
+    torch::NoGradGuard ng;
+    load_state_dict(*model_, state_dict(*init), cfg_.train.init_from);
+  }
   model_->bf16 = cfg_.train.precision == "bf16";
   model_->fused_kernels = cfg_.train.fused_kernels;
   if (rt_.device.is_cuda()) {
@@ -102,6 +110,18 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
   for (auto& p : model_->named_parameters())  // decoupled decay on matrices only, as reference trainers do
     params.push_back({p.key(), p.value(), p.value().dim() >= 2 && p.key() != "vocab_embed.embedding"});
   opt_ = std::make_unique<ShardedAdamW>(std::move(params), comm_, ac);
+  // One job per run folder: rank 0 holds <run.dir>/LOCK for the life of the trainer.
+  std::string lock_error, lock_note;
+  if (comm_.rank() == 0) {
+    try {
+      run_lock_ = std::make_unique<RunLock>(cfg_.run.dir, RunLockOptions{}, &lock_note);
+    } catch (const OptionError& e) {
+      lock_error = e.what();
+    }
+    if (!lock_note.empty()) std::printf("[train] %s\n", lock_note.c_str());
+  }
+  if (control_.any(!lock_error.empty(), "run folder lock"))
+    throw OptionError(lock_error.empty() ? cfg_.run.dir + ": in use by another job (rank 0 names it)" : lock_error);
   ckpt_ = std::make_unique<Checkpointer>(cfg_.run.dir, cfg_.train.keep_ckpts);
 
   fingerprint_ = run_fingerprint(cfg_, *train_);
@@ -116,11 +136,24 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
   if (comm_.rank() == 0) {
     std::filesystem::create_directories(cfg_.run.dir);
     log_->metrics = std::make_unique<MetricsLog>(cfg_.run.dir + "/metrics.jsonl", step_);
+    for (const auto* stream : {train_.get(), valid_.get()}) {
+      if (!stream) continue;
+      const char* split = stream == train_.get() ? "data.train" : "data.valid";
+      std::printf("[train] %s: %zu shard(s), %lld tokens, %lld windows of %lld", split, stream->shard_count(),
+                  static_cast<long long>(stream->total_tokens()), static_cast<long long>(stream->windows_per_epoch()),
+                  static_cast<long long>(cfg_.data.seq_len));
+      if (stream->dropped_tokens() > 0)
+        std::printf("; %lld tokens (%.2f%%) in shard tails shorter than seq_len are never used",
+                    static_cast<long long>(stream->dropped_tokens()),
+                    100.0 * static_cast<double>(stream->dropped_tokens()) / static_cast<double>(stream->total_tokens()));
+      std::printf("\n");
+    }
     std::printf("[train] %s; %lld parameters\n", cfg_.model.summary().c_str(),
                 static_cast<long long>(model_->parameter_count()));
     if (rt_.device.is_cuda())
       std::printf("[train] fused kernels: %s\n", model_->uses_fused_kernels(rt_.device) ? fused_ops_status().c_str()
                                                                                         : "off (train.fused_kernels)");
+    std::printf("[train] threads per rank: %d (%s)\n", rt_.threads, rt_.threads_source.c_str());
     std::printf("[train] %d ranks x %d threads on %s (%s collectives); global batch %lld = %d ranks x %lld micro x "
                 "%lld accumulation; optimizer+EMA state %.2f MB per rank; %lld gradient buckets\n",
                 comm_.size(), rt_.threads, rt_.device_name().c_str(), comm_.backend().c_str(),
@@ -133,6 +166,11 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
 }
 
 Trainer::~Trainer() = default;
+
+void Trainer::observe_steps(StepObserver fn) {
+  observer_ = std::move(fn);
+  opt_->keep_gradient(static_cast<bool>(observer_));
+}
 
 // Resumes from the newest checkpoint that loads on every rank. A checkpoint of another run
 // (fingerprint) is refused outright; a damaged one (unreadable latest, truncated files) makes the
@@ -178,6 +216,10 @@ void Trainer::resume() {
       tokens_seen_ = st.tokens_seen;
       last_saved_ = st.step;
       log_->elapsed_before = st.elapsed_s;
+      if (step_ >= cfg_.train.steps)
+        throw OptionError(fmt::format("{}: the checkpoint {} is at step {} and train.steps = {}: nothing is left to "
+                                      "train. Raise train.steps to continue, or start a new run (another run.dir)",
+                                      cfg_.run.dir, dir, step_, cfg_.train.steps));
       train_->seek(st.data_position);
       if (comm_.rank() == 0) {
         for (const auto& f : failures) std::printf("[train] cannot resume from it: %s\n", f.c_str());
@@ -194,7 +236,7 @@ void Trainer::resume() {
   if (!candidates.empty() || !note.empty()) {
     std::string list;
     for (const auto& f : failures) list += "\n  " + f;
-    fail("{}: no checkpoint can be resumed from (none was changed):{}", ckpt_->root(), list);
+    fail_input("{}: no checkpoint can be resumed from (none was changed):{}", ckpt_->root(), list);
   }
 }
 
@@ -380,6 +422,29 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
     log_->grad_norm.copy_(st.grad_norm);
     step_ = step;
     tokens_seen_ += B * L;
+    if (observer_) {
+      StepTrace tr;
+      tr.step = step;
+      tr.lr = lr;
+      tr.first_row = comm_.rank() * rows;
+      tr.x0 = x0.cpu();
+      if (cfg_.model.objective == "sedd") {  // the draws micro_batch() made, recomputed for all rows at once
+        auto ids = torch::arange(tr.first_row, tr.first_row + rows, x0.options());
+        auto u = time_uniforms(cfg_.train.time_sampling, cfg_.run.seed, static_cast<uint64_t>(step), ids, B);
+        auto d = sedd_training_draws(*graph_, *noise_, x0, LossDraws{cfg_.run.seed, static_cast<uint64_t>(step), ids, u});
+        tr.t = d.t.cpu();
+        tr.xt = d.xt.cpu();
+      }
+      tr.loss = st.loss_sum.item<double>() / static_cast<double>(B);
+      tr.grad_norm = st.grad_norm.item<double>();
+      tr.clip_coef = st.clip_coef.item<double>();
+      tr.gradient = opt_->last_gradient().to(torch::kCPU, torch::kDouble);
+      std::vector<torch::Tensor> flat;
+      for (const auto& p : model_->parameters()) flat.push_back(p.detach().reshape({-1}));
+      tr.params = torch::cat(flat).to(torch::kCPU, torch::kDouble);
+      tr.ema = opt_->gather_ema().to(torch::kCPU, torch::kDouble);
+      observer_(tr);
+    }
     log_->window_tokens += B * L;
     double valid = std::nan("");
     if (cfg_.train.eval_every > 0 && step_ % cfg_.train.eval_every == 0) valid = validation_loss(cfg_.train.eval_batches);

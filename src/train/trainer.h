@@ -9,6 +9,7 @@
 // stay device tensors until a log line reads them.
 #pragma once
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -23,10 +24,28 @@
 #include "model/objective.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
+#include "train/run_lock.h"
 
 namespace sedd {
 
 enum class TrainOutcome { Finished, Preempted };
+
+// What one optimizer step did, for step-by-step comparisons with another trainer (sedd-parity,
+// docs/DESIGN.md "Step parity"). Filled only while an observer is set; the full vectors are
+// gathered from the ZeRO shards, so every rank must observe.
+struct StepTrace {
+  int64_t step = 0;
+  double lr = 0;
+  int64_t first_row = 0;       // global index (in the batch) of this rank's first row
+  torch::Tensor x0;            // this rank's clean rows [rows, L] int64
+  torch::Tensor t, xt;         // sedd objective: this rank's times [rows] float64 and noisy rows [rows, L]
+  double loss = 0;             // mean over the global batch of the per-sequence loss (nats)
+  double grad_norm = 0;        // global norm of the reduced gradient, before clipping
+  double clip_coef = 1;        // the factor the gradient was multiplied by
+  torch::Tensor gradient;      // reduced gradient before clipping, unpadded model order [numel]
+  torch::Tensor params, ema;   // after the update, model order [numel]
+};
+using StepObserver = std::function<void(const StepTrace&)>;
 
 class Trainer {
  public:
@@ -38,6 +57,8 @@ class Trainer {
   TrainOutcome run(const std::atomic<int>* stop_signal, int64_t until_step = -1);
 
   DDiT& model() { return model_; }
+  // Calls `fn` after every step with what the step did (slow: gathers full vectors each step).
+  void observe_steps(StepObserver fn);
   ShardedAdamW& optimizer() { return *opt_; }
   int64_t step() const { return step_; }
   // Mean loss in nats/token over `batches` validation batches (same draws every call).
@@ -75,6 +96,7 @@ class Trainer {
   DDiT model_{nullptr};
   LossOptions loss_options_;
   std::unique_ptr<ShardedAdamW> opt_;
+  std::unique_ptr<RunLock> run_lock_;  // rank 0 only
   std::unique_ptr<Checkpointer> ckpt_;
   struct Log;
   std::unique_ptr<Log> log_;
@@ -82,6 +104,7 @@ class Trainer {
   int64_t step_ = 0, tokens_seen_ = 0, last_saved_ = -1;
   nlohmann::json fingerprint_;
   bool time_phases_ = false;
+  StepObserver observer_;
   PhaseTimes phases_;
 };
 

@@ -1,0 +1,56 @@
+"""Stand-ins for the third-party modules that the authors' SEDD code imports at module level but that
+a CPU machine without network does not have (einops, flash_attn, huggingface_hub, omegaconf), and a
+no-op CUDA autocast where there is no GPU. Import this module first, then the authors' own modules
+(from $SEDD_REF), unchanged. Used by the reference generators in this folder only; the tests never
+import it."""
+import contextlib
+import math
+import os
+import sys
+import types
+
+import torch
+
+
+def _rearrange(x, pattern, **kw):
+    if pattern == 'b s (three h d) -> b s three h d':
+        b, s, _ = x.shape
+        return x.view(b, s, kw['three'], kw['h'], -1)
+    if pattern == 'b s ... -> (b s) ...':
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    if pattern == '(b s) h d -> b s (h d)':
+        b = kw['b']
+        return x.reshape(b, x.shape[0] // b, x.shape[1] * x.shape[2])
+    raise NotImplementedError(pattern)
+
+
+def _flash_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p, causal=False):
+    # qkv: [(b s), 3, h, d], every sequence of length max_seqlen: plain softmax attention (what the
+    # flash kernel computes), in the input's dtype.
+    n, _, h, d = qkv.shape
+    b = n // max_seqlen
+    q, k, v = (t.transpose(1, 2) for t in qkv.view(b, max_seqlen, 3, h, d).unbind(2))  # [b, h, s, d]
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+    out = att.softmax(-1) @ v
+    return out.transpose(1, 2).reshape(n, h, d)
+
+
+einops = types.ModuleType('einops')
+einops.rearrange = _rearrange
+flash_attn = types.ModuleType('flash_attn')
+flash_attn_interface = types.ModuleType('flash_attn.flash_attn_interface')
+flash_attn_interface.flash_attn_varlen_qkvpacked_func = _flash_varlen_qkvpacked
+flash_attn.flash_attn_interface = flash_attn_interface
+hub = types.ModuleType('huggingface_hub')
+hub.PyTorchModelHubMixin = type('PyTorchModelHubMixin', (), {})
+omegaconf = types.ModuleType('omegaconf')
+omegaconf.OmegaConf = types.SimpleNamespace(create=lambda d: d)
+omegaconf.open_dict = None
+for name, mod in [('einops', einops), ('flash_attn', flash_attn), ('flash_attn.flash_attn_interface', flash_attn_interface),
+                  ('huggingface_hub', hub), ('omegaconf', omegaconf)]:
+    sys.modules.setdefault(name, mod)
+
+if not torch.cuda.is_available():  # the authors wrap the network in CUDA bf16 autocast
+    torch.cuda.amp.autocast = lambda *a, **k: contextlib.nullcontext()
+
+sys.path.insert(0, os.environ['SEDD_REF'])

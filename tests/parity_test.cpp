@@ -1,0 +1,121 @@
+// Step parity with the authors' SEDD trainer (docs/DESIGN.md, "Step parity"). sedd-parity replays
+// the steps of tests/data/sedd_step_reference.h5 (written by the authors' code from our data,
+// initial weights and draws: tests/data/make_sedd_step_reference.py) with our trainer in float64,
+// and every compared quantity must agree to 1e-12 relative: the first step alone, 50 steps with
+// the masked-rows fused loss on 1 and 2 ranks (ZeRO-1 shards), and 50 steps with full logits.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "io/hdf5.h"
+#include "test_util.h"
+
+namespace sedd {
+namespace {
+
+using test::bin_dir;
+using test::kMpirun;
+
+std::string step_reference() { return test::source_dir() + "/tests/data/sedd_step_reference.h5"; }
+
+struct ParityRun {
+  int rc = -1;
+  std::string output;
+  nlohmann::json report;
+};
+
+ParityRun parity(int ranks, const std::string& args, const std::string& reference = step_reference()) {
+  test::TempDir dir;
+  ParityRun r;
+  r.rc = test::run(fmt::format("SEDD_CORES=2 {} -np {} {}/sedd-parity compare --reference {} --json {} {}", kMpirun,
+                               ranks, bin_dir(), reference, dir / "report.json", args),
+                   &r.output);
+  if (std::filesystem::exists(dir / "report.json")) r.report = nlohmann::json::parse(std::ifstream(dir / "report.json"));
+  return r;
+}
+
+// Every quantity of the step, compared as often as the reference allows, within 1e-12.
+void expect_equal_steps(const ParityRun& r, int64_t steps, int64_t snapshots) {
+  ASSERT_EQ(r.rc, 0) << r.output;
+  ASSERT_TRUE(r.report.is_object()) << r.output;
+  EXPECT_TRUE(r.report["ok"].get<bool>()) << r.output;
+  EXPECT_EQ(r.report["steps"].get<int64_t>(), steps);
+  EXPECT_EQ(r.report["init_laws_differ"].get<std::string>(), "") << r.output;
+  const auto& q = r.report["quantities"];
+  const int64_t params = q["initial_weights"]["compared"].get<int64_t>();
+  EXPECT_EQ(params, 30) << "every parameter tensor of the 2-block model";
+  for (const char* per_step : {"loss", "grad_norm", "clip_coef", "lr", "time_draws", "batches_and_mask_draws"})
+    EXPECT_EQ(q[per_step]["compared"].get<int64_t>(), steps) << per_step;
+  for (const char* full : {"gradient", "clipped_gradient", "update", "params", "ema"})
+    EXPECT_EQ(q[full]["compared"].get<int64_t>(), snapshots * params) << full;
+  for (const auto& [name, stat] : q.items())
+    EXPECT_LE(stat["max_rel_error"].get<double>(), 1e-12) << name << " at step " << stat["worst_step"];
+  // Draws and data are integers and uniforms handed over exactly: no rounding at all.
+  EXPECT_EQ(q["batches_and_mask_draws"]["max_rel_error"].get<double>(), 0.0);
+  EXPECT_EQ(q["time_draws"]["max_rel_error"].get<double>(), 0.0);
+  EXPECT_EQ(q["data_windows"]["max_rel_error"].get<double>(), 0.0);
+  EXPECT_EQ(q["initial_weights"]["max_rel_error"].get<double>(), 0.0);
+}
+
+TEST(StepParity, ReferenceCoversClippingWarmupAndEveryParameter) {
+  h5::File f(step_reference(), h5::Mode::Read);
+  auto clip = f.read("/authors/clip_coef", torch::kDouble), lr = f.read("/authors/lr", torch::kDouble);
+  EXPECT_LT(clip.min().item<double>(), 1.0) << "some steps must clip";
+  EXPECT_EQ(clip.max().item<double>(), 1.0) << "some steps must not clip";
+  // Warm-up: lr rises as step / warmup (steps 1..10 of 3e-3) and holds from step 10 on; steps
+  // 1..warmup+1 are all compared.
+  EXPECT_NEAR(lr[0].item<double>(), 3e-4, 1e-18);
+  EXPECT_NEAR(lr[9].item<double>(), 3e-3, 1e-18);
+  EXPECT_NEAR(lr[10].item<double>(), 3e-3, 1e-18);
+  EXPECT_GE(lr.size(0), 11);
+  EXPECT_TRUE(f.exists("/authors/step_000001/gradient"));
+  EXPECT_TRUE(f.has_attr("/", "source"));
+}
+
+TEST(StepParity, FirstStepEqualsTheAuthorsStep) {
+  expect_equal_steps(parity(1, "--steps 1"), 1, 1);
+  expect_equal_steps(parity(1, "--steps 1 --fused-loss false"), 1, 1);
+}
+
+TEST(StepParity, FiftyStepsWithTheFusedLossOnOneAndTwoRanks) {
+  expect_equal_steps(parity(1, ""), 50, 4);
+  expect_equal_steps(parity(2, ""), 50, 4);  // ZeRO-1: each rank owns half of every bucket
+}
+
+TEST(StepParity, FiftyStepsWithFullLogits) { expect_equal_steps(parity(2, "--fused-loss false"), 50, 4); }
+
+// The check finds a difference, and names the first step and quantity where it appears.
+TEST(StepParity, AFirstDifferenceIsFoundAndNamed) {
+  test::TempDir dir;
+  const std::string changed = dir / "changed.h5";
+  std::filesystem::copy_file(step_reference(), changed);
+  {
+    h5::File f(changed, h5::Mode::ReadWrite);
+    auto g = f.read("/authors/step_000011/gradient", torch::kDouble);
+    g[5] += 1e-9 * g.norm();  // one gradient element of step 11
+    f.overwrite("/authors/step_000011/gradient", g);
+    auto lr = f.read("/authors/lr", torch::kDouble);
+    lr[29] *= 1 + 1e-10;  // the learning rate of step 30
+    f.overwrite("/authors/lr", lr);
+  }
+  auto r = parity(1, "", changed);
+  EXPECT_EQ(r.rc, 1) << r.output;
+  ASSERT_TRUE(r.report.is_object()) << r.output;
+  EXPECT_FALSE(r.report["ok"].get<bool>());
+  EXPECT_EQ(r.report["first_failure"]["step"].get<int64_t>(), 11);
+  EXPECT_EQ(r.report["first_failure"]["quantity"].get<std::string>(), "gradient");
+  EXPECT_GT(r.report["quantities"]["lr"]["max_rel_error"].get<double>(), 1e-12);
+  EXPECT_EQ(r.report["quantities"]["lr"]["worst_step"].get<int64_t>(), 30);
+  EXPECT_NE(r.output.find("FIRST DIFFERENCE: step 11, gradient"), std::string::npos) << r.output;
+}
+
+TEST(StepParity, ANonReferenceFileIsRefusedNamingIt) {
+  auto r = parity(1, "", test::golden_path());  // an HDF5 file without /authors
+  EXPECT_EQ(r.rc, 2) << r.output;
+  EXPECT_NE(r.output.find(test::golden_path() + ": not a parity reference"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace sedd
