@@ -86,6 +86,12 @@ TEST(StepParity, FiftyStepsWithTheFusedLossOnOneAndTwoRanks) {
 
 TEST(StepParity, FiftyStepsWithFullLogits) { expect_equal_steps(parity(2, "--fused-loss false"), 50, 4); }
 
+// Gradient accumulation (2 micro-batches of 2 rows on each of 2 ranks) is the same step as the
+// authors' one batch of 8.
+TEST(StepParity, GradientAccumulationGivesTheSameSteps) {
+  expect_equal_steps(parity(2, "--micro-batch-size 2 --steps 11"), 11, 3);
+}
+
 // The check finds a difference, and names the first step and quantity where it appears.
 TEST(StepParity, AFirstDifferenceIsFoundAndNamed) {
   test::TempDir dir;

@@ -3,7 +3,7 @@
 //       one rank: trains train.steps steps and writes the data, initial weights, every step's
 //       batch and draws and our results (the input of tests/data/make_sedd_step_reference.py)
 //   mpirun -np W sedd-parity compare --reference REF.h5 [--fused-loss true|false] [--tolerance 1e-12]
-//       [--steps N] [--json OUT] replays the reference's steps with our trainer (float64, ZeRO-1 over W
+//       [--steps N] [--micro-batch-size M] [--json OUT] replays the reference's steps with our trainer (float64, ZeRO-1 over W
 //       ranks) and compares, per step: batches, time and mask draws, loss, gradient norm, clip
 //       factor, learning rate, and at the snapshot steps every parameter's gradient, clipped
 //       gradient, update, weights and EMA; then each parameter's initialisation law.
@@ -87,12 +87,14 @@ int record(int argc, char** argv) {
 int compare(int argc, char** argv) {
   std::string reference, json_out, fused_loss = "true";
   double tolerance = 1e-12;
-  int64_t steps = 0;
+  int64_t steps = 0, micro_batch = 0;
   po::options_description desc("sedd-parity compare options");
   desc.add_options()("reference", po::value(&reference)->required(), "parity reference file (with /authors)")(
       "fused-loss", po::value(&fused_loss)->default_value(fused_loss), "masked-rows fused loss (true) or full logits")(
       "tolerance", po::value(&tolerance)->default_value(tolerance), "largest relative error accepted")(
       "steps", po::value(&steps)->default_value(steps), "compare the first N steps (0: all the reference holds)")(
+      "micro-batch-size", po::value(&micro_batch)->default_value(micro_batch),
+      "sequences per rank per forward: gradient accumulation (0: the whole rank's rows at once)")(
       "json", po::value(&json_out), "write the report as JSON");
   std::string settings;
   TrainingConfig cfg;
@@ -115,6 +117,8 @@ int compare(int argc, char** argv) {
     if (steps < 0) throw std::runtime_error("--steps must be >= 0");
     if (rt.is_root()) tools::check_writable(json_out, "--json");
     if (steps > 0) args.insert(args.end(), {"--train.steps", std::to_string(steps)});
+    if (micro_batch < 0) throw std::runtime_error("--micro-batch-size must be >= 0");
+    if (micro_batch > 0) args.insert(args.end(), {"--train.micro_batch_size", std::to_string(micro_batch)});
     std::vector<char*> av;
     for (auto& a : args) av.push_back(a.data());
     tools::parse_train_options(opts, static_cast<int>(av.size()), av.data());
