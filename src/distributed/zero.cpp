@@ -87,7 +87,7 @@ ShardedAdamW::ShardedAdamW(std::vector<ParamSpec> params, Communicator& comm, Ad
   exp_avg_sq_ = torch::zeros({shard_numel_}, opts);
   ema_ = torch::zeros({shard_numel_}, opts);
   step_count_ = torch::zeros({}, opts.dtype(torch::kFloat));
-  for (const auto& b : buckets_) ema_.narrow(0, b.shard_offset, b.chunk).copy_(own_chunk(flat_param_, b));
+  reset_ema();
 
   // The rank's pieces (checkpoints) and its fused-AdamW operands, split at parameter boundaries so
   // each piece has one weight-decay setting.

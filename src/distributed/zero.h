@@ -85,8 +85,6 @@ class ShardedAdamW {
   void set_steps_taken(double steps);
   // The full EMA as an unpadded, model-ordered vector [numel] (collective: every rank calls it).
   torch::Tensor gather_ema();
-  // Sets the EMA to the current weights (after the weights were replaced before the first step).
-  void reset_ema();
   // Step-by-step checks (sedd-parity): keep a copy of each step's reduced gradient before
   // clipping; last_gradient() gathers it as an unpadded, model-ordered vector (collective).
   void keep_gradient(bool on) { keep_gradient_ = on; }
@@ -107,6 +105,7 @@ class ShardedAdamW {
   };
   torch::Tensor bucket_view(const torch::Tensor& flat, const Bucket& b) const;
   torch::Tensor own_chunk(const torch::Tensor& flat, const Bucket& b) const;
+  void reset_ema();  // the EMA shard := the rank's chunks of the current weights
   // A shard-shaped vector of every rank, gathered into the unpadded model order (collective).
   torch::Tensor gather_shard(const torch::Tensor& shard, const std::string& what);
   void on_gradient(size_t param_index);

@@ -16,6 +16,12 @@ StateDict state_dict(const torch::nn::Module& m) {
   return sd;
 }
 
+torch::Tensor flat_parameters(const torch::nn::Module& m) {
+  std::vector<torch::Tensor> flat;
+  for (const auto& p : m.parameters()) flat.push_back(p.detach().reshape({-1}));
+  return torch::cat(flat).to(torch::kCPU, torch::kDouble);
+}
+
 void load_state_dict(torch::nn::Module& m, const StateDict& sd, const std::string& source) {
   StateDict target = state_dict(m);
   std::vector<std::string> missing, extra, misshaped;

@@ -18,6 +18,8 @@ using StateDict = std::map<std::string, torch::Tensor>;
 constexpr int64_t kModelFormatVersion = 1;
 
 StateDict state_dict(const torch::nn::Module& m);       // parameters and buffers, by name
+// Every parameter of `m` in model order, flattened into one float64 vector on the CPU.
+torch::Tensor flat_parameters(const torch::nn::Module& m);
 // Copies `sd` into `m`; throws naming `source` with every missing / unexpected / mis-shaped name.
 void load_state_dict(torch::nn::Module& m, const StateDict& sd, const std::string& source);
 

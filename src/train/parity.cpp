@@ -51,9 +51,7 @@ ParityRecorder::ParityRecorder(const std::string& path, Trainer& trainer, const 
     file_->write("/init/" + p.key(), p.value().detach().to(torch::kCPU, torch::kDouble));
   }
   file_->set_attr("/init", "order", order);
-  std::vector<torch::Tensor> flat;
-  for (const auto& p : trainer.model()->parameters()) flat.push_back(p.detach().reshape({-1}));
-  previous_params_ = torch::cat(flat).to(torch::kCPU, torch::kDouble);
+  previous_params_ = flat_parameters(*trainer.model());
   trainer.observe_steps([this](const StepTrace& tr) {
     SEDD_CHECK(tr.t.defined(), "parity records are for the sedd objective");
     x0_.push_back(tr.x0);
@@ -125,15 +123,13 @@ ParityCheck::ParityCheck(const std::string& reference, Trainer& trainer, Control
   auto params = trainer.model()->named_parameters();
   SEDD_CHECK(params.size() == names_.size(), "{}: {} parameters in the reference, {} in the model", reference,
              names_.size(), params.size());
-  std::vector<torch::Tensor> flat;
   for (size_t i = 0; i < names_.size(); ++i) {
     SEDD_CHECK(params[i].key() == names_[i], "{}: parameter {} is {} in the reference, {} in the model", reference, i,
                names_[i], params[i].key());
     numels_.push_back(params[i].value().numel());
-    flat.push_back(params[i].value().detach().reshape({-1}));
     record("initial_weights", 0, rel_error(params[i].value(), ref_->read("/init/" + names_[i])));
   }
-  previous_params_ = torch::cat(flat).to(torch::kCPU, torch::kDouble);
+  previous_params_ = flat_parameters(*trainer.model());
   x0_ = ref_->read("/steps/x0", torch::kLong);
   t_ = ref_->read("/steps/t", torch::kDouble);
   xt_ = ref_->read("/steps/xt", torch::kLong);

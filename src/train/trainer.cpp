@@ -439,9 +439,7 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
       tr.grad_norm = st.grad_norm.item<double>();
       tr.clip_coef = st.clip_coef.item<double>();
       tr.gradient = opt_->last_gradient().to(torch::kCPU, torch::kDouble);
-      std::vector<torch::Tensor> flat;
-      for (const auto& p : model_->parameters()) flat.push_back(p.detach().reshape({-1}));
-      tr.params = torch::cat(flat).to(torch::kCPU, torch::kDouble);
+      tr.params = flat_parameters(*model_);
       tr.ema = opt_->gather_ema().to(torch::kCPU, torch::kDouble);
       observer_(tr);
     }
