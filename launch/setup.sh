@@ -17,7 +17,7 @@ say() { printf '[setup] %s\n' "$*"; }
 # --- Debian packages ------------------------------------------------------------------------
 apt_pkgs=(build-essential cmake ninja-build ccache pkg-config
           libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libboost-program-options-dev
-          libgtest-dev nlohmann-json3-dev libpcre2-dev
+          libgtest-dev nlohmann-json3-dev libpcre2-dev libicu-dev
           fortune-mod fortunes python3-venv)
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -44,6 +44,14 @@ if [[ $have != "$torch_version" ]] ||
    ! "$venv/bin/python" -c "import numpy, h5py, tokenizers, safetensors, matplotlib, pyarrow" 2>/dev/null; then
   say "installing torch==$torch_version, numpy, h5py, tokenizers, safetensors, matplotlib, pyarrow into $venv"
   "$venv/bin/pip" install -q "torch==$torch_version" numpy h5py tokenizers safetensors matplotlib pyarrow
+fi
+
+# lm-evaluation-harness for tools/lm_eval_sedd.py and its test (pinned: the adapter follows its API).
+lm_eval_version=0.4.13
+if [[ $("$venv/bin/python" -c "import lm_eval, importlib.metadata as m; print(m.version('lm_eval'))" 2>/dev/null) != \
+      "$lm_eval_version" ]]; then
+  say "installing lm_eval==$lm_eval_version into $venv"
+  "$venv/bin/pip" install -q "lm_eval==$lm_eval_version"
 fi
 
 [[ ${SEDD_SKIP_BUILD:-0} == 1 ]] && exit 0

@@ -60,13 +60,6 @@ const CcModels& cc_models() {
   return models;
 }
 
-std::vector<nlohmann::json> cc_jsonl(const std::string& f) {
-  std::vector<nlohmann::json> v;
-  std::ifstream in(f);
-  for (std::string line; std::getline(in, line);) v.push_back(nlohmann::json::parse(line));
-  return v;
-}
-
 std::vector<std::vector<int64_t>> cc_ids(const std::vector<nlohmann::json>& rows) {
   std::vector<std::vector<int64_t>> v;
   for (const auto& r : rows) v.push_back(r["ids"].get<std::vector<int64_t>>());
@@ -125,7 +118,7 @@ TEST(CliChecksSample, NoEmaSamplesWithTheRawWeights) {
   const std::string args = "--num-samples 4 --steps 16 --seed 1";
   auto draw = [&](const std::string& checkpoint, const std::string& extra, const std::string& name) {
     EXPECT_EQ(cc_sample(1, checkpoint, args + " " + extra, tmp / name, &out), 0) << out;
-    auto rows = cc_jsonl(tmp / name);
+    auto rows = read_jsonl(tmp / name);
     EXPECT_EQ(rows.size(), 4u) << name;
     return cc_ids(rows);
   };
@@ -160,7 +153,7 @@ TEST(CliChecksSample, NoCacheGivesTheSameSamplesWithMoreForwards) {
     EXPECT_TRUE(std::regex_search(out, match, pat)) << out;
     if (!match.empty()) *c = {std::stoll(match[1]), std::stoll(match[2]), std::stoll(match[3])};
     c->caching = out.find(", exact caching") != std::string::npos;
-    return cc_ids(cc_jsonl(tmp / name));
+    return cc_ids(read_jsonl(tmp / name));
   };
   Counts cached, plain;
   auto a = draw("", "cached.jsonl", &cached);
@@ -198,7 +191,7 @@ TEST(CliChecksSample, DiffusionModelAsTheScorer) {
                         tmp / (name + ".jsonl"), &out),
               0)
         << out;
-    return cc_jsonl(tmp / (name + ".jsonl"));
+    return read_jsonl(tmp / (name + ".jsonl"));
   };
   auto rows = scored(2, 4, "k4");
   ASSERT_EQ(rows.size(), static_cast<size_t>(n));

@@ -196,7 +196,7 @@ TEST(DataPrepare, ShardsFromJsonlAndPlainTextAcrossRanks) {
   }
   EXPECT_EQ(total, 29);  // 11 + 10 + 5 bytes + 3 end-of-text
   EXPECT_NE(text.find("hello world|second doc|"), std::string::npos) << text;
-  EXPECT_FALSE(std::filesystem::exists(staging_dir(tmp / "shards", 0)));
+  EXPECT_FALSE(std::filesystem::exists(prepare_state_dir(tmp / "shards")));
 }
 
 TEST(DataPrepare, BadInputFailsCleanlyAndPublishesNothing) {
@@ -263,7 +263,7 @@ TEST(DataPrepare, NonEmptyOutIsRefusedUnlessOverwriteReplacesEveryOldShard) {
   ASSERT_EQ(run_prepare(tmp, 2, "--input a.jsonl b.jsonl --out shards --shard-tokens 8", &out), 0) << out;
   const auto first = shards_in(tmp / "shards");
   ASSERT_GT(first.size(), 4u);
-  ASSERT_TRUE(first.count("shard-r001-00000.h5"));
+  ASSERT_TRUE(first.count("shard-00004.h5"));
 
   EXPECT_EQ(run_prepare(tmp, 1, "--input c.jsonl --out shards", &out), 2);
   EXPECT_NE(out.find("--out shards: the folder already holds"), std::string::npos) << out;

@@ -38,10 +38,10 @@ int prepare(const TempDir& tmp, int ranks, const std::string& args, std::string*
              out);
 }
 
-// The tokens of one rank's shards, in shard order.
-std::vector<int64_t> rank_tokens(const TempDir& tmp, int rank) {
+// The tokens of every shard, in shard order (the same whatever the number of ranks).
+std::vector<int64_t> all_tokens(const TempDir& tmp) {
   std::vector<int64_t> all;
-  for (const auto& f : expand_shard_list(tmp / fmt::format("shards/shard-r{:03d}-*.h5", rank))) {
+  for (const auto& f : expand_shard_list(tmp / "shards/shard-*.h5")) {
     auto ids = h5::File(f, h5::Mode::Read).read("/tokens").to(torch::kLong);
     all.insert(all.end(), ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
   }
@@ -62,7 +62,9 @@ std::vector<int64_t> byte_tokens(const std::vector<std::vector<std::string>>& fi
 bool any_shard_left(const TempDir& tmp) {
   if (!std::filesystem::exists(tmp / "shards")) return false;
   for (const auto& e : std::filesystem::recursive_directory_iterator(tmp / "shards"))
-    if (e.path().extension() == ".h5" || e.path().filename().string().rfind(".staging", 0) == 0) return true;
+    if (e.path().extension() == ".h5" || e.path().filename().string().rfind(".staging", 0) == 0 ||
+        e.path().filename() == ".sedd-prepare")
+      return true;
   return false;
 }
 
@@ -110,20 +112,19 @@ TEST(DataFormats, ParquetAndArrowStreamAndFileBecomeTheirByteTokensInOrder) {
   };
   make_with_pyarrow(tmp, docs, kMakeGoodInputs);
   std::string out;
-  // Formats from the extensions; file i goes to rank i mod 2.
+  // Formats from the extensions; the two ranks share the files' row groups and record batches,
+  // and the shards hold the documents in input order.
   ASSERT_EQ(prepare(tmp, 2, "--input a.parquet b.arrow c.arrow d.jsonl --shard-tokens 50", &out), 0) << out;
-  auto rank0 = byte_tokens({docs.at("parquet"), docs.at("file")});
-  auto rank1 = byte_tokens({docs.at("stream"), docs.at("jsonl")});
-  EXPECT_EQ(rank_tokens(tmp, 0), rank0);
-  EXPECT_EQ(rank_tokens(tmp, 1), rank1);
-  EXPECT_NE(out.find(fmt::format("20 documents, {} tokens", rank0.size() + rank1.size())), std::string::npos) << out;
-  EXPECT_GT(expand_shard_list(tmp / "shards/shard-r000-*.h5").size(), 2u) << "expected several shards of 50 tokens";
-  for (int r : {0, 1}) EXPECT_FALSE(std::filesystem::exists(staging_dir(tmp / "shards", r)));
+  auto want = byte_tokens({docs.at("parquet"), docs.at("stream"), docs.at("file"), docs.at("jsonl")});
+  EXPECT_EQ(all_tokens(tmp), want);
+  EXPECT_NE(out.find(fmt::format("20 documents, {} tokens", want.size())), std::string::npos) << out;
+  EXPECT_GT(expand_shard_list(tmp / "shards/shard-*.h5").size(), 2u) << "expected several shards of 50 tokens";
+  EXPECT_FALSE(std::filesystem::exists(prepare_state_dir(tmp / "shards")));
 
   // An explicit --format wins over the extension; --field picks the column.
   std::filesystem::remove_all(tmp / "shards");
   ASSERT_EQ(prepare(tmp, 1, "--input corpus.dat --format parquet --field body", &out), 0) << out;
-  EXPECT_EQ(rank_tokens(tmp, 0), byte_tokens({docs.at("body")}));
+  EXPECT_EQ(all_tokens(tmp), byte_tokens({docs.at("body")}));
   EXPECT_NE(prepare(tmp, 1, "--input corpus.dat --format feather", &out), 0);
   EXPECT_NE(out.find("--format: unknown input format 'feather'"), std::string::npos) << out;
 }
@@ -182,7 +183,7 @@ open("zeroed.parquet", "wb").write(bytes(data))
       {"zeroed.parquet", "zeroed.parquet: cannot read row group 0"},
   };
   for (const auto& [bad, needle] : cases) {
-    // The good file is rank 0's, the bad one rank 1's: rank 0 succeeds but must not publish.
+    // One rank may finish its parts of the good file, but nothing may be published.
     EXPECT_NE(prepare(tmp, 2, fmt::format("--input good.parquet {}", bad), &out), 0) << bad;
     EXPECT_NE(out.find(needle), std::string::npos) << "expected '" << needle << "' in: " << out;
     EXPECT_FALSE(any_shard_left(tmp)) << "a failed prepare left shards behind (" << bad << ")";

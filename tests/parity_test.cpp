@@ -86,6 +86,13 @@ TEST(StepParity, FiftyStepsWithTheFusedLossOnOneAndTwoRanks) {
 
 TEST(StepParity, FiftyStepsWithFullLogits) { expect_equal_steps(parity(2, "--fused-loss false"), 50, 4); }
 
+// ZeRO-2 (each rank keeps only its gradient shard, buckets freed once reduced) is the same step.
+TEST(StepParity, FiftyStepsWithZeroStageTwoOnTwoRanks) {
+  const auto r = parity(2, "--zero-stage 2");
+  expect_equal_steps(r, 50, 4);
+  EXPECT_EQ(r.report["zero_stage"].get<int64_t>(), 2);
+}
+
 // Gradient accumulation (2 micro-batches of 2 rows on each of 2 ranks) is the same step as the
 // authors' one batch of 8.
 TEST(StepParity, GradientAccumulationGivesTheSameSteps) {

@@ -43,12 +43,7 @@ std::string resume_train(int np, const std::string& data, const std::string& dir
       kMpirun, np, bin_dir(), data, dir, defaults, extra);
 }
 
-std::vector<nlohmann::json> resume_metrics(const std::string& dir) {
-  std::vector<nlohmann::json> rows;
-  std::ifstream in(dir + "/metrics.jsonl");
-  for (std::string line; std::getline(in, line);) rows.push_back(nlohmann::json::parse(line));
-  return rows;
-}
+std::vector<nlohmann::json> resume_metrics(const std::string& dir) { return read_jsonl(dir + "/metrics.jsonl"); }
 
 StateDict resume_weights(const std::string& dir) {
   h5::File f(resolve_model_file(dir), h5::Mode::Read);

@@ -322,13 +322,7 @@ TEST(SamplerCli, SamplesAreTheSameForAnyBatchSizeAndRankCount) {
   EXPECT_NE(out.find("samples/s"), std::string::npos) << out;
   ASSERT_EQ(run(sample_cmd(1, 2, tmp / "b.jsonl"), &out), 0) << out;
   ASSERT_EQ(run(sample_cmd(3, 3, tmp / "c.jsonl"), &out), 0) << out;
-  auto rows = [&](const std::string& f) {
-    std::vector<nlohmann::json> v;
-    std::ifstream in(f);
-    for (std::string line; std::getline(in, line);) v.push_back(nlohmann::json::parse(line));
-    return v;
-  };
-  auto a = rows(tmp / "a.jsonl"), b = rows(tmp / "b.jsonl"), c = rows(tmp / "c.jsonl");
+  auto a = read_jsonl(tmp / "a.jsonl"), b = read_jsonl(tmp / "b.jsonl"), c = read_jsonl(tmp / "c.jsonl");
   ASSERT_EQ(a.size(), 7u);
   ASSERT_EQ(b.size(), 7u);
   ASSERT_EQ(c.size(), 7u);
@@ -415,12 +409,6 @@ struct TwoModels {
   }
 };
 
-std::vector<nlohmann::json> jsonl(const std::string& f) {
-  std::vector<nlohmann::json> v;
-  std::ifstream in(f);
-  for (std::string line; std::getline(in, line);) v.push_back(nlohmann::json::parse(line));
-  return v;
-}
 }  // namespace
 
 // Past the training length: block by block, the prefix kept, the same samples for any batching and
@@ -437,7 +425,7 @@ TEST(SamplerCli, BlocksPastTheWindowAndGenerativePerplexity) {
   };
   ASSERT_EQ(run(cmd(1, 5, t.tmp / "a.jsonl", ""), &out), 0) << out;
   ASSERT_EQ(run(cmd(2, 2, t.tmp / "b.jsonl", ""), &out), 0) << out;
-  auto a = jsonl(t.tmp / "a.jsonl"), b = jsonl(t.tmp / "b.jsonl");
+  auto a = read_jsonl(t.tmp / "a.jsonl"), b = read_jsonl(t.tmp / "b.jsonl");
   ASSERT_EQ(a.size(), 5u);
   for (size_t i = 0; i < a.size(); ++i) {
     auto ids = a[i]["ids"].get<std::vector<int64_t>>();
@@ -459,7 +447,7 @@ TEST(SamplerCli, BlocksPastTheWindowAndGenerativePerplexity) {
                 &out),
             0)
       << out;
-  auto scored = jsonl(t.tmp / "s.jsonl");
+  auto scored = read_jsonl(t.tmp / "s.jsonl");
   ASSERT_EQ(scored.size(), 5u);
   auto scorer = load_model_file(resolve_model_file(t.ar), true);
   scorer->eval();
@@ -592,7 +580,7 @@ TEST(SamplerCliGpu, ToolsOnTheGpuTrackTheirCpuRuns) {
                   &out),
               0)
         << out;
-    return jsonl(file);
+    return read_jsonl(file);
   };
   for (auto [device, tol] : {std::pair<std::string, double>{"--device cuda --precision fp32", 1e-4},
                              std::pair<std::string, double>{"--device cuda", 5e-2}}) {

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -54,6 +55,13 @@ Runtime& child_runtime(const std::string& device) {
 std::string source_dir() { return SEDD_SOURCE_DIR; }
 std::string bin_dir() { return SEDD_BIN_DIR; }
 std::string python() { return SEDD_PYTHON; }
+
+std::vector<nlohmann::json> read_jsonl(const std::string& file) {
+  std::vector<nlohmann::json> rows;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
 
 int run(const std::string& cmd, std::string* output) {
   std::string full = cmd + " 2>&1";

@@ -2,7 +2,9 @@
 #pragma once
 #include <torch/torch.h>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 namespace sedd {
 struct Runtime;
@@ -25,6 +27,8 @@ std::string python();           // the virtualenv's python (may be empty)
 
 // Runs a shell command; returns its exit status and fills `output` with stdout+stderr.
 int run(const std::string& cmd, std::string* output = nullptr);
+// One JSON value per line of a JSONL file (metrics.jsonl, sample and score outputs).
+std::vector<nlohmann::json> read_jsonl(const std::string& file);
 
 // Runtime::init for a test's own child process (a GPU test that re-runs itself as one MPI rank).
 Runtime& child_runtime(const std::string& device);

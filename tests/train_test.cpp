@@ -53,13 +53,7 @@ double max_abs_diff(const StateDict& a, const StateDict& b) {
   return worst;
 }
 
-std::vector<nlohmann::json> metrics(const std::string& run_dir) {
-  std::vector<nlohmann::json> rows;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) rows.push_back(nlohmann::json::parse(line));
-  return rows;
-}
+std::vector<nlohmann::json> metrics(const std::string& run_dir) { return read_jsonl(run_dir + "/metrics.jsonl"); }
 
 }  // namespace
 

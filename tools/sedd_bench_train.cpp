@@ -14,6 +14,7 @@
 // computes fewer), peak memory, the time split (data, forward+backward, optimizer incl.
 // communication, host time inside collectives) and optimizer+EMA bytes per rank; --json writes
 // the same figures.
+#include <malloc.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -31,6 +32,7 @@
 #include "distributed/communicator.h"
 #include "distributed/control.h"
 #include "tool_common.h"
+#include "train/memory_plan.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
 #include "train_options.h"
@@ -55,26 +57,70 @@ double peak_memory_bytes(const torch::Device& device) {
   return static_cast<double>(ru.ru_maxrss) * 1024.0;  // whole process, CPU runs
 }
 
+// Peak memory of the training steps above the memory held when they start (the persistent state:
+// weights, gradients, optimizer state). CUDA: the caching allocator's allocated-bytes peak after a
+// reset (max_memory_allocated). CPU: the resident set's high-water mark (VmHWM, reset through
+// /proc/self/clear_refs "5") minus the resident set at the reset, while glibc serves every
+// allocation of 64 KiB or more by mmap (measure()), so freed tensors leave the resident set at once
+// and it follows the live tensors.
+double bench_proc_status_kb(const char* key) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  const std::string prefix = std::string(key) + ":";
+  while (std::getline(in, line))
+    if (line.rfind(prefix, 0) == 0) return std::atof(line.c_str() + prefix.size());
+  return 0;
+}
+
+double bench_step_memory_base(const torch::Device& device) {
+#ifdef SEDD_HAVE_CUDA
+  if (device.is_cuda()) {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+    return static_cast<double>(
+        c10::cuda::CUDACachingAllocator::getDeviceStats(device.index()).allocated_bytes[0].current);
+  }
+#endif
+  (void)device;
+  std::ofstream("/proc/self/clear_refs") << "5";
+  return bench_proc_status_kb("VmRSS") * 1024.0;
+}
+
+double bench_step_memory_peak(const torch::Device& device) {
+#ifdef SEDD_HAVE_CUDA
+  if (device.is_cuda())
+    return static_cast<double>(
+        c10::cuda::CUDACachingAllocator::getDeviceStats(device.index()).allocated_bytes[0].peak);
+#endif
+  (void)device;
+  return bench_proc_status_kb("VmHWM") * 1024.0;
+}
+
 nlohmann::json measure(const std::string& name, TrainingConfig c, Runtime& rt, Communicator& comm,
                        ControlPlane& control, int64_t steps, int64_t warmup) {
-  c.train.steps = warmup + steps + 3;
+  constexpr int64_t kMemorySteps = 2;
+  c.train.steps = warmup + kMemorySteps + steps + 3;
   c.train.log_every = 1 << 30;
   c.train.eval_every = 0;
   c.train.ckpt_every = -1;  // no checkpoints: pure step time
   Trainer t(c, rt, comm, control, "");
   std::atomic<int> stop{0};
   t.run(&stop, warmup);
+  // Memory first, on steps of their own, then the timed steps.
+  const double memory_base = bench_step_memory_base(rt.device);
+  t.run(&stop, warmup + kMemorySteps);
+  if (rt.device.is_cuda()) torch::cuda::synchronize(rt.device.index());
+  const double step_peak = bench_step_memory_peak(rt.device) - memory_base;
   if (rt.device.is_cuda()) torch::cuda::synchronize(rt.device.index());
   double comm0 = t.optimizer().comm_seconds();
   auto t0 = std::chrono::steady_clock::now();
-  t.run(&stop, warmup + steps);
+  t.run(&stop, warmup + kMemorySteps + steps);
   if (rt.device.is_cuda()) torch::cuda::synchronize(rt.device.index());
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   double comm_s = t.optimizer().comm_seconds() - comm0;
   // A few more steps with the device synchronised after each phase, for the time split.
   t.enable_phase_timing();
   auto before = t.phase_times();
-  t.run(&stop, warmup + steps + 3);
+  t.run(&stop, warmup + kMemorySteps + steps + 3);
   auto after = t.phase_times();
   double d = after.data - before.data, fb = after.forward_backward - before.forward_backward,
          op = after.optimizer - before.optimizer, total = std::max(d + fb + op, 1e-12);
@@ -88,6 +134,13 @@ nlohmann::json measure(const std::string& name, TrainingConfig c, Runtime& rt, C
     mfu = model_flops_utilisation(tps, flops_per_token, comm.size(), peak);
   }
   const auto& mc = t.model()->cfg;
+  // The plan's figures for this run: the activations of one micro-batch, plus (ZeRO-2) the gradient
+  // buckets that live only during the step.
+  TrainingConfig planned = c;
+  planned.model = mc;
+  const MemoryPlan plan = plan_memory(planned, comm.size(), rt.device.is_cuda(), 1e18);
+  const double step_estimate = static_cast<double>(plan.activation_bytes) +
+                               (plan.zero_stage == 2 ? static_cast<double>(plan.grad_bytes - plan.shard_elems * plan.element_bytes) : 0.0);
   nlohmann::json j = {{"name", name},
                       {"device", rt.device_name()},
                       {"ranks", comm.size()},
@@ -111,14 +164,29 @@ nlohmann::json measure(const std::string& name, TrainingConfig c, Runtime& rt, C
                       {"mfu_counts", "model FLOPs: forward + backward of every matrix product at every position, "
                                      "attention over the full window, output layer over the full vocabulary"},
                       {"peak_memory_gb", peak_memory_bytes(rt.device) / 1e9},
+                      {"activation_checkpointing", c.train.activation_checkpointing},
+                      {"zero_stage", c.train.zero_stage},
+                      {"step_peak_measured_mb", step_peak / 1e6},
+                      {"step_peak_estimate_mb", step_estimate / 1e6},
+                      {"step_peak_estimate_ratio", step_estimate / std::max(step_peak, 1.0)},
+                      {"plan_state_mb_per_rank", static_cast<double>(plan.state_bytes()) / 1e6},
+                      {"plan_gradient_mb_per_rank", static_cast<double>(plan.grad_bytes) / 1e6},
+                      {"measured_gradient_peak_mb_per_rank", t.optimizer().peak_gradient_bytes() / 1e6},
+                      {"zero2_reduce", c.train.zero2_reduce},
+                      {"gradient_mb_per_rank_after_step", t.optimizer().gradient_bytes() / 1e6},
                       {"split_data", d / total},
                       {"split_forward_backward", fb / total},
                       {"split_optimizer_and_communication", op / total},
                       {"collective_host_time_share", comm_s / secs},
                       {"optimizer_state_mb_per_rank", t.optimizer().state_bytes() / 1e6},
                       {"buckets_reduced_during_backward", t.optimizer().buckets_launched_during_backward()},
-                      {"buckets", t.optimizer().buckets() * (warmup + steps + 3)}};
+                      {"buckets", t.optimizer().buckets() * (warmup + kMemorySteps + steps + 3)}};
   if (control.rank() == 0) {
+    std::printf("%-8s W=%d ZeRO-%d ckpt %-7s | step memory per rank above the state: estimate %.1f MB, measured "
+                "%.1f MB (estimate/measured %.3f) | gradients: plan %.1f MB, held at peak %.1f MB\n",
+                name.c_str(), comm.size(), c.train.zero_stage, c.train.activation_checkpointing.c_str(),
+                step_estimate / 1e6, step_peak / 1e6, step_estimate / std::max(step_peak, 1.0),
+                static_cast<double>(plan.grad_bytes) / 1e6, t.optimizer().peak_gradient_bytes() / 1e6);
     std::printf("%-8s W=%d %-22s | %lld params | %9.0f tokens/s (%.0f per rank)%s | peak mem %.2f GB | split: data "
                 "%.1f%%, fwd+bwd %.1f%%, optimizer+comm %.1f%% | collectives %.1f%% of step time | optimizer+EMA "
                 "%.2f MB per rank\n",
@@ -184,6 +252,7 @@ int main(int argc, char** argv) {
   tools::build_train_options(opts, cfg);
   int64_t steps = 20, warmup = 3, vocab = 0;
   std::string json_out, shape_list = "tiny,small", device_alias, precision_alias, json_alias;
+  std::string ckpt_list, stage_list;
   opts.desc.add_options()("bench.steps", po::value(&steps)->default_value(20), "measured steps")(
       "bench.warmup", po::value(&warmup)->default_value(3), "steps before measuring")(
       "bench.vocab", po::value(&vocab)->default_value(0),
@@ -192,9 +261,18 @@ int main(int argc, char** argv) {
       "without --config: the shapes measured (tiny: 2x128, L 128, 16 per rank; small: 6x384, L 256, 8 per rank); "
       "model.*, data.seq_len and train.batch_size given on the command line replace the shape's")(
       "bench.json", po::value(&json_out), "write the figures as JSON")(
+      "bench.checkpointing", po::value(&ckpt_list),
+      "train.activation_checkpointing settings measured for every shape (comma list, e.g. none,blocks: each "
+      "setting's tokens/s against none's of the same shape; default: train.activation_checkpointing)")(
+      "bench.zero_stages", po::value(&stage_list),
+      "train.zero_stage values measured for every shape (comma list; default: train.zero_stage; 2:micro_batch and "
+      "2:step also set train.zero2_reduce)")(
       "device", po::value(&device_alias), "the same as --run.device (without --config the default is cpu)")(
       "precision", po::value(&precision_alias), "the same as --train.precision (fp32 | bf16 | fp64)")(
       "json", po::value(&json_alias), "the same as --bench.json");
+  // Every allocation of 64 KiB or more by mmap: freed tensors leave the resident set at once, so the
+  // CPU step memory (VmHWM) follows the live tensors (the timed steps pay the page faults too).
+  mallopt(M_MMAP_THRESHOLD, 64 * 1024);
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");  // MPI first: usage errors are printed by rank 0 only
   try {
     tools::parse_train_options(opts, argc, argv);
@@ -234,14 +312,38 @@ int main(int argc, char** argv) {
           runs.emplace_back(cfg.model.summary().substr(0, 12), cfg);
         } else {
           std::stringstream ss(shape_list);
-          const Shape known[] = {{"tiny", 128, 4, 2, 128, 16}, {"small", 384, 6, 6, 256, 8}};
+          const Shape known[] = {
+              {"tiny", 128, 4, 2, 128, 16}, {"small", 384, 6, 6, 256, 8}, {"long", 256, 4, 4, 1024, 4}};
           for (std::string name; std::getline(ss, name, ',');) {
             auto s = std::find_if(std::begin(known), std::end(known), [&](const Shape& k) { return name == k.name; });
-            SEDD_CHECK_OPTION(s != std::end(known), "--bench.shapes: unknown shape '{}' (tiny, small)", name);
+            SEDD_CHECK_OPTION(s != std::end(known), "--bench.shapes: unknown shape '{}' (tiny, small, long)", name);
             runs.emplace_back(name, shaped(cfg, opts, *s, rt.world));
           }
           SEDD_CHECK_OPTION(!runs.empty(), "--bench.shapes names no shape");
         }
+        // Every shape under every ZeRO stage and checkpointing setting asked for.
+        std::vector<std::string> settings, stages;
+        std::stringstream cs(ckpt_list.empty() ? cfg.train.activation_checkpointing : ckpt_list), zs(stage_list.empty() ? std::to_string(cfg.train.zero_stage) : stage_list);
+        for (std::string v; std::getline(cs, v, ',');) settings.push_back(v);
+        for (std::string v; std::getline(zs, v, ',');) stages.push_back(v);
+        SEDD_CHECK_OPTION(!settings.empty() && !stages.empty(), "--bench.checkpointing and --bench.zero_stages need values");
+        std::vector<std::pair<std::string, TrainingConfig>> expanded;
+        for (const auto& [name, c] : runs)
+          for (const auto& stage : stages)
+            for (const auto& setting : settings) {
+              TrainingConfig v = c;
+              v.train.activation_checkpointing = setting;
+              // "2:micro_batch" / "2:step": stage 2 with that train.zero2_reduce.
+              const auto colon = stage.find(':');
+              try {
+                v.train.zero_stage = std::stoi(stage.substr(0, colon));
+              } catch (const std::exception&) {
+                throw OptionError("--bench.zero_stages: '" + stage + "' is not a number");
+              }
+              if (colon != std::string::npos) v.train.zero2_reduce = stage.substr(colon + 1);
+              expanded.emplace_back(name + "/z" + stage + "/" + setting, v);
+            }
+        runs = std::move(expanded);
         for (const auto& [name, c] : runs) {
           TrainingConfig checked = c;
           if (random_data) checked.data.train = "(random tokens)";
@@ -274,7 +376,10 @@ int main(int argc, char** argv) {
     for (auto& [name, c] : runs) {
       if (random_data) c.data.train = dir + "/data.h5";
       c.data.valid.clear();
-      c.run.dir = dir + "/" + name;
+      std::string folder = name;
+      std::replace(folder.begin(), folder.end(), '/', '_');
+      std::replace(folder.begin(), folder.end(), ':', '_');
+      c.run.dir = dir + "/" + folder;
       auto j = measure(name, c, rt, *comm, control, steps, warmup);
       j["data"] = random_data ? "random" : c.data.train;
       results.push_back(j);
@@ -283,6 +388,47 @@ int main(int argc, char** argv) {
     if (rt.is_root()) std::filesystem::remove_all(dir);
     return tools::end_job(rt, tool, e);
   }
+  // The throughput cost of checkpointing: each setting's tokens/s against "none" of the same shape
+  // and stage, measured in this run.
+  if (rt.is_root())
+    for (const auto& base : results) {
+      if (base["activation_checkpointing"] != "none") continue;
+      const std::string stem = base["name"].get<std::string>().substr(0, base["name"].get<std::string>().rfind('/'));
+      for (const auto& other : results) {
+        const std::string n = other["name"].get<std::string>();
+        if (other["activation_checkpointing"] == "none" || n.substr(0, n.rfind('/')) != stem) continue;
+        std::printf("%s: checkpointing %s runs at %.3f x the tokens/s of none (%.1f%% more time per step); step "
+                    "memory %.1f MB vs %.1f MB measured\n",
+                    stem.c_str(), other["activation_checkpointing"].get<std::string>().c_str(),
+                    other["tokens_per_s"].get<double>() / base["tokens_per_s"].get<double>(),
+                    100 * (base["tokens_per_s"].get<double>() / other["tokens_per_s"].get<double>() - 1),
+                    other["step_peak_measured_mb"].get<double>(), base["step_peak_measured_mb"].get<double>());
+      }
+    }
+  // ZeRO stages against the first stage measured for the same shape and checkpointing setting, in
+  // this run: per-rank gradient bytes (after a step and at the peak), optimizer bytes, tokens/s.
+  if (rt.is_root())
+    for (auto& other : results) {
+      const std::string n = other["name"].get<std::string>(), shape = n.substr(0, n.find('/'));
+      const auto base = std::find_if(results.begin(), results.end(), [&](const nlohmann::json& r) {
+        const std::string m = r["name"].get<std::string>();
+        return m.substr(0, m.find('/')) == shape && r["activation_checkpointing"] == other["activation_checkpointing"];
+      });
+      if (&*base == &other) continue;
+      auto ratio = [&](const char* key) { return other[key].get<double>() / (*base)[key].get<double>(); };
+      other["zero_vs_first_stage"] = {
+          {"tokens_per_s", ratio("tokens_per_s")},
+          {"gradient_mb_per_rank_after_step", ratio("gradient_mb_per_rank_after_step")},
+          {"gradient_mb_per_rank_peak", ratio("measured_gradient_peak_mb_per_rank")},
+          {"optimizer_state_mb_per_rank", ratio("optimizer_state_mb_per_rank")}};
+      std::printf("%s vs %s: tokens/s x%.3f | gradient bytes per rank after a step %.2f MB (x%.3f), peak %.2f MB "
+                  "(x%.3f) | optimizer+EMA %.2f MB (x%.3f)\n",
+                  n.c_str(), (*base)["name"].get<std::string>().c_str(), ratio("tokens_per_s"),
+                  other["gradient_mb_per_rank_after_step"].get<double>(), ratio("gradient_mb_per_rank_after_step"),
+                  other["measured_gradient_peak_mb_per_rank"].get<double>(),
+                  ratio("measured_gradient_peak_mb_per_rank"), other["optimizer_state_mb_per_rank"].get<double>(),
+                  ratio("optimizer_state_mb_per_rank"));
+    }
   int rc = tools::kExitOk;
   if (rt.is_root()) {
     if (!json_out.empty()) {

@@ -3,8 +3,8 @@
 //       one rank: trains train.steps steps and writes the data, initial weights, every step's
 //       batch and draws and our results (the input of tests/data/make_sedd_step_reference.py)
 //   mpirun -np W sedd-parity compare --reference REF.h5 [--fused-loss true|false] [--tolerance 1e-12]
-//       [--steps N] [--micro-batch-size M] [--json OUT] replays the reference's steps with our trainer (float64, ZeRO-1 over W
-//       ranks) and compares, per step: batches, time and mask draws, loss, gradient norm, clip
+//       [--steps N] [--micro-batch-size M] [--zero-stage 1|2] [--json OUT] replays the reference's steps with our
+//       trainer (float64, ZeRO-1 or ZeRO-2 over W ranks) and compares, per step: batches, time and mask draws, loss, gradient norm, clip
 //       factor, learning rate, and at the snapshot steps every parameter's gradient, clipped
 //       gradient, update, weights and EMA; then each parameter's initialisation law.
 // Exit codes: 0 equal within the tolerance, 1 a difference (the first one is named) or another
@@ -87,7 +87,7 @@ int record(int argc, char** argv) {
 int compare(int argc, char** argv) {
   std::string reference, json_out, fused_loss = "true";
   double tolerance = 1e-12;
-  int64_t steps = 0, micro_batch = 0;
+  int64_t steps = 0, micro_batch = 0, zero_stage = 1;
   po::options_description desc("sedd-parity compare options");
   desc.add_options()("reference", po::value(&reference)->required(), "parity reference file (with /authors)")(
       "fused-loss", po::value(&fused_loss)->default_value(fused_loss), "masked-rows fused loss (true) or full logits")(
@@ -95,6 +95,8 @@ int compare(int argc, char** argv) {
       "steps", po::value(&steps)->default_value(steps), "compare the first N steps (0: all the reference holds)")(
       "micro-batch-size", po::value(&micro_batch)->default_value(micro_batch),
       "sequences per rank per forward: gradient accumulation (0: the whole rank's rows at once)")(
+      "zero-stage", po::value(&zero_stage)->default_value(zero_stage),
+      "1: optimizer state sharded over the ranks; 2: the gradient too (train.zero_stage)")(
       "json", po::value(&json_out), "write the report as JSON");
   std::string settings;
   TrainingConfig cfg;
@@ -119,6 +121,8 @@ int compare(int argc, char** argv) {
     if (steps > 0) args.insert(args.end(), {"--train.steps", std::to_string(steps)});
     if (micro_batch < 0) throw std::runtime_error("--micro-batch-size must be >= 0");
     if (micro_batch > 0) args.insert(args.end(), {"--train.micro_batch_size", std::to_string(micro_batch)});
+    if (zero_stage != 1 && zero_stage != 2) throw std::runtime_error("--zero-stage takes 1 or 2");
+    args.insert(args.end(), {"--train.zero_stage", std::to_string(zero_stage)});
     std::vector<char*> av;
     for (auto& a : args) av.push_back(a.data());
     tools::parse_train_options(opts, static_cast<int>(av.size()), av.data());
@@ -143,14 +147,16 @@ int compare(int argc, char** argv) {
     ParityReport report = check.finish();
     std::string laws, bad = compare_init_laws(reference, model, &laws);
     if (rt.is_root()) {
-      std::printf("sedd-parity: %s, %lld steps on %d rank(s), %s loss, float64\n", reference.c_str(),
-                  static_cast<long long>(trainer.step()), rt.world, fused_loss == "true" ? "fused masked-rows" : "full-logits");
+      std::printf("sedd-parity: %s, %lld steps on %d rank(s) (ZeRO-%lld), %s loss, float64\n", reference.c_str(),
+                  static_cast<long long>(trainer.step()), rt.world, static_cast<long long>(zero_stage),
+                  fused_loss == "true" ? "fused masked-rows" : "full-logits");
       std::printf("%s", report.table().c_str());
       std::printf("initialisation laws (ours vs the reference trainer's):\n%s", laws.c_str());
       if (!bad.empty()) std::printf("INITIALISATION LAW DIFFERS:%s\n", bad.c_str());
       if (!json_out.empty()) {
         auto j = report.to_json();
         j["world"] = rt.world;
+        j["zero_stage"] = zero_stage;
         j["fused_loss"] = fused_loss == "true";
         j["steps"] = trainer.step();
         j["init_laws_differ"] = bad;

@@ -6,12 +6,14 @@
 #include <cstdio>
 #include <iostream>
 
+#include "data/shard.h"
 #include "distributed/communicator.h"
 #include "distributed/control.h"
 #include "distributed/runtime.h"
 #include "distributed/watchdog.h"
 #include "io/error.h"
 #include "tool_common.h"
+#include "train/memory_plan.h"
 #include "train/trainer.h"
 #include "train_options.h"
 
@@ -20,6 +22,43 @@ using namespace sedd;
 namespace {
 std::atomic<int> g_stop{0};
 extern "C" void on_stop_signal(int sig) { g_stop.store(sig); }
+// sedd-train --plan: the memory plan per rank for plan.world_size ranks (default: the launched
+// ones), without training and without touching run.dir. The vocabulary comes from plan.vocab or
+// data.train's first shard.
+int print_memory_plan(Runtime& rt, TrainingConfig& cfg) {
+  try {
+    const int world = cfg.plan.world_size > 0 ? cfg.plan.world_size : rt.world;
+    if (cfg.plan.vocab > 0) {
+      cfg.model.tokens = cfg.plan.vocab;
+    } else {
+      std::vector<std::string> shards;
+      try {
+        shards = expand_shard_list(cfg.data.train);
+      } catch (const std::exception&) {
+      }
+      if (shards.empty())
+        throw OptionError(fmt::format("--plan: no shard matches data.train '{}' to read the vocabulary from; "
+                                      "set --plan.vocab (e.g. 50257 for GPT-2 tokens)",
+                                      cfg.data.train));
+      cfg.model.tokens = read_shard_info(shards.front()).vocab_size;
+    }
+    cfg.model.length = cfg.data.seq_len;
+    tools::validate_settings(cfg, world);
+    const bool gpu = cfg.run.device == "cuda" ||
+                     (cfg.run.device == "auto" && (torch::cuda::is_available() || cfg.train.precision == "bf16"));
+    const double device_memory =
+        gpu && torch::cuda::is_available() ? device_memory_bytes(torch::Device(torch::kCUDA, 0)) : 0;
+    MemoryPlan plan = plan_memory(cfg, world, gpu, device_memory);
+    if (rt.is_root()) std::printf("%s[plan] json %s\n", plan.text().c_str(), plan.json().c_str());
+    return tools::kExitOk;
+  } catch (const OptionError& e) {
+    if (rt.is_root()) std::fprintf(stderr, "sedd-train: error: %s\n", e.what());
+    return tools::kExitBadInput;
+  } catch (const std::exception& e) {
+    if (rt.is_root()) std::fprintf(stderr, "sedd-train: error: %s\n", e.what());
+    return tools::kExitBadInput;
+  }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -38,6 +77,7 @@ int main(int argc, char** argv) {
     if (rt->is_root()) std::cout << opts.desc << "\n";
     return tools::kExitOk;
   }
+  if (opts.plan) return print_memory_plan(*rt, cfg);
   // Every rank sees the same config, so every rank exits here alike.
   if (int rc = tools::agree(*rt, "sedd-train", [&] {
         tools::validate_settings(cfg, rt->world);

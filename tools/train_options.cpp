@@ -29,7 +29,8 @@ void add(OptionTable& t, const char* name, T* field, const char* help) {
 
 void build_train_options(OptionTable& t, TrainingConfig& c) {
   t.desc.add_options()("help,h", po::bool_switch(&t.help), "show this help")(
-      "config", po::value(&t.config_file), "INI file with [run] [data] [model] [diffusion] [train] sections");
+      "config", po::value(&t.config_file), "INI file with [run] [data] [model] [diffusion] [train] sections")(
+      "plan", po::bool_switch(&t.plan), "print the memory plan per rank (plan.* keys) and exit: no training, no run folder");
   add(t, "run.dir", &c.run.dir, "run folder: checkpoints/ and metrics.jsonl");
   add(t, "run.seed", &c.run.seed, "seed of weights, data order and noise draws");
   add(t, "run.device", &c.run.device, "cpu | cuda | auto (GPU = local rank)");
@@ -72,12 +73,20 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "train.ckpt_every", &c.train.ckpt_every, "steps between checkpoints (0: only at the end; -1: never)");
   add(t, "train.keep_ckpts", &c.train.keep_ckpts, "checkpoints kept");
   add(t, "train.bucket_elems", &c.train.bucket_elems, "gradient bucket (elements) reduced while backward runs");
+  add(t, "train.zero_stage", &c.train.zero_stage, "1: optimizer state sharded over ranks; 2: gradients too");
+  add(t, "train.zero2_reduce", &c.train.zero2_reduce,
+      "stage 2 with accumulation: reduce-scatter every micro_batch (least memory) or once per step");
   add(t, "train.time_sampling", &c.train.time_sampling, "iid | antithetic | stratified diffusion times over the global batch");
   add(t, "train.fused_loss", &c.train.fused_loss, "project only rows with a loss, fused with the loss (false: full logits)");
   add(t, "train.fused_kernels", &c.train.fused_kernels, "GPU: fused CUDA kernels for LayerNorm/modulation, residuals, rotary");
   add(t, "train.loss_chunk_elems", &c.train.loss_chunk_elems, "logits per chunk of the fused loss");
   add(t, "train.peak_tflops", &c.train.peak_tflops, "GPU peak TFLOP/s for MFU (0: from the GPU's name)");
   add(t, "train.init_from", &c.train.init_from, "model.h5 whose raw weights start the run (empty: random init)");
+  add(t, "train.activation_checkpointing", &c.train.activation_checkpointing,
+      "none | blocks | every:K: blocks that recompute their activations in backward (less memory, more compute)");
+  add(t, "plan.memory_gb", &c.plan.memory_gb, "memory per rank the plan fits the micro-batch to (0: the GPU's)");
+  add(t, "plan.world_size", &c.plan.world_size, "sedd-train --plan: ranks to plan for (0: the launched world size)");
+  add(t, "plan.vocab", &c.plan.vocab, "sedd-train --plan: vocabulary size without data.train at hand (0: the data's)");
   add(t, "resume.allow", &c.resume.allow, "checked settings that may differ from the checkpoint's (comma list)");
   add(t, "dist.timeout_s", &c.dist.timeout_s, "watchdog: a collective without progress this long ends the job (0: off)");
   add(t, "debug.nan_at_step", &c.debug.nan_at_step, "tests only: rank 0's loss is NaN at this step (0: off)");

@@ -17,6 +17,7 @@ struct OptionTable {
   std::vector<std::pair<std::string, std::function<std::string()>>> printers;
   std::string config_file;
   bool help = false;
+  bool plan = false;                   // --plan: print the memory plan and exit
   std::set<std::string> given;         // keys set on the command line or in the config file (not defaults)
   std::set<std::string> command_line;  // keys set on the command line
 };

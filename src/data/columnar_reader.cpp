@@ -9,6 +9,8 @@
 #include <arrow/record_batch.h>
 #include <arrow/type.h>
 #include <parquet/arrow/reader.h>
+#include <parquet/file_reader.h>
+#include <parquet/metadata.h>
 
 #include <cstring>
 #include <string>
@@ -88,9 +90,11 @@ class ChunkedTextReader : public ColumnarTextReader {
         pos_ = 0;
         continue;
       }
+      if (one_part_ && part_loaded_) return false;
       chunks_.clear();
       chunk_ = 0;
       pos_ = 0;
+      part_loaded_ = true;
       std::string part;
       if (!guarded(path_, "read error", [&] { return load(chunks_, part); })) return false;
       for (const auto& c : chunks_) {
@@ -102,15 +106,28 @@ class ChunkedTextReader : public ColumnarTextReader {
   }
   int64_t row() const override { return row_; }
 
+  void seek_part(int64_t k) override {
+    SEDD_CHECK(k >= 0 && k < parts(), "{}: no part {}", path_, k);
+    chunks_.clear();
+    chunk_ = 0;
+    pos_ = 0;
+    row_ = guarded(path_, "read error", [&] { return skip_to(k); }) - 1;
+    one_part_ = true;
+    part_loaded_ = false;
+  }
+
  protected:
   // The next part's arrays of the text column, and the part's name for messages; false at the end.
   virtual bool load(arrow::ArrayVector& out, std::string& part) = 0;
+  // Makes part k the next one load() reads; returns the rows before it.
+  virtual int64_t skip_to(int64_t k) = 0;
   std::string path_, field_;
 
  private:
   arrow::ArrayVector chunks_;
   size_t chunk_ = 0;
   int64_t pos_ = 0, row_ = -1;
+  bool one_part_ = false, part_loaded_ = false;
 };
 
 class ParquetTextReader final : public ChunkedTextReader {
@@ -126,8 +143,16 @@ class ParquetTextReader final : public ChunkedTextReader {
     column_ = text_column(*schema, path_, field_);
     row_groups_ = reader_->num_row_groups();
   }
+  int64_t parts() override { return row_groups_; }
 
  private:
+  int64_t skip_to(int64_t k) override {
+    int64_t rows = 0;
+    for (int g = 0; g < k; ++g) rows += reader_->parquet_reader()->metadata()->RowGroup(g)->num_rows();
+    next_group_ = static_cast<int>(k);
+    return rows;
+  }
+
   bool load(arrow::ArrayVector& out, std::string& part) override {
     if (next_group_ == row_groups_) return false;
     part = fmt::format("row group {}", next_group_);
@@ -166,9 +191,63 @@ class ArrowIpcTextReader final : public ChunkedTextReader {
       check_status(file_->Seek(0), path_, "cannot read");
       stream_reader_ = value_or_fail(arrow::ipc::RecordBatchStreamReader::Open(file_, options), path_, what);
     }
+    options_ = options;
+  }
+
+  int64_t parts() override {
+    if (file_reader_) return batches_;
+    if (stream_batches_ < 0) {
+      // A second reader over the mapped file counts the batches (only their metadata is touched).
+      auto counter = value_or_fail(arrow::ipc::RecordBatchStreamReader::Open(
+                                       value_or_fail(arrow::io::MemoryMappedFile::Open(path_, arrow::io::FileMode::READ),
+                                                     path_, "cannot open"),
+                                       options_),
+                                   path_, "not a readable Arrow IPC stream");
+      int64_t n = 0;
+      for (;;) {
+        std::shared_ptr<arrow::RecordBatch> batch;
+        check_status(counter->ReadNext(&batch), path_, fmt::format("cannot read record batch {}", n),
+                     "; the file is truncated or damaged");
+        if (!batch) break;
+        ++n;
+      }
+      static const char kEnd[8] = {'\xff', '\xff', '\xff', '\xff', 0, 0, 0, 0};
+      SEDD_CHECK_INPUT(size_ >= 8 && std::memcmp(prefix(size_ - 8, 8).data(), kEnd, 8) == 0,
+                       "{}: the Arrow IPC stream ends after {} record batches without its end-of-stream marker; "
+                       "the file is truncated (or its writer was never closed)",
+                       path_, n);
+      stream_batches_ = n;
+    }
+    return stream_batches_;
   }
 
  private:
+  int64_t skip_to(int64_t k) override {
+    if (file_reader_) {
+      for (; skipped_ < k; ++skipped_)
+        skipped_rows_ += value_or_fail(file_reader_->ReadRecordBatch(static_cast<int>(skipped_)), path_,
+                                       fmt::format("cannot read record batch {}", skipped_))->num_rows();
+      if (k < skipped_) {  // backwards: count again from the start
+        skipped_ = 0;
+        skipped_rows_ = 0;
+        return skip_to(k);
+      }
+      next_batch_ = static_cast<int>(k);
+      return skipped_rows_;
+    }
+    SEDD_CHECK(k >= next_batch_, "{}: an Arrow IPC stream is read forwards only (record batch {} after {})", path_, k,
+               next_batch_);
+    while (next_batch_ < k) {
+      std::shared_ptr<arrow::RecordBatch> batch;
+      check_status(stream_reader_->ReadNext(&batch), path_, fmt::format("cannot read record batch {}", next_batch_),
+                   "; the file is truncated or damaged");
+      SEDD_CHECK_INPUT(batch != nullptr, "{}: no record batch {}", path_, k);
+      stream_rows_ += batch->num_rows();
+      ++next_batch_;
+    }
+    return stream_rows_;
+  }
+
   std::string prefix(int64_t offset, int64_t n) {
     auto buf = value_or_fail(file_->ReadAt(offset, n), path_, "cannot read");
     return std::string(reinterpret_cast<const char*>(buf->data()), buf->size());
@@ -196,6 +275,7 @@ class ArrowIpcTextReader final : public ChunkedTextReader {
       }
     }
     ++next_batch_;
+    if (stream_reader_) stream_rows_ += batch->num_rows();
     out = {batch->column(0)};
     return true;
   }
@@ -203,7 +283,8 @@ class ArrowIpcTextReader final : public ChunkedTextReader {
   std::shared_ptr<arrow::io::MemoryMappedFile> file_;
   std::shared_ptr<arrow::ipc::RecordBatchFileReader> file_reader_;
   std::shared_ptr<arrow::ipc::RecordBatchStreamReader> stream_reader_;
-  int64_t size_ = 0;
+  arrow::ipc::IpcReadOptions options_ = arrow::ipc::IpcReadOptions::Defaults();
+  int64_t size_ = 0, stream_batches_ = -1, stream_rows_ = 0, skipped_ = 0, skipped_rows_ = 0;
   int batches_ = 0, next_batch_ = 0;
 };
 

@@ -17,8 +17,14 @@ class ColumnarTextReader {
   // The next row's text, valid until the next call; false after the last row. Throws sedd::Error
   // naming the file and row for a null, damaged data or a truncated file.
   virtual bool next(std::string_view& text) = 0;
-  // Index of the row last returned, from 0.
+  // Index of the row last returned, from 0 (counted from the file's start, also after seek_part).
   virtual int64_t row() const = 0;
+  // The file's parts: Parquet row groups, Arrow record batches (a stream is read through once to
+  // count them).
+  virtual int64_t parts() = 0;
+  // Moves to the start of part `k`; next() then returns that part's rows only (false at its end).
+  // A stream moves forward only: k must not be before the part last read.
+  virtual void seek_part(int64_t k) = 0;
 };
 
 // Opens `path` and checks that column `field` exists and holds strings (string or large_string);

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <climits>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -32,6 +34,11 @@ class PlainTextDocument final : public DocumentSource {
   }
   std::string where() const override { return path_; }
   int64_t bytes_read() const override { return bytes_; }
+  int64_t parts(int64_t) override { return 1; }
+  void seek_part(int64_t k, int64_t) override {
+    SEDD_CHECK(k == 0, "{}: a text file is one part", path_);
+    done_ = false;
+  }
 
  private:
   std::string path_;
@@ -46,9 +53,10 @@ class JsonLinesDocuments final : public DocumentSource {
     SEDD_CHECK_INPUT(in_.good(), "{}: cannot open input", path_);
   }
   bool next(std::string& text) override {
-    std::string line;
-    while (std::getline(in_, line)) {
+    std::string& line = line_;
+    while (pos_ < end_ && std::getline(in_, line)) {
       ++line_no_;
+      pos_ += static_cast<int64_t>(line.size()) + 1;
       bytes_ += static_cast<int64_t>(line.size()) + 1;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       nlohmann::json j;
@@ -66,13 +74,53 @@ class JsonLinesDocuments final : public DocumentSource {
     SEDD_CHECK(!in_.bad(), "{}: read error", path_);
     return false;
   }
-  std::string where() const override { return fmt::format("{}:{}", path_, line_no_); }
+  // After seek_part the line number is counted (once, on a message's demand) from the file's start.
+  std::string where() const override {
+    if (lines_before_ < 0) {
+      std::ifstream count(path_, std::ios::binary);
+      lines_before_ = 0;
+      std::vector<char> buf(1 << 20);
+      for (int64_t left = part_start_; left > 0 && count;) {
+        count.read(buf.data(), std::min<int64_t>(left, static_cast<int64_t>(buf.size())));
+        const auto got = count.gcount();
+        lines_before_ += std::count(buf.data(), buf.data() + got, '\n');
+        left -= got;
+        if (got == 0) break;
+      }
+    }
+    return fmt::format("{}:{}", path_, lines_before_ + line_no_);
+  }
   int64_t bytes_read() const override { return bytes_; }
+  int64_t parts(int64_t part_bytes) override {
+    SEDD_CHECK(part_bytes > 0, "part size must be positive");
+    const auto size = static_cast<int64_t>(std::filesystem::file_size(path_));
+    return std::max<int64_t>(1, (size + part_bytes - 1) / part_bytes);
+  }
+  void seek_part(int64_t k, int64_t part_bytes) override {
+    const auto size = static_cast<int64_t>(std::filesystem::file_size(path_));
+    const int64_t begin = std::min(size, k * part_bytes);
+    end_ = std::min(size, begin + part_bytes);
+    in_.clear();
+    pos_ = begin;
+    if (begin > 0) {  // the line that starts before the range is the previous part's
+      in_.seekg(begin - 1);
+      std::string rest;
+      std::getline(in_, rest);
+      pos_ = begin - 1 + static_cast<int64_t>(rest.size()) + 1;
+    } else {
+      in_.seekg(0);
+    }
+    SEDD_CHECK(!in_.bad(), "{}: read error", path_);
+    part_start_ = pos_;
+    lines_before_ = pos_ == 0 ? 0 : -1;
+    line_no_ = 0;
+  }
 
  private:
-  std::string path_, field_;
+  std::string path_, field_, line_;
   std::ifstream in_;
-  int64_t line_no_ = 0, bytes_ = 0;
+  int64_t line_no_ = 0, bytes_ = 0, pos_ = 0, end_ = INT64_MAX, part_start_ = 0;
+  mutable int64_t lines_before_ = 0;
 };
 
 #ifdef SEDD_HAVE_ARROW
@@ -89,6 +137,8 @@ class ColumnarDocuments final : public DocumentSource {
   }
   std::string where() const override { return fmt::format("{}: row {}", path_, reader_->row()); }
   int64_t bytes_read() const override { return bytes_; }
+  int64_t parts(int64_t) override { return reader_->parts(); }
+  void seek_part(int64_t k, int64_t) override { reader_->seek_part(k); }
 
  private:
   std::string path_;

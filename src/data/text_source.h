@@ -36,6 +36,13 @@ class DocumentSource {
   virtual std::string where() const = 0;
   // Input bytes consumed so far (text bytes for Parquet and Arrow), for progress reports.
   virtual int64_t bytes_read() const = 0;
+  // The parts the file splits into, so that ranks and threads share one file: byte ranges of
+  // `part_bytes` (jsonl; a part holds the lines that start in its range), row groups (parquet),
+  // record batches (arrow); a text file is one part. The split depends on the file only.
+  virtual int64_t parts(int64_t part_bytes) = 0;
+  // Moves to the start of part `k` (of parts(part_bytes)); next() then returns that part's
+  // documents only. An Arrow stream moves forwards only.
+  virtual void seek_part(int64_t k, int64_t part_bytes) = 0;
 };
 
 // `field`: the JSON field (jsonl) or column (parquet, arrow) holding the text; unused for text.

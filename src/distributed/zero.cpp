@@ -1,4 +1,4 @@
-// ZeRO-1 sharded AdamW; see zero.h.
+// ZeRO-1/2 sharded AdamW; see zero.h.
 #include "distributed/zero.h"
 
 #include <torch/csrc/autograd/function.h>
@@ -14,6 +14,19 @@ namespace sedd {
 namespace {
 
 constexpr int64_t kAlign = 4;  // chunk sizes in multiples of 16 bytes (fp32) for the collectives
+
+// Runs before AccumulateGrad adds a parameter's gradient into its buffer (ZeRO-2: allocates it).
+class BeforeAccumulate final : public torch::autograd::FunctionPreHook {
+ public:
+  explicit BeforeAccumulate(std::function<void()> fn) : fn_(std::move(fn)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    fn_();
+    return grads;
+  }
+
+ private:
+  std::function<void()> fn_;
+};
 
 // Runs after AccumulateGrad has added a parameter's gradient into its buffer.
 class AfterAccumulate final : public torch::autograd::FunctionPostHook {
@@ -38,6 +51,9 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 ShardedAdamW::ShardedAdamW(std::vector<ParamSpec> params, Communicator& comm, AdamWConfig cfg)
     : comm_(comm), cfg_(cfg), params_(std::move(params)) {
   SEDD_CHECK(!params_.empty(), "ShardedAdamW: no parameters");
+  SEDD_CHECK(cfg_.zero_stage == 1 || cfg_.zero_stage == 2, "ShardedAdamW: ZeRO stage {} (1 or 2)", cfg_.zero_stage);
+  SEDD_CHECK(cfg_.max_buckets_in_flight >= 1, "ShardedAdamW: max_buckets_in_flight {} (>= 1)",
+             cfg_.max_buckets_in_flight);
   const int W = comm_.size(), r = comm_.rank();
   const size_t P = params_.size();
   param_index_of_param_.resize(P);
@@ -66,7 +82,7 @@ ShardedAdamW::ShardedAdamW(std::vector<ParamSpec> params, Communicator& comm, Ad
 
   auto opts = params_[0].tensor.options().requires_grad(false);
   flat_param_ = torch::zeros({flat}, opts);
-  flat_grad_ = torch::zeros({flat}, opts);
+  if (cfg_.zero_stage == 1) flat_grad_ = torch::zeros({flat}, opts);  // stage 2: per-bucket storage
   flat_offset_of_param_.resize(P);
   torch::NoGradGuard no_grad;
   for (const auto& b : buckets_) {
@@ -77,7 +93,7 @@ ShardedAdamW::ShardedAdamW(std::vector<ParamSpec> params, Communicator& comm, Ad
       auto view = flat_param_.narrow(0, off, p.numel()).view(p.sizes());
       view.copy_(p);
       p.set_data(view);  // the module now reads and writes the flat buffer
-      p.mutable_grad() = flat_grad_.narrow(0, off, p.numel()).view(p.sizes());
+      if (cfg_.zero_stage == 1) p.mutable_grad() = flat_grad_.narrow(0, off, p.numel()).view(p.sizes());
       off += p.numel();
     }
   }
@@ -113,10 +129,14 @@ ShardedAdamW::ShardedAdamW(std::vector<ParamSpec> params, Communicator& comm, Ad
   }
 
   arrived_.assign(buckets_.size(), 0);
+  reductions_.assign(buckets_.size(), 0);
+  bucket_grad_.resize(buckets_.size());
   param_seen_.assign(P, false);
   for (size_t i = 0; i < P; ++i) {
     if (!params_[i].tensor.requires_grad()) continue;
     auto acc = torch::autograd::impl::grad_accumulator(params_[i].tensor);
+    if (cfg_.zero_stage == 2)
+      acc->add_pre_hook(std::make_unique<BeforeAccumulate>([this, i] { allocate_bucket(bucket_of_param_[i]); }));
     acc->add_post_hook(std::make_unique<AfterAccumulate>([this, i] { on_gradient(i); }));
     accumulators_.push_back(acc);
   }
@@ -137,7 +157,62 @@ torch::Tensor ShardedAdamW::own_chunk(const torch::Tensor& flat, const Bucket& b
   return flat.narrow(0, b.flat_offset + comm_.rank() * b.chunk, b.chunk);
 }
 
-void ShardedAdamW::zero_grad() { flat_grad_.zero_(); }
+void ShardedAdamW::zero_grad() {
+  if (cfg_.zero_stage == 1) flat_grad_.zero_();
+  else release_all_buckets();
+  std::fill(reductions_.begin(), reductions_.end(), 0);
+}
+
+void ShardedAdamW::count_bytes(int64_t delta) {
+  live_gradient_bytes_ += delta;
+  peak_gradient_bytes_ = std::max(peak_gradient_bytes_, live_gradient_bytes_);
+}
+
+void ShardedAdamW::allocate_bucket(size_t k) {
+  if (bucket_grad_[k].defined()) return;
+  const Bucket& b = buckets_[k];
+  torch::NoGradGuard no_grad;
+  bucket_grad_[k] = torch::zeros({b.chunk * comm_.size()}, flat_param_.options());
+  count_bytes(bucket_grad_[k].numel() * bucket_grad_[k].element_size());
+  int64_t off = 0;
+  for (size_t i = b.first_param; i < b.end_param; ++i) {
+    auto& p = params_[i].tensor;
+    p.mutable_grad() = bucket_grad_[k].narrow(0, off, p.numel()).view(p.sizes());
+    off += p.numel();
+  }
+}
+
+void ShardedAdamW::release_bucket(size_t k) {
+  if (!bucket_grad_[k].defined()) return;
+  const Bucket& b = buckets_[k];
+  for (size_t i = b.first_param; i < b.end_param; ++i) params_[i].tensor.mutable_grad() = torch::Tensor();
+  count_bytes(-bucket_grad_[k].numel() * bucket_grad_[k].element_size());
+  bucket_grad_[k] = torch::Tensor();
+}
+
+void ShardedAdamW::release_all_buckets() {
+  for (size_t k = 0; k < buckets_.size(); ++k) release_bucket(k);
+}
+
+int64_t ShardedAdamW::gradient_bytes() const {
+  const int64_t shard = grad_shard_.numel() * grad_shard_.element_size();
+  if (cfg_.zero_stage == 1) return shard + flat_grad_.numel() * flat_grad_.element_size();
+  return shard + live_gradient_bytes_;
+}
+
+int64_t ShardedAdamW::peak_gradient_bytes() const {
+  if (cfg_.zero_stage == 1) return gradient_bytes();
+  return grad_shard_.numel() * grad_shard_.element_size() + peak_gradient_bytes_;
+}
+
+void ShardedAdamW::begin_backward(bool last_micro_batch) {
+  if (armed_) {  // the previous micro-batch was reduced while its backward ran: complete it
+    launch_ready_buckets(true);
+    wait_in_flight();
+    armed_ = false;
+  }
+  if (last_micro_batch || (cfg_.zero_stage == 2 && cfg_.reduce_every_micro_batch)) overlap_next_backward();
+}
 
 void ShardedAdamW::overlap_next_backward() {
   armed_ = true;
@@ -158,12 +233,45 @@ void ShardedAdamW::on_gradient(size_t i) {
 
 void ShardedAdamW::launch(size_t k) {
   const Bucket& b = buckets_[k];
+  torch::NoGradGuard no_grad;
+  if (cfg_.zero_stage == 2) {
+    // Bound the buckets held: the oldest reduction completes (and frees its bucket) first.
+    while (static_cast<int>(in_flight_.size()) >= cfg_.max_buckets_in_flight) {
+      retire(in_flight_.front());
+      in_flight_.erase(in_flight_.begin());
+    }
+    allocate_bucket(k);  // a bucket no gradient reached this step still takes part (zeros)
+  }
   auto t0 = std::chrono::steady_clock::now();
+  InFlight f{nullptr, k, torch::Tensor()};
+  // The first reduction of the step writes the shard; later ones (stage 2, every micro-batch)
+  // receive apart and are added when retired.
   auto mine = grad_shard_.narrow(0, b.shard_offset, b.chunk);
-  in_flight_.push_back(comm_.reduce_scatter_async(
-      bucket_view(flat_grad_, b), mine, ReduceOp::Mean,
-      fmt::format("reduce_scatter of gradient bucket {} of {}", k + 1, buckets_.size())));
+  if (reductions_[k]++ > 0) {
+    f.received = torch::empty({b.chunk}, grad_shard_.options());
+    count_bytes(b.chunk * grad_shard_.element_size());
+    mine = f.received;
+  }
+  const auto full = cfg_.zero_stage == 1 ? bucket_view(flat_grad_, b) : bucket_grad_[k];
+  f.work = comm_.reduce_scatter_async(full, mine, ReduceOp::Mean,
+                                      fmt::format("reduce_scatter of gradient bucket {} of {}", k + 1, buckets_.size()));
+  in_flight_.push_back(std::move(f));
   comm_seconds_ += seconds_since(t0);
+}
+
+void ShardedAdamW::retire(InFlight& f) {
+  auto t0 = std::chrono::steady_clock::now();
+  f.work->wait();
+  comm_seconds_ += seconds_since(t0);
+  f.work.reset();
+  if (f.bucket >= buckets_.size()) return;  // not a gradient reduction
+  if (f.received.defined()) {
+    const Bucket& b = buckets_[f.bucket];
+    grad_shard_.narrow(0, b.shard_offset, b.chunk).add_(f.received);
+    count_bytes(-f.received.numel() * f.received.element_size());
+    f.received = torch::Tensor();
+  }
+  if (cfg_.zero_stage == 2) release_bucket(f.bucket);
 }
 
 void ShardedAdamW::launch_ready_buckets(bool all) {
@@ -176,17 +284,15 @@ void ShardedAdamW::launch_ready_buckets(bool all) {
 }
 
 void ShardedAdamW::wait_in_flight() {
-  auto t0 = std::chrono::steady_clock::now();
-  for (auto& w : in_flight_) w->wait();
+  for (auto& f : in_flight_) retire(f);
   in_flight_.clear();
-  comm_seconds_ += seconds_since(t0);
 }
 
 void ShardedAdamW::discard() {
   if (armed_) launch_ready_buckets(true);  // every rank launched the same buckets: finish them all
   wait_in_flight();
   armed_ = false;
-  flat_grad_.zero_();
+  zero_grad();
 }
 
 StepStats ShardedAdamW::step(double lr, const torch::Tensor& local_loss) {
@@ -243,13 +349,14 @@ StepStats ShardedAdamW::step(double lr, const torch::Tensor& local_loss) {
   auto t1 = std::chrono::steady_clock::now();
   for (size_t k = 0; k < buckets_.size(); ++k) {
     auto full = bucket_view(flat_param_, buckets_[k]);
-    in_flight_.push_back(comm_.all_gather_async(own_chunk(flat_param_, buckets_[k]), full,
-                                                fmt::format("all_gather of parameter bucket {} of {}", k + 1,
-                                                            buckets_.size())));
+    in_flight_.push_back({comm_.all_gather_async(own_chunk(flat_param_, buckets_[k]), full,
+                                                 fmt::format("all_gather of parameter bucket {} of {}", k + 1,
+                                                             buckets_.size())),
+                          buckets_.size(), torch::Tensor()});
   }
   wait_in_flight();
   comm_seconds_ += seconds_since(t1);
-  flat_grad_.zero_();
+  zero_grad();
   return out;
 }
 

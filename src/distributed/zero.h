@@ -1,4 +1,4 @@
-// ZeRO-1 sharded AdamW with bucketed, overlapped gradient reduction.
+// ZeRO-1/2 sharded AdamW with bucketed, overlapped gradient reduction.
 //
 // The model's parameters are re-pointed into one flat buffer, their gradients into a second one.
 // The buffers are cut into buckets of whole parameters (train.bucket_elems, formed from the last
@@ -8,6 +8,18 @@
 // accumulated its last gradient, while backward goes on; and one in-place all-gather after the
 // update. The rank's shard (its chunks, concatenated) carries the AdamW moments and the EMA:
 // optimizer memory per rank is 1/W of the unsharded one.
+//
+// ZeRO-2 (zero_stage = 2) shards the gradient as well. There is no flat gradient buffer: a
+// bucket's gradient storage is allocated when backward first reaches one of its parameters (a
+// pre-hook on the parameter's gradient accumulator points the parameters' .grad into it) and
+// released as soon as its reduce-scatter has completed; at most max_buckets_in_flight reductions
+// are outstanding (launching one more first retires the oldest). Gradient memory per rank is the
+// fp32 shard plus the buckets being filled or reduced. With gradient accumulation the shard
+// accumulates over micro-batches: either every micro-batch is reduce-scattered
+// (reduce_every_micro_batch: memory stays at shard + buckets; M micro-batches cost M reductions
+// instead of one) or the buckets stay allocated until the last micro-batch reduces them
+// once (the full gradient is held during accumulation, as in ZeRO-1). Both stages share the shard
+// layout, so optimizer state and checkpoints do not depend on the stage.
 //
 // A step never synchronises with the host: the global gradient norm is reduced on the device
 // together with the training loss, the clip factor and a "non-finite" flag stay device tensors,
@@ -31,6 +43,9 @@ struct AdamWConfig {
   double ema = 0.9999;     // <= 0: no EMA (it follows the weights)
   bool ema_warmup = true;  // decay min(ema, (1 + n) / (10 + n)) at the n-th update, as SEDD's trainer
   int64_t bucket_elems = int64_t{1} << 22;
+  int zero_stage = 1;                   // 1: full gradient per rank; 2: only the rank's gradient shard
+  bool reduce_every_micro_batch = false;  // stage 2 with accumulation: reduce each micro-batch (else once)
+  int max_buckets_in_flight = 2;        // stage 2: reductions outstanding before the oldest is retired
 };
 
 struct ParamSpec {
@@ -54,8 +69,12 @@ class ShardedAdamW {
   ~ShardedAdamW();
 
   void zero_grad();
-  // Call right before the last micro-batch's backward: from then on each gradient bucket is
-  // reduce-scattered as soon as backward has filled it. Earlier micro-batches only accumulate.
+  // Call right before each micro-batch's backward. Stage 1 (and stage 2 reducing once): the last
+  // micro-batch's buckets are reduce-scattered as soon as backward has filled them, earlier ones
+  // only accumulate. Stage 2 reducing every micro-batch: every micro-batch's buckets are, and
+  // the previous micro-batch's reductions are completed (accumulated into the shard) first.
+  void begin_backward(bool last_micro_batch);
+  // begin_backward(true) for the one micro-batch of a step.
   void overlap_next_backward();
   // Abandons this step's gradients: waits for buckets in flight, then zeroes the buffer.
   void discard();
@@ -70,6 +89,12 @@ class ShardedAdamW {
   int64_t buckets_launched_during_backward() const { return launched_early_; }
   double comm_seconds() const { return comm_seconds_; }  // host time spent in collectives
   int64_t state_bytes() const;                           // moments + EMA held by this rank
+  int zero_stage() const { return cfg_.zero_stage; }
+  // Gradient storage this rank holds now: the shard, plus the full flat buffer (stage 1) or the
+  // buckets currently allocated and the receive buffers of reductions in flight (stage 2).
+  int64_t gradient_bytes() const;
+  // The most gradient_bytes() has been since construction (stage 2: tracked at every allocation).
+  int64_t peak_gradient_bytes() const;
 
   // Checkpoints. A piece maps `count` shard elements starting at `shard_offset` to the parameter
   // elements [param_index, param_index + count) of the unpadded, model-ordered parameter vector;
@@ -112,6 +137,12 @@ class ShardedAdamW {
   void launch(size_t bucket);
   void launch_ready_buckets(bool all);
   void wait_in_flight();
+  // Stage 2: the bucket's gradient storage, allocated (zeros) with the parameters' .grad pointing
+  // into it; and its release once reduced.
+  void allocate_bucket(size_t bucket);
+  void release_bucket(size_t bucket);
+  void release_all_buckets();
+  void count_bytes(int64_t delta);
 
   Communicator& comm_;
   AdamWConfig cfg_;
@@ -133,7 +164,19 @@ class ShardedAdamW {
   size_t next_launch_ = 0;
   bool armed_ = false;
   int64_t launched_early_ = 0;
-  std::vector<std::unique_ptr<Work>> in_flight_;
+  // A reduction in flight: the bucket it reduces (its storage is released when it is retired,
+  // stage 2) and, when the shard already holds this step's part of the bucket, the buffer it
+  // receives into (added to the shard when retired).
+  struct InFlight {
+    std::unique_ptr<Work> work;
+    size_t bucket;
+    torch::Tensor received;
+  };
+  void retire(InFlight& f);
+  std::vector<InFlight> in_flight_;
+  std::vector<torch::Tensor> bucket_grad_;  // stage 2: allocated buckets (undefined when released)
+  std::vector<int> reductions_;             // per bucket: reduce-scatters launched this step
+  int64_t live_gradient_bytes_ = 0, peak_gradient_bytes_ = 0;  // stage 2: buckets + receive buffers
   double comm_seconds_ = 0;
   bool keep_gradient_ = false;
   torch::Tensor last_gradient_;

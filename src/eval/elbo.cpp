@@ -47,14 +47,20 @@ double prior_kl_per_token(const Graph& graph, const Noise& noise) {
   return on * std::log(on * n) + (n - 1) * (off > 0 ? off * std::log(off * n) : 0.0);
 }
 
-ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0_in,
-                      int64_t first_index, const ElboConfig& cfg, torch::Device device) {
+namespace {
+
+// The bound of elbo_batch; with `scored_in` defined, the conditional one (conditional_elbo_batch).
+ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0_in,
+                           const torch::Tensor& indices_in, const torch::Tensor& scored_in, const ElboConfig& cfg,
+                           torch::Device device) {
   cfg.validate();
   torch::NoGradGuard ng;
   auto x0 = x0_in.to(device);
   const int64_t B = x0.size(0), L = x0.size(1), K = cfg.mc_samples, dim = graph.dim();
   const auto lopts = torch::TensorOptions().dtype(torch::kLong).device(device);
-  auto indices = torch::arange(first_index, first_index + B, lopts);
+  auto indices = indices_in.to(lopts);
+  const bool conditional = scored_in.defined();
+  torch::Tensor scored = conditional ? scored_in.to(device).to(torch::kBool) : torch::Tensor();
   auto times = elbo_times(cfg, indices);  // [B, K]
   torch::Tensor values = torch::empty({B, K}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
@@ -86,9 +92,11 @@ ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model,
     auto offset = torch::full({B}, k * L, lopts);
     auto xt = graph.corrupt(x0, sigma, RandomStream{cfg.seed, purpose::kEvalCorrupt, 0},
                             RandomStream{cfg.seed, purpose::kEvalRedraw, 0}, indices, offset);
+    if (conditional) xt = torch::where(scored, xt, x0);  // the condition stays clean at every time
     model.evaluate(xt, sigma);
     auto flat_xt = xt.view({-1});
     torch::Tensor rows = graph.absorbing() ? (flat_xt == graph.tokens()).nonzero().squeeze(1)
+                         : conditional     ? scored.reshape({-1}).nonzero().squeeze(1)
                                            : torch::arange(B * L, lopts);
     auto per_seq = torch::zeros({B}, dopts);
     for (int64_t i = 0; i < rows.size(0); i += chunk) {
@@ -117,25 +125,47 @@ ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model,
   values = values.cpu();
   ElboResult r;
   r.prior_nats = cfg.objective.name == "ar" ? 0.0 : prior_kl_per_token(graph, noise) * static_cast<double>(L);
+  if (conditional) {  // each row's own prior term, in its draws, so the results below include it
+    r.prior_nats = prior_kl_per_token(graph, noise);
+    values += (scored.sum(1).to(torch::kDouble).cpu() * r.prior_nats).unsqueeze(1);
+  }
+  const double prior_added = conditional ? 0.0 : r.prior_nats;
   if (cfg.objective.name == "ar") {  // exact: no Monte Carlo error
     r.bound = values.select(1, 0).clone();
     r.mc_variance = torch::zeros_like(r.bound);
   } else if (cfg.sampling == "antithetic" && K > 2) {  // the independent units are the pairs
     auto pairs = (values.narrow(1, 0, K / 2) + values.narrow(1, K / 2, K / 2)) / 2;
-    r.bound = pairs.mean(1) + r.prior_nats;
+    r.bound = pairs.mean(1) + prior_added;
     r.mc_variance = pairs.var(1) / static_cast<double>(K / 2);
   } else if (cfg.sampling == "antithetic") {
     // One pair: no spread of pairs to estimate from. The iid formula over its two draws, Var/2 with
     // Var = (a - b)^2 / 2, has mean Var_t (1 - rho) / 2 against the pair mean's true variance
     // Var_t (1 + rho) / 2: an upper bound whenever the pair's draws are negatively correlated,
     // which is what antithetic draws are for (and never NaN).
-    r.bound = values.mean(1) + r.prior_nats;
+    r.bound = values.mean(1) + prior_added;
     r.mc_variance = values.var(1) / static_cast<double>(K);
   } else {  // stratified: the iid formula, which overstates its variance (conservative)
-    r.bound = values.mean(1) + r.prior_nats;
+    r.bound = values.mean(1) + prior_added;
     r.mc_variance = values.var(1) / static_cast<double>(K);
   }
   return r;
+}
+
+}  // namespace
+
+ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
+                      int64_t first_index, const ElboConfig& cfg, torch::Device device) {
+  auto indices = torch::arange(first_index, first_index + x0.size(0), torch::kLong);
+  return elbo_keyed_rows(graph, noise, model, x0, indices, torch::Tensor(), cfg, device);
+}
+
+ElboResult conditional_elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
+                                  const torch::Tensor& scored, const torch::Tensor& indices, const ElboConfig& cfg,
+                                  torch::Device device) {
+  SEDD_CHECK(cfg.objective.name != "ar", "conditional_elbo_batch: the autoregressive likelihood is exact; no bound");
+  SEDD_CHECK(scored.sizes() == x0.sizes() && indices.size(0) == x0.size(0),
+             "conditional_elbo_batch: scored must be shaped like x0 and indices hold one key per row");
+  return elbo_keyed_rows(graph, noise, model, x0, indices, scored, cfg, device);
 }
 
 }  // namespace sedd

@@ -45,4 +45,14 @@ double prior_kl_per_token(const Graph& graph, const Noise& noise);
 ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
                       int64_t first_index, const ElboConfig& cfg, torch::Device device);
 
+// The conditional bound (docs/DESIGN.md, "Conditional likelihood"): -log p(x0[scored] | x0[rest])
+// of a diffusion model (not ar) for x0 [B, L] and scored [B, L] bool. Only the scored positions are
+// corrupted; the others stay clamped to x0 at every time, so the network sees them, and the
+// integrand and the prior term sum over the scored positions only. bound [B] includes each row's
+// own prior term; prior_nats is then the prior term per scored position. indices [B]: the keys of
+// the rows' draws (any order). Results on the CPU.
+ElboResult conditional_elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
+                                  const torch::Tensor& scored, const torch::Tensor& indices, const ElboConfig& cfg,
+                                  torch::Device device);
+
 }  // namespace sedd

@@ -48,6 +48,81 @@ struct CudaAutocast {
   at::ScalarType prev_dtype_ = at::kBFloat16;
 };
 
+// A checkpointed block: forward runs without a graph and saves only the block's inputs; backward
+// runs the block again with grad on detached inputs, under the autocast state of the forward, and
+// differentiates it. The block's parameters are inputs of the node, so their gradients reach their
+// accumulators (and the optimizer's hooks on them) through ordinary autograd accumulation.
+// Dropout is keyed, so the recomputation draws the same masks: no RNG state is saved.
+struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, DDiTBlockImpl* block, const Rotary* rotary,
+                               const torch::Tensor& x, const torch::Tensor& c, const DropoutKey* key, bool fused,
+                               torch::TensorList params) {
+    // The block and the rotary table belong to the model, which outlives its autograd graphs.
+    ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
+    ctx->saved_data["rotary"] = reinterpret_cast<int64_t>(rotary);
+    ctx->saved_data["fused"] = fused;
+    ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(at::kCUDA);
+    ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCUDA));
+    ctx->saved_data["has_key"] = key != nullptr;
+    if (key) {
+      ctx->saved_data["seed"] = static_cast<int64_t>(key->seed);
+      ctx->saved_data["step"] = static_cast<int64_t>(key->step);
+      ctx->saved_data["rows"] = key->rows;
+    }
+    ctx->save_for_backward({x, c});
+    return block->forward(x, *rotary, c, key, fused);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto* block = reinterpret_cast<DDiTBlockImpl*>(ctx->saved_data["block"].toInt());
+    const auto* rotary = reinterpret_cast<const Rotary*>(ctx->saved_data["rotary"].toInt());
+    auto saved = ctx->get_saved_variables();
+    DropoutKey key;
+    const bool has_key = ctx->saved_data["has_key"].toBool();
+    if (has_key) {
+      key.seed = static_cast<uint64_t>(ctx->saved_data["seed"].toInt());
+      key.step = static_cast<uint64_t>(ctx->saved_data["step"].toInt());
+      key.rows = ctx->saved_data["rows"].toTensor();
+    }
+    std::vector<torch::Tensor> wrt;
+    auto x = saved[0].detach().requires_grad_(saved[0].requires_grad());
+    auto c = saved[1].detach().requires_grad_(saved[1].requires_grad());
+    if (x.requires_grad()) wrt.push_back(x);
+    if (c.requires_grad()) wrt.push_back(c);
+    auto params = block->parameters();
+    for (const auto& p : params) wrt.push_back(p);
+    torch::Tensor y;
+    {
+      torch::AutoGradMode grad_on(true);
+      const bool autocast = ctx->saved_data["autocast"].toBool();
+      const auto prev = at::autocast::is_autocast_enabled(at::kCUDA);
+      const auto prev_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+      if (autocast) {
+        at::autocast::set_autocast_enabled(at::kCUDA, true);
+        at::autocast::set_autocast_dtype(at::kCUDA,
+                                         static_cast<at::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
+        at::autocast::increment_nesting();
+      }
+      y = block->forward(x, *rotary, c, has_key ? &key : nullptr, ctx->saved_data["fused"].toBool());
+      if (autocast) {
+        if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+        at::autocast::set_autocast_enabled(at::kCUDA, prev);
+        at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype);
+      }
+    }
+    auto grads = torch::autograd::grad({y}, wrt, {grad_out[0]}, /*retain_graph=*/false, /*create_graph=*/false,
+                                       /*allow_unused=*/true);
+    // One gradient per forward argument: block, rotary, x, c, key, fused, then each parameter.
+    torch::autograd::variable_list out(6 + params.size());
+    size_t g = 0;
+    if (x.requires_grad()) out[2] = grads[g++];
+    if (c.requires_grad()) out[3] = grads[g++];
+    for (size_t i = 0; i < params.size(); ++i) out[6 + i] = grads[g++];
+    return out;
+  }
+};
+
 }  // namespace
 
 BiasFreeLayerNormImpl::BiasFreeLayerNormImpl(int64_t d) : dim(d) {
@@ -202,7 +277,16 @@ DDiTHidden DDiTImpl::forward_hidden(const torch::Tensor& indices, const torch::T
   torch::Tensor c = F::silu(sigma_map->forward(sigma_in));
   const bool fused = uses_fused_kernels(x.device());
   CudaAutocast autocast(bf16 && x.is_cuda());
-  for (const auto& block : *blocks) x = block->as<DDiTBlock>()->forward(x, rotary_emb, c, key, fused);
+  const bool checkpointing = checkpoint_every > 0 && torch::GradMode::is_enabled();
+  for (size_t i = 0; i < blocks->size(); ++i) {
+    auto* block = blocks[i]->as<DDiTBlock>();
+    if (checkpointing && static_cast<int64_t>(i) % checkpoint_every == 0) {
+      const auto params = block->parameters();  // a TensorList: autograd inputs of the node
+      x = CheckpointedBlock::apply(block, &rotary_emb, x, c, key, fused, torch::TensorList(params));
+    } else {
+      x = block->forward(x, rotary_emb, c, key, fused);
+    }
+  }
   return {at_least_float(x), c};
 }
 

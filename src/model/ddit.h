@@ -122,6 +122,11 @@ struct DDiTImpl : torch::nn::Module {
   // CUDA, the kernels are built and their self-check passed on the device (fused_ops_active());
   // CPU runs always take the plain LibTorch ops.
   bool fused_kernels = true;
+  // Activation checkpointing, a training setting (not saved with the weights): with K > 0 the
+  // blocks whose index is a multiple of K keep only their inputs (x, c) while grad mode is on and
+  // run again in backward; K = 1 checkpoints every block. Keyed dropout redraws the same masks, so
+  // gradients equal those of the plain path bit for bit.
+  int64_t checkpoint_every = 0;
   // Whether forward passes on `device` take the fused kernels.
   bool uses_fused_kernels(const torch::Device& device) const;
   TokenEmbedding vocab_embed{nullptr};

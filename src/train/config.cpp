@@ -2,6 +2,7 @@
 #include "train/config.h"
 
 #include <cmath>
+#include <cstdlib>
 
 #include "io/error.h"
 
@@ -64,6 +65,10 @@ void TrainingConfig::validate(int world) const {
   SEDD_CHECK(train.eval_batches > 0, "train.eval_batches must be positive, got {}", train.eval_batches);
   SEDD_CHECK(train.keep_ckpts > 0, "train.keep_ckpts must be at least 1, got {}", train.keep_ckpts);
   SEDD_CHECK(train.bucket_elems > 0, "train.bucket_elems must be positive, got {}", train.bucket_elems);
+  SEDD_CHECK(train.zero_stage == 1 || train.zero_stage == 2,
+             "train.zero_stage must be 1 (optimizer state sharded) or 2 (gradients too), got {}", train.zero_stage);
+  SEDD_CHECK(train.zero2_reduce == "micro_batch" || train.zero2_reduce == "step",
+             "train.zero2_reduce must be micro_batch or step, got '{}'", train.zero2_reduce);
   SEDD_CHECK(train.time_sampling == "iid" || train.time_sampling == "antithetic" || train.time_sampling == "stratified",
              "train.time_sampling must be iid, antithetic or stratified, got '{}'", train.time_sampling);
   SEDD_CHECK(train.time_sampling != "antithetic" || train.batch_size % 2 == 0,
@@ -82,7 +87,25 @@ void TrainingConfig::validate(int world) const {
              "run.device must be cpu, cuda or auto, got '{}'", run.device);
   SEDD_CHECK(!(train.precision == "bf16" && run.device == "cpu"),
              "train.precision = bf16 needs a GPU (run.device = cuda or auto); CPU runs fp32");
+  checkpoint_interval(train.activation_checkpointing);
+  check_finite(plan.memory_gb, "plan.memory_gb");
+  SEDD_CHECK(plan.memory_gb >= 0, "plan.memory_gb must be >= 0 (0: the GPU's memory), got {}", plan.memory_gb);
+  SEDD_CHECK(plan.world_size >= 0, "plan.world_size must be >= 0 (0: the launched world size), got {}",
+             plan.world_size);
+  SEDD_CHECK(plan.vocab >= 0, "plan.vocab must be >= 0 (0: the data's vocabulary), got {}", plan.vocab);
   model.validate();
+}
+
+int64_t checkpoint_interval(const std::string& setting) {
+  if (setting == "none") return 0;
+  if (setting == "blocks") return 1;
+  if (setting.rfind("every:", 0) == 0) {
+    const std::string k = setting.substr(6);
+    char* end = nullptr;
+    const long long v = k.empty() ? 0 : std::strtoll(k.c_str(), &end, 10);
+    if (!k.empty() && end && *end == '\0' && v >= 1) return v;
+  }
+  fail("train.activation_checkpointing must be none, blocks or every:K with K >= 1, got '{}'", setting);
 }
 
 double learning_rate(const TrainSection& t, int64_t step) {

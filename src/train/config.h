@@ -40,6 +40,8 @@ struct TrainSection {
   int64_t ckpt_every = 0;             // 0: only at the end; < 0: never (benchmarks)
   int64_t keep_ckpts = 3;
   int64_t bucket_elems = int64_t{1} << 22;  // gradient bucket reduced while backward still runs
+  int zero_stage = 1;                 // 1: optimizer state sharded; 2: the gradient too (docs/DESIGN.md)
+  std::string zero2_reduce = "step";  // stage 2 with accumulation: micro_batch | step (when to reduce-scatter)
   std::string time_sampling = "iid";  // iid | antithetic | stratified (over the global batch)
   bool fused_loss = true;             // masked-rows projection fused with the loss (else full logits)
   bool fused_kernels = true;          // GPU: fused CUDA kernels for the block's elementwise chains
@@ -47,6 +49,15 @@ struct TrainSection {
   double peak_tflops = 0;             // MFU denominator per GPU; 0: from the GPU's name
   double lambda_ce = 0.01;            // d3pm: weight of the auxiliary cross entropy (hybrid loss)
   std::string init_from;              // model.h5 whose raw weights start the run (ignored on resume)
+  // none | blocks | every:K: which blocks recompute their activations in backward (blocks = every:1).
+  std::string activation_checkpointing = "none";
+};
+
+// Memory plan settings (sedd-train --plan and the plan printed at the start of a run).
+struct PlanSection {
+  double memory_gb = 0;               // memory per rank to fit; 0: the GPU's (CPU runs: physical memory)
+  int world_size = 0;                 // --plan only: ranks to plan for; 0: the launched world size
+  int64_t vocab = 0;                  // --plan only: vocabulary size when data.train is not at hand (0: the data's)
 };
 
 struct ResumeSection {
@@ -70,6 +81,7 @@ struct TrainingConfig {
   ResumeSection resume;
   DistSection dist;
   DebugSection debug;
+  PlanSection plan;
 
   void validate(int world) const;
   int64_t rows_per_rank(int world) const { return train.batch_size / world; }
@@ -77,6 +89,10 @@ struct TrainingConfig {
     return train.micro_batch_size > 0 ? train.micro_batch_size : rows_per_rank(world);
   }
 };
+
+// train.activation_checkpointing as the block interval K of DDiTImpl::checkpoint_every: none -> 0,
+// blocks -> 1, every:K -> K. Throws sedd::Error naming the key for anything else.
+int64_t checkpoint_interval(const std::string& setting);
 
 // Learning rate at `step` (1-based): linear warmup, then constant or cosine decay.
 double learning_rate(const TrainSection& t, int64_t step);

@@ -14,6 +14,7 @@
 #include "model/fused_ops.h"
 #include "model/weights.h"
 #include "train/fingerprint.h"
+#include "train/memory_plan.h"
 #include "train/metrics.h"
 
 namespace sedd {
@@ -99,6 +100,7 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
   }
   model_->bf16 = cfg_.train.precision == "bf16";
   model_->fused_kernels = cfg_.train.fused_kernels;
+  model_->checkpoint_every = checkpoint_interval(cfg_.train.activation_checkpointing);
   if (rt_.device.is_cuda()) {
     // TF32 for the fp32 matmuls that remain (bf16 runs do their matmuls in bf16 anyway).
     at::globalContext().setAllowTF32CuBLAS(true);
@@ -106,6 +108,8 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
   }
   AdamWConfig ac{cfg_.train.beta1,     cfg_.train.beta2, cfg_.train.adam_eps, cfg_.train.weight_decay,
                  cfg_.train.grad_clip, cfg_.train.ema,   true,                cfg_.train.bucket_elems};
+  ac.zero_stage = cfg_.train.zero_stage;
+  ac.reduce_every_micro_batch = cfg_.train.zero2_reduce == "micro_batch";
   std::vector<ParamSpec> params;
   for (auto& p : model_->named_parameters())  // decoupled decay on matrices only, as reference trainers do
     params.push_back({p.key(), p.value(), p.value().dim() >= 2 && p.key() != "vocab_embed.embedding"});
@@ -153,14 +157,23 @@ Trainer::Trainer(TrainingConfig cfg, Runtime& rt, Communicator& comm, ControlPla
     if (rt_.device.is_cuda())
       std::printf("[train] fused kernels: %s\n", model_->uses_fused_kernels(rt_.device) ? fused_ops_status().c_str()
                                                                                         : "off (train.fused_kernels)");
+    try {
+      std::printf("%s", plan_memory(cfg_, comm_.size(), rt_.device.is_cuda(), device_memory_bytes(rt_.device))
+                            .text()
+                            .c_str());
+    } catch (const Error& e) {
+      std::printf("[plan] no memory plan: %s\n", e.what());
+    }
     std::printf("[train] threads per rank: %d (%s)\n", rt_.threads, rt_.threads_source.c_str());
     std::printf("[train] %d ranks x %d threads on %s (%s collectives); global batch %lld = %d ranks x %lld micro x "
-                "%lld accumulation; optimizer+EMA state %.2f MB per rank; %lld gradient buckets\n",
+                "%lld accumulation; optimizer+EMA state %.2f MB per rank; ZeRO-%d, gradient %.2f MB per rank; %lld "
+                "gradient buckets\n",
                 comm_.size(), rt_.threads, rt_.device_name().c_str(), comm_.backend().c_str(),
                 static_cast<long long>(cfg_.train.batch_size), comm_.size(),
                 static_cast<long long>(cfg_.micro_batch(comm_.size())),
                 static_cast<long long>(cfg_.rows_per_rank(comm_.size()) / cfg_.micro_batch(comm_.size())),
-                opt_->state_bytes() / 1e6, static_cast<long long>(opt_->buckets()));
+                opt_->state_bytes() / 1e6, opt_->zero_stage(), opt_->gradient_bytes() / 1e6,
+                static_cast<long long>(opt_->buckets()));
     std::fflush(stdout);
   }
 }
@@ -401,7 +414,7 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
     auto t1 = std::chrono::steady_clock::now();
     auto loss = torch::zeros({}, dev_double);
     for (int64_t m = 0; m < rows; m += mb) {
-      if (m + mb >= rows) opt_->overlap_next_backward();  // reduce buckets while backward runs
+      opt_->begin_backward(m + mb >= rows);  // reduce buckets while backward runs
       loss += micro_batch(x0.narrow(0, m, mb), comm_.rank() * rows + m, static_cast<uint64_t>(step), 1.0 / rows, true);
     }
     if (cfg_.debug.nan_at_step == step && comm_.rank() == 0) loss += std::nan("");

@@ -1,6 +1,6 @@
 // Trainer: the training loop of one rank. Streams its rows of every global batch, corrupts them
 // with keyed draws (seed, step, global sequence index), accumulates gradients over micro-batches
-// without communication, steps the ZeRO-1 optimizer, logs, validates, saves checkpoints, resumes
+// without communication, steps the ZeRO-1/2 optimizer, logs, validates, saves checkpoints, resumes
 // from `latest`, and stops cleanly (checkpoint first) when any rank was signalled.
 //
 // Parallelism enters only through the Communicator (data plane: gradients, parameters, the
