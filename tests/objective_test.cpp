@@ -12,6 +12,7 @@
 #include "diffusion/loss.h"
 #include "diffusion/sampler.h"
 #include "eval/elbo.h"
+#include "io/error.h"
 #include "io/fs.h"
 #include "model/objective.h"
 #include "test_util.h"

@@ -1,14 +1,18 @@
 // Training options: every numeric setting is refused with an error naming its key and value
-// (NaN and infinity included), and the run fingerprint checks the settings the objective uses.
+// (NaN and infinity included), the run fingerprint checks the settings the objective uses, and
+// each objective's paper settings are the defaults of the keys not given.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <functional>
 #include <limits>
+#include <nlohmann/json.hpp>
 
 #include "data/shard.h"
 #include "data/token_stream.h"
 #include "io/error.h"
+#include "io/fs.h"
 #include "train/config.h"
 #include "train/fingerprint.h"
 #include "test_util.h"
@@ -192,4 +196,148 @@ TEST(OptionsFingerprint, LambdaCeAndTimestepsAreCheckedForD3pmOnly) {
   auto sedd_now = run_fingerprint(options_objective_config("sedd"), stream), sedd_old = sedd_now;
   sedd_old["diffusion.timesteps"] = 1000;  // older fingerprints recorded it for every objective
   EXPECT_TRUE(fingerprint_differences(sedd_old, sedd_now, {}).empty());
+}
+
+// The papers' settings that differ per objective are the defaults of the keys a user did not set;
+// a key set on the command line or in a config file keeps its value.
+TEST(OptionsObjectiveDefaults, EachObjectiveGetsItsPapersSettingsForTheKeysNotGiven) {
+  struct Expect {
+    const char* objective;
+    const char* graph;
+    bool time_conditioning, scale_by_sigma;
+    const char* time_sampling;
+    bool warmup_from_zero;
+    const char* loss_mean;
+  };
+  for (const auto& e : std::vector<Expect>{{"sedd", "absorb", true, true, "iid", false, "sequence"},
+                                           {"sedd", "uniform", true, false, "iid", false, "sequence"},
+                                           {"mdlm", "absorb", false, false, "stratified", true, "token"},
+                                           {"d3pm", "absorb", true, false, "iid", false, "sequence"},
+                                           {"ar", "absorb", false, false, "iid", false, "sequence"}}) {
+    auto c = options_good_config();
+    c.model.objective = e.objective;
+    c.model.graph = e.graph;
+    // Values opposite to the expected ones: every key must be set by the defaults.
+    c.model.time_conditioning = !e.time_conditioning;
+    c.model.scale_by_sigma = !e.scale_by_sigma;
+    c.train.time_sampling = "antithetic";
+    c.train.warmup_from_zero = !e.warmup_from_zero;
+    c.train.loss_mean = "neither";
+    auto set = apply_objective_defaults(c, {});
+    EXPECT_EQ(set.size(), 5u) << e.objective;
+    EXPECT_EQ(c.train.loss_mean, e.loss_mean) << e.objective << " " << e.graph;
+    EXPECT_EQ(c.model.time_conditioning, e.time_conditioning) << e.objective << " " << e.graph;
+    EXPECT_EQ(c.model.scale_by_sigma, e.scale_by_sigma) << e.objective << " " << e.graph;
+    EXPECT_EQ(c.train.time_sampling, e.time_sampling) << e.objective << " " << e.graph;
+    EXPECT_EQ(c.train.warmup_from_zero, e.warmup_from_zero) << e.objective << " " << e.graph;
+    EXPECT_EQ(error_of([&] { c.validate(1); }), "<no error>") << e.objective << " needs no other flag";
+  }
+  auto c = options_good_config();
+  c.model.objective = "mdlm";
+  c.model.time_conditioning = true;
+  c.train.time_sampling = "antithetic";
+  auto set = apply_objective_defaults(c, {"model.time_conditioning", "train.time_sampling"});
+  EXPECT_EQ(set, (std::vector<std::string>{"model.scale_by_sigma", "train.warmup_from_zero", "train.loss_mean"}));
+  EXPECT_TRUE(c.model.time_conditioning) << "given: kept";
+  EXPECT_EQ(c.train.time_sampling, "antithetic") << "given: kept";
+  EXPECT_FALSE(c.model.scale_by_sigma);
+}
+
+// MDLM's constant_warmup (a LambdaLR stepped after each optimizer step) runs step k at
+// lr (k-1)/warmup: the first step at 0, the full rate from step warmup + 1; ours without
+// warmup_from_zero runs step k at k/warmup (SEDD's).
+TEST(OptionsObjectiveDefaults, WarmupFromZeroIsMdlmsScheduleOneStepLater) {
+  TrainSection t;
+  t.lr = 3e-4;
+  t.warmup = 2500;
+  t.warmup_from_zero = true;
+  EXPECT_EQ(learning_rate(t, 1), 0.0);
+  EXPECT_EQ(learning_rate(t, 2), 3e-4 * (1.0 / 2500));
+  EXPECT_EQ(learning_rate(t, 2500), 3e-4 * (2499.0 / 2500));
+  EXPECT_EQ(learning_rate(t, 2501), 3e-4);
+  EXPECT_EQ(learning_rate(t, 9000), 3e-4);
+  t.warmup_from_zero = false;
+  EXPECT_EQ(learning_rate(t, 1), 3e-4 * 1 / 2500);
+  EXPECT_EQ(learning_rate(t, 2500), 3e-4);
+}
+
+namespace {
+
+std::string options_train(const std::string& data, const std::string& dir, const std::string& extra) {
+  return fmt::format("{} -np 1 {}/sedd-train --data.train {} --run.dir {} --run.device cpu --data.seq_len 16 "
+                     "--data.prefetch 0 --train.batch_size 4 --model.hidden_size 16 --model.n_heads 2 "
+                     "--model.n_blocks 1 --model.cond_dim 8 --train.log_every 1 --diffusion.objective mdlm {}",
+                     kMpirun, bin_dir(), data, dir, extra);
+}
+
+nlohmann::json options_latest_fingerprint(const std::string& dir) {
+  const std::string latest = fs::read_text(dir + "/checkpoints/latest");
+  return nlohmann::json::parse(fs::read_text(dir + "/checkpoints/" + latest.substr(0, latest.find('\n')) +
+                                             "/state.json"))["fingerprint"];
+}
+
+}  // namespace
+
+// sedd-train: `--diffusion.objective mdlm` alone trains the MDLM recipe and startup says which
+// values are the objective's defaults. A run trained under other values of these keys (as every
+// mdlm run was before they became the defaults) resumes with the same command line and keeps its
+// checkpoint's values; giving a key another value explicitly is refused like any fingerprint change.
+TEST(OptionsObjectiveDefaults, SeddTrainAppliesThemAndAResumedRunKeepsItsCheckpointsValues) {
+  TempDir tmp;
+  write_shard(tmp / "a.h5", torch::arange(2000) % 40, 40, 39, "byte");
+  std::string out;
+  const std::string fresh = tmp / "fresh";
+  ASSERT_EQ(run(options_train(tmp / "a.h5", fresh, "--train.steps 1"), &out), 0) << out;
+  EXPECT_NE(out.find("time_conditioning  = false        # mdlm default"), std::string::npos) << out;
+  EXPECT_NE(out.find("time_sampling      = stratified   # mdlm default"), std::string::npos) << out;
+  EXPECT_NE(out.find("warmup_from_zero   = true         # mdlm default"), std::string::npos) << out;
+  EXPECT_NE(out.find("scale_by_sigma     = false        # mdlm default"), std::string::npos) << out;
+  EXPECT_NE(out.find("loss_mean          = token        # mdlm default"), std::string::npos) << out;
+  auto f = options_latest_fingerprint(fresh);
+  EXPECT_EQ(f["model.time_conditioning"], false);
+  EXPECT_EQ(f["train.time_sampling"], "stratified");
+
+  // A run started with the earlier values, then resumed by the same command line without them.
+  const std::string old = tmp / "old";
+  ASSERT_EQ(run(options_train(tmp / "a.h5", old,
+                              "--train.steps 2 --model.time_conditioning true --train.time_sampling iid "
+                              "--model.scale_by_sigma false"),
+                &out),
+            0)
+      << out;
+  {  // Its settings as a checkpoint written before warmup_from_zero and loss_mean existed records them.
+    const std::string latest = fs::read_text(old + "/checkpoints/latest");
+    const std::string state = old + "/checkpoints/" + latest.substr(0, latest.find('\n')) + "/state.json";
+    auto j = nlohmann::json::parse(fs::read_text(state));
+    std::string config;
+    for (const auto& line : fs::split_nonempty(j["config"].get<std::string>(), '\n'))
+      if (line.rfind("warmup_from_zero", 0) != 0 && line.rfind("loss_mean", 0) != 0) config += line + "\n";
+    ASSERT_NE(config, j["config"].get<std::string>());
+    j["config"] = config;
+    std::ofstream(state) << j.dump(1);
+  }
+  ASSERT_EQ(run(options_train(tmp / "a.h5", old, "--train.steps 3"), &out), 0) << out;
+  EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
+  EXPECT_NE(out.find("time_conditioning  = true         # the checkpoint's value (the mdlm default is false)"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("time_sampling      = iid          # the checkpoint's value (the mdlm default is stratified)"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("loss_mean          = sequence     # the checkpoint's value (the mdlm default is token)"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("warmup_from_zero   = false        # the checkpoint's value (the mdlm default is true)"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("scale_by_sigma     = false        # mdlm default"), std::string::npos) << out;
+  f = options_latest_fingerprint(old);
+  EXPECT_EQ(f["model.time_conditioning"], true);
+  EXPECT_EQ(f["train.time_sampling"], "iid");
+
+  // Given explicitly with another value: refused, naming the key, nothing written.
+  const std::string latest = fs::read_text(old + "/checkpoints/latest");
+  EXPECT_EQ(run(options_train(tmp / "a.h5", old, "--train.steps 4 --model.time_conditioning false"), &out), 2) << out;
+  EXPECT_NE(out.find("model.time_conditioning: checkpoint true, now false"), std::string::npos) << out;
+  EXPECT_EQ(fs::read_text(old + "/checkpoints/latest"), latest);
 }

@@ -1,8 +1,10 @@
-// Step parity with the authors' SEDD trainer (docs/DESIGN.md, "Step parity"). sedd-parity replays
-// the steps of tests/data/sedd_step_reference.h5 (written by the authors' code from our data,
-// initial weights and draws: tests/data/make_sedd_step_reference.py) with our trainer in float64,
+// Step parity with the authors' SEDD and MDLM trainers (docs/DESIGN.md, "Step parity").
+// sedd-parity replays the steps of tests/data/sedd_step_reference.h5 and mdlm_step_reference.h5
+// (written by the authors' code from our data, initial weights and draws:
+// tests/data/make_sedd_step_reference.py, make_mdlm_step_reference.py) with our trainer in float64,
 // and every compared quantity must agree to 1e-12 relative: the first step alone, 50 steps with
-// the masked-rows fused loss on 1 and 2 ranks (ZeRO-1 shards), and 50 steps with full logits.
+// the masked-rows fused loss on 1 and 2 ranks (ZeRO-1 shards), and 50 steps with full logits; the
+// MDLM trainer's 10 steps (warm-up from lr 0, clipping, AdamW, EMA) likewise.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -19,6 +21,7 @@ using test::bin_dir;
 using test::kMpirun;
 
 std::string step_reference() { return test::source_dir() + "/tests/data/sedd_step_reference.h5"; }
+std::string mdlm_step_reference() { return test::source_dir() + "/tests/data/mdlm_step_reference.h5"; }
 
 struct ParityRun {
   int rc = -1;
@@ -122,6 +125,35 @@ TEST(StepParity, AFirstDifferenceIsFoundAndNamed) {
   EXPECT_GT(r.report["quantities"]["lr"]["max_rel_error"].get<double>(), 1e-12);
   EXPECT_EQ(r.report["quantities"]["lr"]["worst_step"].get<int64_t>(), 30);
   EXPECT_NE(r.output.find("FIRST DIFFERENCE: step 11, gradient"), std::string::npos) << r.output;
+}
+
+// The MDLM reference: their constant_warmup starts at lr 0 (step k at (k-1)/warmup), some steps
+// clip at their gradient_clip_val = 1 and some do not, their loss is per token; and our run that
+// produced it was given only diffusion.objective = mdlm: its recipe came from the defaults.
+TEST(StepParity, MdlmReferenceCoversWarmupFromZeroClippingAndTheDefaults) {
+  h5::File f(mdlm_step_reference(), h5::Mode::Read);
+  auto clip = f.read("/authors/clip_coef", torch::kDouble), lr = f.read("/authors/lr", torch::kDouble);
+  EXPECT_LT(clip.min().item<double>(), 1.0) << "some steps must clip";
+  EXPECT_EQ(clip.max().item<double>(), 1.0) << "some steps must not clip";
+  ASSERT_EQ(lr.size(0), 10);
+  EXPECT_EQ(lr[0].item<double>(), 0.0);
+  EXPECT_NEAR(lr[1].item<double>(), 3e-3 / 4, 1e-18);
+  EXPECT_NEAR(lr[4].item<double>(), 3e-3, 1e-18);
+  EXPECT_NEAR(lr[3].item<double>(), 3e-3 * 3 / 4, 1e-18);
+  EXPECT_EQ(f.attr_string("/authors", "loss_per"), "token");
+  const std::string settings = f.attr_string("/", "settings");
+  for (const char* line : {"time_conditioning  = false        # mdlm default",
+                           "scale_by_sigma     = false        # mdlm default",
+                           "time_sampling      = stratified   # mdlm default",
+                           "warmup_from_zero   = true         # mdlm default",
+                           "loss_mean          = token        # mdlm default"})
+    EXPECT_NE(settings.find(line), std::string::npos) << line << "\n" << settings;
+  EXPECT_TRUE(f.exists("/authors/step_000001/update"));
+}
+
+TEST(StepParity, MdlmStepsEqualTheAuthorsSteps) {
+  expect_equal_steps(parity(1, "", mdlm_step_reference()), 10, 4);
+  expect_equal_steps(parity(2, "--fused-loss false", mdlm_step_reference()), 10, 4);
 }
 
 TEST(StepParity, ANonReferenceFileIsRefusedNamingIt) {

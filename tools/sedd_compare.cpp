@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> checkpoints, data;
   std::string json_out, device = "auto", precision = "auto";
   int64_t mc = 32, batch = 8, max_sequences = 0, seed = 0;
+  ProtocolOptions protocol;
   po::options_description desc("sedd-compare: several checkpoints on the same data, one table");
   desc.add_options()("help,h", "show this help")(
       "checkpoint", po::value(&checkpoints)->composing()->required(), "a run folder, checkpoint or model.h5 (repeat)")(
@@ -29,6 +30,11 @@ int main(int argc, char** argv) {
       "batch-size", po::value(&batch)->default_value(8), "sequences per forward pass on each rank")(
       "max-sequences", po::value(&max_sequences)->default_value(0), "at most this many sequences per dataset (0: all)")(
       "seed", po::value(&seed)->default_value(0), "seed of the time and corruption draws (the same for every model)")(
+      "protocol", po::value(&protocol.name)->default_value("packed"),
+      ("how windows are built: " + protocol_names()).c_str())(
+      "protocol-procs", po::value(&protocol.procs)->default_value(8), "sedd, mdlm-wrap: the map processes")(
+      "protocol-batch-docs", po::value(&protocol.batch_docs)->default_value(1000),
+      "sedd, mdlm-wrap: documents per map batch")(
       "device", po::value(&device)->default_value("auto"), "cpu | cuda | auto")(
       "precision", po::value(&precision)->default_value("auto"), "bf16 | fp32 (auto: bf16 on GPUs)")(
       "json", po::value(&json_out), "write the table as JSON");
@@ -41,6 +47,7 @@ int main(int argc, char** argv) {
     o.elbo = ElboConfig{mc, "antithetic", static_cast<uint64_t>(seed)};
     o.batch_size = batch;
     o.max_sequences = max_sequences;
+    o.protocol = protocol;
     o.validate();
     for (const auto& d : data) expand_shard_list(parse_named_dataset(d).second);  // missing data: refused now
     rt.select_device(device);
@@ -65,6 +72,7 @@ int main(int argc, char** argv) {
       o.batch_size = batch;
       o.max_sequences = max_sequences;
       o.model_tokenizer = m.info.tokenizer;
+      o.protocol = protocol;
       DDiTScore score(m.model, false);
       for (const auto& d : data) {
         auto [name, glob] = parse_named_dataset(d);
@@ -92,8 +100,8 @@ int main(int argc, char** argv) {
         j.push_back(row);
       }
       std::printf("diffusion rows: upper bounds (<=) on nats/token; autoregressive rows: exact (=); s.e. combines "
-                  "Monte Carlo and data sampling. packing: %s\n",
-                  kPackingDescription);
+                  "Monte Carlo and data sampling. protocol %s; packing: %s\n",
+                  protocol.name.c_str(), describe_protocol(protocol).c_str());
       for (const auto& r : rows)
         if (r.s.tokenizer_check != "same")
           std::printf("%s on %s: tokenizer check %s\n", r.given.c_str(), r.s.name.c_str(), r.s.tokenizer_check.c_str());

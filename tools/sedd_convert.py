@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Convert SEDD weights between PyTorch and sedd's model.h5.
+"""Convert SEDD and MDLM weights between PyTorch and sedd's model.h5.
 
-  to-h5     IN.{pth,pt,bin,safetensors} OUT.h5 [--config config.json|config.yaml] [--n-heads H] ...
-            Accepts a bare state dict, the official training checkpoint ({'model', 'ema', ...}
+  to-h5     IN.{pth,pt,bin,safetensors,ckpt} OUT.h5 [--config config.json|config.yaml] [--n-heads H] ...
+            [--tokenizer tokenizer.json] [--no-ema]
+            Accepts a bare state dict, the official SEDD training checkpoint ({'model', 'ema', ...}
             with DDP 'module.' prefixes) or a Hugging Face export. The model config comes from
             --config, else (for a bare state dict, as Hugging Face exports are) from the
             config.json beside the input: ours (written by to-torch) or the official SEDD export's;
@@ -10,7 +11,16 @@
             Flags given on the command line override it. The shapes (and the head count, through
             the rotary buffer) are read off the tensors, and a config or flag that disagrees with
             them is refused; without a config the other settings come from the flags' defaults.
-            A tokenizer.json beside the input is embedded as the `tokenizer` attribute.
+            The MDLM authors' checkpoints become objective "mdlm" models: their PyTorch Lightning
+            .ckpt (backbone.* weights, the EMA's shadow_params, the Hydra config and tokenizer in
+            hyper_parameters; omegaconf, Lightning and transformers need not be installed) and their
+            Hugging Face export (model.safetensors + config.json with model_type "mdlm", as
+            kuleshov-group/mdlm-owt). The mask must be the last id (GPT-2's tokenizer: 50257 of
+            50258); models of tokenizers with a mask token of their own are refused.
+            The EMA weights are written beside the raw ones (/ema; the tools use them unless told
+            --no-ema); --no-ema here writes the raw weights only. The tokenizer embedded as the
+            `tokenizer` attribute: --tokenizer, else a tokenizer.json beside the input, else the one
+            pickled in an MDLM .ckpt.
   to-torch  IN.h5 OUT.{safetensors,bin,pth} [--ema] [--force]
             Writes the state dict under PyTorch names (the same names SEDD's model uses), and beside
             it config.json (every model.h5 config field, model_type "sedd", vocab_size, step,
@@ -59,8 +69,73 @@ def fail(msg):
 
 # ----------------------------------------------------------------------------------- reading
 
+# Modules whose classes a checkpoint may unpickle for real; any other class (omegaconf's DictConfig,
+# a transformers tokenizer and its `tokenizers` backend, Lightning's objects, ...) becomes an inert
+# stand-in that keeps its pickled state, so a checkpoint converts without those packages (or with
+# other versions of them) and no foreign code runs.
+TRUSTED_PICKLE_MODULES = ("torch", "collections", "numpy", "_codecs", "copyreg", "datetime",
+                          "pathlib", "enum", "functools", "typing", "argparse", "builtins")
+UNTRUSTED_BUILTINS = {"eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "__import__", "input",
+                      "breakpoint", "globals", "locals", "vars"}
+
+
+class Pickled:
+    """An object of a class not unpickled for real: `state` is what its __setstate__ would have received,
+    `args` the arguments it was called (reduced) with, `items`/`elements` what was set or appended."""
+    module = name = None
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args, self.state, self.items, self.elements = args, None, {}, []
+        return self
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.items[key] = value
+
+    def append(self, value):
+        self.elements.append(value)
+
+    def extend(self, values):
+        self.elements.extend(values)
+
+    def __repr__(self):
+        return f"<{self.module}.{self.name}>"
+
+
+_PICKLED_CLASSES = {}
+
+
+class TolerantUnpickler(__import__("pickle").Unpickler):
+    def find_class(self, module, name):
+        if module.split(".")[0] in TRUSTED_PICKLE_MODULES and not (module == "builtins" and name in UNTRUSTED_BUILTINS):
+            return super().find_class(module, name)
+        key = (module, name)
+        if key not in _PICKLED_CLASSES:
+            _PICKLED_CLASSES[key] = type(name, (Pickled,), {"module": module, "name": name})
+        return _PICKLED_CLASSES[key]
+
+
+def _tolerant_pickle_module():
+    import pickle
+    import types
+    mod = types.ModuleType("sedd_convert_pickle")
+    mod.Unpickler = TolerantUnpickler
+    mod.load = lambda f, **kw: TolerantUnpickler(f, **kw).load()
+    mod.__dict__.update({k: getattr(pickle, k) for k in ("UnpicklingError", "HIGHEST_PROTOCOL", "dumps", "loads")})
+    return mod
+
+
 def load_torch_file(path):
-    """{'model': state dict, ...}; 'bare' is set for a file holding only a state dict."""
+    """{'model': state dict, ...}; 'bare' is set for a file holding only a state dict, 'lightning' for
+    a PyTorch Lightning checkpoint (the MDLM authors' training checkpoints)."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such file")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -68,20 +143,23 @@ def load_torch_file(path):
         except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
             fail(f"{path}: cannot read as a safetensors file ({e})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle_module())
     except Exception as e:  # noqa: BLE001
         fail(f"{path}: cannot read as a PyTorch file ({e})")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and (
+            "pytorch-lightning_version" in obj or "hyper_parameters" in obj):
+        return {"model": obj["state_dict"], "lightning": obj}
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         return obj
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         return {"model": obj, "bare": True}
-    fail(f"{path}: expected a state dict or a checkpoint with a 'model' entry")
+    fail(f"{path}: expected a state dict, a checkpoint with a 'model' entry or a Lightning checkpoint")
 
 
 def clean(sd):
     out = {}
     for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod.", "model."):
+        for prefix in ("module.", "_orig_mod.", "model.", "backbone."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v.detach().float().cpu()
@@ -101,6 +179,158 @@ def ema_state(obj, model_sd):
         sd.update({k: v for k, v in model_sd.items() if k.endswith("inv_freq")})
         return clean(sd)
     return clean(ema)
+
+
+# ----------------------------------------------------------------------------------- MDLM
+
+def plain(obj):
+    """A pickled omegaconf container (the MDLM authors' Hydra config) as dicts, lists and values."""
+    if isinstance(obj, Pickled):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        if obj.module.startswith("omegaconf"):
+            for key in ("_content", "_val"):
+                if key in state:
+                    return plain(state[key])
+        return obj
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def nested(cfg, *keys):
+    node = cfg
+    for k in keys:
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
+def mdlm_settings_from_hydra(cfg, args, path):
+    """Our config fields from the MDLM authors' Hydra config (a Lightning checkpoint's
+    hyper_parameters['config']); what has no counterpart here is refused."""
+    where = f"{path} (hyper_parameters.config)"
+    backbone = cfg.get("backbone", "dit")
+    if backbone != "dit":
+        fail(f"{where}: backbone '{backbone}': only the DiT backbone converts")
+    parameterization = cfg.get("parameterization", "subs")
+    if parameterization != "subs":
+        fail(f"{where}: parameterization '{parameterization}': only SUBS (MDLM) checkpoints convert")
+    if cfg.get("T") not in (None, 0, "0"):
+        fail(f"{where}: T = {cfg['T']} (discrete time): only continuous-time (T = 0) MDLM checkpoints convert")
+    out = {"objective": "mdlm", "graph": "absorb", "scale_by_sigma": False,  # SUBS never applies the shift
+           "time_conditioning": typed(cfg.get("time_conditioning", False), bool, "time_conditioning", where)}
+    for field in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "length", "dropout"):
+        value = nested(cfg, "model", field)
+        if value is not None:
+            out[field] = typed(value, CONFIG_FIELDS[field], "model." + field, where)
+    noise = nested(cfg, "noise", "type") or "loglinear"
+    if noise in ("loglinear", "cosine"):  # the authors' eps is fixed at 1e-3 for both
+        out.update(noise=noise, eps=1e-3)
+    elif noise == "geometric":
+        out["noise"] = noise
+        for field in ("sigma_min", "sigma_max"):
+            if nested(cfg, "noise", field) is not None:
+                out[field] = typed(nested(cfg, "noise", field), float, "noise." + field, where)
+    elif args.noise is None:
+        fail(f"{where}: noise '{noise}' has no counterpart here (loglinear, geometric, cosine); pass --noise to choose one")
+    return out
+
+
+def mdlm_settings_from_hf(cfg, path):
+    """Our config fields from the config.json of the authors' Hugging Face export (model_type mdlm)."""
+    out = {"objective": "mdlm", "graph": "absorb", "scale_by_sigma": False,
+           "time_conditioning": typed(cfg.get("time_conditioning", False), bool, "time_conditioning", path)}
+    for ours, theirs in (("hidden_size", "hidden_dim"), ("n_heads", "n_heads"), ("n_blocks", "n_blocks"),
+                         ("cond_dim", "cond_dim"), ("length", "model_length"), ("dropout", "dropout")):
+        if cfg.get(theirs) is not None:
+            out[ours] = typed(cfg[theirs], CONFIG_FIELDS[ours], theirs, path)
+    if cfg.get("vocab_size") is not None:
+        out["vocab_size"] = typed(cfg["vocab_size"], int, "vocab_size", path)
+    return out
+
+
+def mdlm_ema(lightning, model_sd, path):
+    """The EMA of a Lightning checkpoint: models.ema.ExponentialMovingAverage.state_dict(), whose
+    shadow_params follow itertools.chain(backbone.parameters(), noise.parameters()); the backbone's
+    parameters are its state dict less the rotary buffer, in order."""
+    ema = lightning.get("ema")
+    if not isinstance(ema, dict) or not isinstance(ema.get("shadow_params"), (list, tuple)):
+        return None
+    names = [k for k in model_sd if not k.endswith("inv_freq")]
+    shadow = ema["shadow_params"]
+    if len(shadow) < len(names):
+        fail(f"{path}: ema.shadow_params has {len(shadow)} tensors, the backbone {len(names)} parameters")
+    out = {}
+    for i, name in enumerate(names):
+        if not torch.is_tensor(shadow[i]) or tuple(shadow[i].shape) != tuple(model_sd[name].shape):
+            got = tuple(shadow[i].shape) if torch.is_tensor(shadow[i]) else type(shadow[i]).__name__
+            fail(f"{path}: ema.shadow_params[{i}] is {got} but backbone parameter {name} is "
+                 f"{tuple(model_sd[name].shape)} (not this model's EMA?)")
+        out[name] = shadow[i].detach().float().cpu()
+    return out
+
+
+def pickled_tokenizer(obj, depth=0):
+    """(tokenizer.json text, mask token or None) of a pickled Hugging Face tokenizer (a Lightning
+    checkpoint's hyper_parameters['tokenizer']): its `tokenizers` backend, which pickles as its
+    tokenizer.json text, and its mask token."""
+    if isinstance(obj, Pickled) and obj.module == "tokenizers" and obj.name == "Tokenizer":
+        state = obj.state.decode("utf-8", "replace") if isinstance(obj.state, bytes) else obj.state
+        return (state, None) if isinstance(state, str) else (None, None)
+    if depth > 3:
+        return None, None
+    state = obj.state if isinstance(obj, Pickled) and isinstance(obj.state, dict) else obj if isinstance(obj, dict) else {}
+    text = None
+    for value in state.values():
+        if isinstance(value, (Pickled, dict)):
+            text, _ = pickled_tokenizer(value, depth + 1)
+            if text:
+                break
+    if not text:
+        return None, None
+    # transformers 4.x keeps the mask token as _mask_token, 5.x in _special_tokens_map.
+    candidates = [state.get("_mask_token"), nested(state, "_special_tokens_map", "mask_token"),
+                  nested(state, "init_kwargs", "mask_token")]
+    for c in candidates:
+        if isinstance(c, Pickled) and isinstance(c.state, dict):
+            c = c.state.get("content")
+        c = getattr(c, "content", c)
+        if isinstance(c, str) and c:
+            return text, c
+    return text, None
+
+
+def check_mask_last(rows, tokenizer_json, mask_token, where, input_path):
+    """MDLM's mask is the tokenizer's own mask token when it has one (bert-base-uncased: [MASK] = 103
+    of 30522), else one id past its vocabulary (GPT-2: 50257 of 50258); sedd's absorbing state is the
+    last id. Without a mask token known, a special [MASK]/<mask> token of the tokenizer.json counts."""
+    from tokenizers import Tokenizer
+    try:
+        backend = Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # noqa: BLE001
+        fail(f"{where}: not a tokenizer.json the tokenizers library reads ({e}); pass --tokenizer")
+    size = backend.get_vocab_size(with_added_tokens=False)
+    if mask_token is None:
+        specials = [t.get("content") for t in json.loads(tokenizer_json).get("added_tokens") or [] if t.get("special")]
+        mask_token = next((t for t in specials if t in ("[MASK]", "<mask>")), None)
+    if mask_token is not None:
+        mask_id = backend.token_to_id(mask_token)
+        if mask_id is not None and mask_id != rows - 1:
+            fail(f"{input_path}: the mask is the tokenizer's own {mask_token!r} = id {mask_id} of the model's {rows}, "
+                 f"not the last id (tokenizer: {where}); sedd keeps the absorbing mask last, so MDLM models of "
+                 f"tokenizers with a mask token of their own (as bert-base-uncased) do not convert")
+        if mask_id is not None:
+            return
+    if rows != size + 1:
+        fail(f"{input_path}: the model has {rows} ids, but the tokenizer ({where}) has {size} and no mask "
+             f"token, so MDLM's mask would be id {size}: another tokenizer?")
+
+
+def rotary_inv_freq(hidden_size, n_heads):
+    """The rotary buffer both DiTs register (models/dit.py Rotary); absent from some exports."""
+    dim = hidden_size // n_heads
+    return 1.0 / (10_000 ** (torch.arange(0, dim, 2).float() / dim))
 
 
 def tensor_shapes(sd, path):
@@ -187,15 +417,21 @@ def settings_from_config(cfg, path):
     return out
 
 
-def resolve_config(shapes, args, input_path, bare):
+def config_beside(input_path):
+    beside = os.path.join(os.path.dirname(os.path.abspath(input_path)), "config.json")
+    return beside if os.path.exists(beside) else None
+
+
+def resolve_config(shapes, args, input_path, bare, preset=None):
     """Defaults < config file < flags; the tensor shapes are checked against the config. Without
     --config, a bare state dict (as Hugging Face exports are) takes the config.json beside it;
-    a training checkpoint's settings live in its run's Hydra config, which --config names."""
-    config_path = args.config
-    if not config_path and bare:
-        beside = os.path.join(os.path.dirname(os.path.abspath(input_path)), "config.json")
-        config_path = beside if os.path.exists(beside) else None
-    given = settings_from_config(read_config_file(config_path), config_path) if config_path else {}
+    a training checkpoint's settings live in its run's Hydra config, which --config names.
+    `preset` = (settings, where they came from) replaces the config file (MDLM inputs)."""
+    if preset:
+        given, config_path = preset
+    else:
+        config_path = args.config or (config_beside(input_path) if bare else None)
+        given = settings_from_config(read_config_file(config_path), config_path) if config_path else {}
 
     # Each value's source, for messages: the config file, or the flag that overrode it.
     source = {k: config_path for k in given}
@@ -277,21 +513,96 @@ def h5_attr(value):
     return np.int64(value)
 
 
+def read_text_file(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        json.loads(text)
+    except OSError as e:
+        fail(f"{path}: cannot read the {what} ({e.strerror})")
+    except ValueError as e:
+        fail(f"{path}: not valid JSON ({e})")
+    return text
+
+
+def mdlm_input(obj, args):
+    """For the MDLM authors' checkpoints: (state dict, EMA or None, preset config, step, tokens seen,
+    pickled tokenizer (json, mask token) or None); None for any other input. A Lightning .ckpt
+    (state_dict with backbone.*, ema, hyper_parameters) or their Hugging Face export (model_type mdlm
+    in the config.json beside it, tensors under backbone.*)."""
+    path = args.input
+    lightning = obj.get("lightning")
+    if lightning is not None:
+        raw = obj["model"]
+        if not any(k.startswith("backbone.") for k in raw):
+            fail(f"{path}: a Lightning checkpoint without backbone.* weights (not an MDLM checkpoint)")
+        sd = clean({k: v for k, v in raw.items() if k.startswith("backbone.")})
+        hparams = plain(lightning.get("hyper_parameters"))
+        cfg = hparams.get("config") if isinstance(hparams, dict) else None
+        if cfg is None and isinstance(hparams, dict) and isinstance(hparams.get("model"), dict):
+            cfg = hparams  # hyper-parameters saved as the config itself
+        if not isinstance(cfg, dict):
+            fail(f"{path}: no hyper_parameters['config'] (the MDLM run's Hydra config); cannot tell the model's settings")
+        given = mdlm_settings_from_hydra(cfg, args, path)
+        step = lightning.get("global_step") if isinstance(lightning.get("global_step"), int) else 0
+        batch, length = nested(cfg, "loader", "global_batch_size"), given.get("length")
+        tokens_seen = step * batch * length if isinstance(batch, int) and isinstance(length, int) else 0
+        ema = mdlm_ema(lightning, sd, path)
+        if ema is None and not args.no_ema:
+            fail(f"{path}: the checkpoint holds no EMA weights (no 'ema' entry: trained with training.ema = 0?); "
+                 f"pass --no-ema to convert the raw weights")
+        tokenizer = pickled_tokenizer(hparams.get("tokenizer")) if isinstance(hparams, dict) else (None, None)
+        return sd, ema, (given, f"{path} (hyper_parameters)"), step, tokens_seen, tokenizer
+    keys = obj["model"].keys()
+    config_path = args.config or (config_beside(path) if obj.get("bare") else None)
+    if not any(k.startswith("backbone.") for k in keys):
+        if not config_path or config_path.endswith((".yaml", ".yml")):
+            return None
+        if read_config_file(config_path).get("model_type") != "mdlm":
+            return None
+    if not config_path:
+        fail(f"{path}: MDLM weights (backbone.*) without their config.json: none beside it in "
+             f"{os.path.dirname(os.path.abspath(path))}; put the export's config.json there or pass --config")
+    cfg = read_config_file(config_path)
+    if cfg.get("model_type", "mdlm") != "mdlm":
+        fail(f"{config_path}: model_type is '{cfg.get('model_type')}' but {path} holds MDLM weights (backbone.*)")
+    return clean(obj["model"]), None, (mdlm_settings_from_hf(cfg, config_path), config_path), 0, 0, (None, None)
+
+
 def to_h5(args):
     obj = load_torch_file(args.input)
-    sd = clean(obj["model"])
-    ema = ema_state(obj, sd)
-    cfg, given, config_path = resolve_config(tensor_shapes(sd, args.input), args, args.input, obj.get("bare", False))
-    step = obj.get("step") if isinstance(obj.get("step"), int) else given.get("step", 0)
-    tokenizer = given.get("tokenizer")
+    mdlm = mdlm_input(obj, args)
+    if mdlm:
+        sd, ema, preset, step, tokens_seen, (pickled_json, mask_token) = mdlm
+    else:
+        sd = clean(obj["model"])
+        ema = ema_state(obj, sd)
+        preset, tokens_seen, pickled_json, mask_token = None, None, None, None
+        step = obj.get("step") if isinstance(obj.get("step"), int) else None
+    if args.no_ema:
+        ema = None
+    cfg, given, config_path = resolve_config(tensor_shapes(sd, args.input), args, args.input, obj.get("bare", False),
+                                             preset)
+    if step is None:
+        step = given.get("step", 0)
+    if tokens_seen is None:
+        tokens_seen = given.get("tokens_seen", 0)
+    # The rotary buffer: some exports leave it out; the loader wants every tensor of the model.
+    for state in (sd, ema):
+        if state is not None and "rotary_emb.inv_freq" not in state:
+            state["rotary_emb.inv_freq"] = rotary_inv_freq(cfg["hidden_size"], cfg["n_heads"])
+    tokenizer, tokenizer_from = given.get("tokenizer"), config_path
     beside = os.path.join(os.path.dirname(os.path.abspath(args.input)), "tokenizer.json")
-    if os.path.exists(beside):
-        with open(beside, encoding="utf-8") as f:
-            tokenizer = f.read()
-        try:
-            json.loads(tokenizer)
-        except ValueError as e:
-            fail(f"{beside}: not valid JSON ({e})")
+    if args.tokenizer:
+        tokenizer, tokenizer_from = read_text_file(args.tokenizer, "tokenizer"), args.tokenizer
+    elif os.path.exists(beside):
+        tokenizer, tokenizer_from = read_text_file(beside, "tokenizer"), beside
+    elif pickled_json:
+        tokenizer, tokenizer_from = pickled_json, f"{args.input} (hyper_parameters['tokenizer'])"
+    if mdlm and tokenizer and tokenizer != "byte":
+        # A tokenizer given beside the checkpoint says nothing of the pickled one's mask token.
+        check_mask_last(sd["vocab_embed.embedding"].shape[0], tokenizer,
+                        mask_token if tokenizer == pickled_json else None, tokenizer_from, args.input)
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
@@ -300,7 +611,7 @@ def to_h5(args):
             for k, kind in CONFIG_FIELDS.items():
                 f.attrs[k] = h5_attr(int(cfg[k]) if kind is bool else kind(cfg[k]))
             f.attrs["step"] = np.int64(step)
-            f.attrs["tokens_seen"] = np.int64(given.get("tokens_seen", 0))
+            f.attrs["tokens_seen"] = np.int64(tokens_seen)
             if tokenizer:
                 f.attrs["tokenizer"] = tokenizer
             for group, state in (("model", sd), ("ema", ema)):
@@ -312,7 +623,8 @@ def to_h5(args):
     write_atomically([(args.output, write)])
     print(f"wrote {args.output}: {len(sd)} tensors{' + EMA' if ema else ''}; "
           f"{cfg['n_blocks']}x{cfg['hidden_size']} ({cfg['n_heads']} heads), graph {cfg['graph']}, "
-          f"{cfg['tokens']} tokens; config from {config_path or 'the tensor shapes and flags'}")
+          f"{cfg['tokens']} tokens, objective {cfg['objective']}; config from "
+          f"{config_path or 'the tensor shapes and flags'}; tokenizer: {tokenizer_from if tokenizer else 'none'}")
 
 
 def to_torch(args):
@@ -391,7 +703,13 @@ def main():
     a.add_argument("--length", type=int, help="default: 1024")
     a.add_argument("--dropout", type=float, help="default: 0")
     a.add_argument("--scale-by-sigma", type=int, choices=[0, 1], help="default: 1 for absorb, else 0")
-    a.add_argument("--time-conditioning", type=int, choices=[0, 1], help="default: 1")
+    a.add_argument("--time-conditioning", type=int, choices=[0, 1],
+                   help="default: 1 (MDLM inputs: their config's, else 0)")
+    a.add_argument("--tokenizer", help="tokenizer.json to embed (default: the one beside the input, else the one "
+                                       "pickled in an MDLM Lightning checkpoint)")
+    a.add_argument("--no-ema", action="store_true",
+                   help="write the raw weights only (default: the EMA too, which the tools use by default; "
+                        "an MDLM Lightning checkpoint without one is refused unless --no-ema)")
     b = sub.add_parser("to-torch", help="model.h5 -> PyTorch weights + config.json")
     b.add_argument("input")
     b.add_argument("output")

@@ -1,7 +1,10 @@
 // sedd-eval: the likelihood bound (nats/token, bits/token, perplexity, with standard errors) of a
 // checkpoint on one or several token datasets, sequences split across MPI ranks; one table and
-// JSON. The autoregressive baseline's likelihood is exact. Options, the --json path, the checkpoint
+// JSON. The autoregressive baseline's likelihood is exact. --protocol builds the windows as this
+// project does (packed) or as SEDD's or MDLM's code does, token for token (eval/protocol.h).
+// Options, the --json path, the checkpoint
 // and the datasets' shards are checked on every rank before any evaluation.
+#include <algorithm>
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <fstream>
@@ -21,12 +24,20 @@ int main(int argc, char** argv) {
   std::string checkpoint, json_out, sampling = "antithetic", device = "auto", precision = "auto", suite;
   std::vector<std::string> data;
   int64_t mc = 32, batch = 8, max_sequences = 0, seed = 0;
+  ProtocolOptions protocol;
   bool raw_weights = false;
   po::options_description desc("sedd-eval: likelihood bound of a model on token shards");
   desc.add_options()("help,h", "show this help")(
       "checkpoint", po::value(&checkpoint)->required(), "run folder, checkpoint folder or model.h5")(
       "data", po::value(&data)->composing(), "token shards: GLOB, or NAME=GLOB; repeat for several datasets")(
-      "suite", po::value(&suite), "a file of datasets, one 'NAME GLOB' or 'NAME=GLOB' per line")(
+      "suite", po::value(&suite),
+      "a file of datasets, one 'NAME GLOB [PROTOCOL]' or 'NAME=GLOB [PROTOCOL]' per line")(
+      "protocol", po::value(&protocol.name)->default_value("packed"),
+      ("how windows are built: " + protocol_names()).c_str())(
+      "protocol-procs", po::value(&protocol.procs)->default_value(8),
+      "sedd, mdlm-wrap: the map processes of the authors' pipeline (SEDD: 8; MDLM: the preparing machine's CPUs)")(
+      "protocol-batch-docs", po::value(&protocol.batch_docs)->default_value(1000),
+      "sedd, mdlm-wrap: documents per map batch (datasets' default 1000)")(
       "mc-samples", po::value(&mc)->default_value(32), "Monte Carlo time samples per sequence")(
       "sampling", po::value(&sampling)->default_value("antithetic"), "iid | antithetic | stratified")(
       "batch-size", po::value(&batch)->default_value(8), "sequences per forward pass on each rank")(
@@ -38,20 +49,30 @@ int main(int argc, char** argv) {
       "json", po::value(&json_out), "write the results as JSON");
   if (int rc = tools::parse_options("sedd-eval", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
   ControlPlane control;  // a collective: made before any rank may fail
-  std::vector<std::pair<std::string, std::string>> datasets;
+  std::vector<SuiteDataset> datasets;
   tools::LoadedModel m;
   EvalOptions o;
   const int refused = tools::agree(rt, "sedd-eval", [&] {
     if (rt.is_root()) tools::check_writable(json_out, "--json");  // found now, not after the evaluation
-    for (const auto& d : data) datasets.push_back(parse_named_dataset(d));
+    for (const auto& d : data) {
+      auto [name, glob] = parse_named_dataset(d);
+      datasets.push_back({name, glob, ""});
+    }
     if (!suite.empty())
       for (const auto& d : read_dataset_suite(suite)) datasets.push_back(d);
+    for (auto& d : datasets) {  // a suite line's protocol overrides --protocol, with the same --protocol-* options
+      if (d.protocol.empty()) d.protocol = protocol.name;
+      ProtocolOptions p = protocol;
+      p.name = d.protocol;
+      p.validate();
+    }
     SEDD_CHECK_OPTION(!datasets.empty(), "give --data GLOB (or NAME=GLOB, repeated) or --suite FILE");
     o.elbo = ElboConfig{mc, sampling, static_cast<uint64_t>(seed)};
     o.batch_size = batch;
     o.max_sequences = max_sequences;
+    o.protocol = protocol;
     o.validate();
-    for (const auto& [name, glob] : datasets) expand_shard_list(glob);  // missing data: refused now
+    for (const auto& d : datasets) expand_shard_list(d.glob);  // missing data: refused now
     rt.select_device(device);
     m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
     o.elbo.objective = tools::objective_of(m.model->cfg);
@@ -69,7 +90,8 @@ int main(int argc, char** argv) {
                                          : fmt::format("{} {} draws per sequence", mc, sampling).c_str(),
                    rt.world, rt.device_name().c_str(), m.model->bf16 ? "bf16" : "fp32");
     std::vector<EvalSummary> results;
-    for (const auto& [name, glob] : datasets) {
+    for (const auto& d : datasets) {
+      const std::string& name = d.name;
       double last = -1;
       auto progress = [&, name = name](int64_t done, int64_t total) {
         if (done * 10 / total != last || done == total)
@@ -77,7 +99,9 @@ int main(int argc, char** argv) {
                        static_cast<long long>(total));
         last = static_cast<double>(done * 10 / total);
       };
-      results.push_back(evaluate_dataset(score, cfg, name, glob, o, rt.device, control, progress));
+      EvalOptions od = o;
+      od.protocol.name = d.protocol;
+      results.push_back(evaluate_dataset(score, cfg, name, d.glob, od, rt.device, control, progress));
     }
     if (rt.is_root()) {
       const char* bound = cfg.objective == "ar" ? "=" : "<=";
@@ -87,7 +111,21 @@ int main(int argc, char** argv) {
         std::printf("%-16s %10lld %10.4f +- %.4f %10.4f %3s %10.3f %10.4f %10.4f\n", s.name.c_str(),
                     static_cast<long long>(s.tokens), s.nats_per_token, s.stderr_total(),
                     s.bits_per_token(), bound, s.perplexity(), s.stderr_mc, s.stderr_data);
-      std::printf("packing: %s\n", kPackingDescription);
+      // Each protocol once, with its datasets, then each dataset's windows and scored tokens.
+      std::vector<std::string> described;
+      for (const auto& s : results) {
+        if (std::find(described.begin(), described.end(), s.protocol) != described.end()) continue;
+        described.push_back(s.protocol);
+        std::string names;
+        for (const auto& t : results)
+          if (t.protocol == s.protocol) names += (names.empty() ? "" : ", ") + t.name;
+        std::printf("protocol %s (%s); packing: %s\n", s.protocol.c_str(), names.c_str(),
+                    s.protocol_description.c_str());
+      }
+      for (const auto& s : results)
+        std::printf("%s: %lld windows, %lld scored tokens%s\n", s.name.c_str(), static_cast<long long>(s.sequences),
+                    static_cast<long long>(s.tokens),
+                    s.documents >= 0 ? fmt::format(" from {} documents", s.documents).c_str() : "");
       for (const auto& s : results)
         if (s.tokenizer_check != "same")
           std::printf("%s: tokenizer check %s\n", s.name.c_str(), s.tokenizer_check.c_str());
@@ -109,7 +147,9 @@ int main(int argc, char** argv) {
         j["sampling"] = sampling;
         j["device"] = rt.device_name();
         j["precision"] = m.model->bf16 ? "bf16" : "fp32";
-        j["packing"] = kPackingDescription;
+        // Each dataset's row names its protocol (a suite line may override --protocol).
+        j["protocol_procs"] = protocol.procs;
+        j["protocol_batch_docs"] = protocol.batch_docs;
         std::ofstream f(json_out);
         f << j.dump(2) << "\n";
         f.close();

@@ -24,7 +24,7 @@ using namespace sedd;
 int main(int argc, char** argv) {
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");
   PrepareOptions opt;
-  std::string format, jsonl_field;
+  std::string format, jsonl_field, detokenizer = "none";
   po::options_description desc("sedd-prepare: text / JSONL / Parquet / Arrow -> token shards");
   desc.add_options()("help,h", "show this help")(
       "input", po::value(&opt.inputs)->multitoken()->required(), "input files")(
@@ -35,6 +35,12 @@ int main(int argc, char** argv) {
       "field", po::value(&opt.field)->default_value("text"), "JSON field (jsonl) or string column (parquet, arrow) holding the text")(
       "jsonl-field", po::value(&jsonl_field), "the older spelling of --format jsonl --field NAME")(
       "tokenizer", po::value(&opt.tokenizer)->default_value("byte"), "byte, or PATH/tokenizer.json (byte-level BPE)")(
+      "detokenizer", po::value(&detokenizer)->default_value("none"),
+      "rewrite each document's text before tokenizing as the SEDD/MDLM papers do for their evaluation corpora: none, "
+      "wikitext, ptb, lm1b, lambada or scientific_papers")(
+      "skip-empty", po::bool_switch(&opt.skip_empty),
+      "drop documents whose text (after --detokenizer) is empty; by default each is kept as one end-of-text token, as "
+      "the papers' pipelines keep WikiText's empty lines")(
       "out", po::value(&opt.out)->required(), "output folder for shard-*.h5 (must be empty or new)")(
       "overwrite", po::bool_switch(&opt.overwrite),
       "replace the shard-*.h5 files already in --out (removed only once the new shards are complete)")(
@@ -62,6 +68,7 @@ int main(int argc, char** argv) {
       if (format.empty()) format = "jsonl";
     }
     if (!format.empty()) opt.format = parse_input_format(format);
+    opt.detokenizer = parse_detokenizer(detokenizer);
   } catch (const std::exception& e) {
     if (rt.is_root()) std::fprintf(stderr, "sedd-prepare: error: %s (see --help)\n", e.what());
     return 2;

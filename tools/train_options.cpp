@@ -8,6 +8,9 @@
 #include <map>
 
 #include "io/error.h"
+#include "io/fs.h"
+#include "train/checkpoint.h"
+#include "train/fingerprint.h"
 
 namespace po = boost::program_options;
 
@@ -28,6 +31,7 @@ void add(OptionTable& t, const char* name, T* field, const char* help) {
 }  // namespace
 
 void build_train_options(OptionTable& t, TrainingConfig& c) {
+  t.config = &c;
   t.desc.add_options()("help,h", po::bool_switch(&t.help), "show this help")(
       "config", po::value(&t.config_file), "INI file with [run] [data] [model] [diffusion] [train] sections")(
       "plan", po::bool_switch(&t.plan), "print the memory plan per rank (plan.* keys) and exit: no training, no run folder");
@@ -58,6 +62,10 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "train.micro_batch_size", &c.train.micro_batch_size, "sequences per rank per forward (0: batch_size / ranks)");
   add(t, "train.lr", &c.train.lr, "peak learning rate");
   add(t, "train.warmup", &c.train.warmup, "linear warmup steps");
+  add(t, "train.warmup_from_zero", &c.train.warmup_from_zero,
+      "warmup step k at lr (k-1)/warmup, the first at 0 (MDLM's schedule), instead of k/warmup");
+  add(t, "train.loss_mean", &c.train.loss_mean,
+      "sequence | token: the gradient of the batch mean of per-sequence losses (SEDD) or of the token mean (MDLM)");
   add(t, "train.schedule", &c.train.schedule, "constant | cosine (after warmup)");
   add(t, "train.min_lr_ratio", &c.train.min_lr_ratio, "cosine floor as a fraction of lr");
   add(t, "train.weight_decay", &c.train.weight_decay, "decoupled weight decay");
@@ -111,6 +119,27 @@ void parse_train_options(OptionTable& t, int argc, char** argv) {
   po::notify(vm);
   for (const auto& [key, value] : vm)
     if (!value.defaulted()) t.given.insert(key);
+  if (!t.config || t.help) return;
+  TrainingConfig& c = *t.config;
+  const auto defaulted = apply_objective_defaults(c, t.given);
+  for (const auto& key : defaulted) t.origin[key] = c.model.objective + " default";
+  if (t.plan || c.run.dir.empty()) return;
+  // A run started under other objective defaults resumes with the values it was trained with.
+  Checkpointer checkpoints(c.run.dir, c.train.keep_ckpts);
+  for (const auto& dir : checkpoints.resume_candidates()) {
+    TrainState st;
+    std::string saved_config;
+    try {
+      st = checkpoints.read_state(dir);
+      saved_config = nlohmann::json::parse(fs::read_text(dir + "/state.json")).value("config", std::string());
+    } catch (const std::exception&) {
+      continue;  // the trainer reports an unreadable checkpoint and falls back
+    }
+    if (st.fingerprint.is_null()) break;
+    for (const auto& line : keep_checkpoint_settings(c, st.fingerprint, saved_config, defaulted))
+      t.origin[line.substr(0, line.find(' '))] = line.substr(line.find(':') + 2) + " in " + dir;
+    break;
+  }
 }
 
 void validate_settings(const TrainingConfig& c, int world) {
@@ -134,7 +163,11 @@ std::string resolved_settings(const OptionTable& t) {
   std::string out;
   for (const auto& sec : order) {
     out += "[" + sec + "]\n";
-    for (const auto& [k, v] : sections[sec]) out += fmt::format("{:<18} = {}\n", k, v);
+    for (const auto& [k, v] : sections[sec]) {
+      auto from = t.origin.find(sec + "." + k);
+      if (from == t.origin.end()) out += fmt::format("{:<18} = {}\n", k, v);
+      else out += fmt::format("{:<18} = {:<12} # {}\n", k, v, from->second);
+    }
   }
   return out;
 }

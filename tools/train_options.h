@@ -4,6 +4,7 @@
 #pragma once
 #include <boost/program_options.hpp>
 #include <functional>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -20,14 +21,22 @@ struct OptionTable {
   bool plan = false;                   // --plan: print the memory plan and exit
   std::set<std::string> given;         // keys set on the command line or in the config file (not defaults)
   std::set<std::string> command_line;  // keys set on the command line
+  // Where the value of an objective-dependent key the user did not give came from: "mdlm default"
+  // (the objective's paper setting) or the resumed checkpoint's value.
+  std::map<std::string, std::string> origin;
+  TrainingConfig* config = nullptr;    // the fields the table writes (build_train_options)
 };
 
 void build_train_options(OptionTable& t, TrainingConfig& c);
-// Parses argv (and --config). Throws std::exception with a message naming the bad key or file.
+// Parses argv (and --config), then sets the objective's defaults (objective_defaults) for the keys
+// not given; when run.dir holds a checkpoint of the same objective, those keys keep the
+// checkpoint's values instead (a run resumes with the command line that started it). Throws
+// std::exception with a message naming the bad key or file.
 void parse_train_options(OptionTable& t, int argc, char** argv);
 // TrainingConfig::validate, its errors being settings the user must change (OptionError: exit 2).
 void validate_settings(const TrainingConfig& c, int world);
-// "[section]\nkey = value\n..." of every resolved setting.
+// "[section]\nkey = value\n..." of every resolved setting; a value set by the objective's defaults
+// or kept from the checkpoint says so in an INI comment ("  # mdlm default").
 std::string resolved_settings(const OptionTable& t);
 
 }  // namespace sedd::tools

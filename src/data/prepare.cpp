@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "data/detokenizer.h"
 #include "data/shard.h"
 #include "data/text_source.h"
 #include "data/tokenizer.h"
@@ -166,6 +167,8 @@ Preparation::Preparation(PrepareOptions opt) : opt_(std::move(opt)) {
   m["inputs"] = inputs;
   m["field"] = opt_.field;
   m["tokenizer"] = fs::content_hash(tok_->serialize());
+  m["detokenizer"] = detokenizer_name(opt_.detokenizer);
+  m["skip_empty"] = opt_.skip_empty;
   m["shard_tokens"] = opt_.shard_tokens;
   m["part_bytes"] = opt_.part_bytes;
   m["valid_docs"] = opt_.valid_docs;
@@ -238,6 +241,8 @@ void Preparation::tokenize_part(size_t i, std::unique_ptr<DocumentSource>& sourc
   try {
     while (source->next(text)) {
       if (first_invalid_utf8(text) != std::string::npos) check_utf8(text, source->where());
+      if (opt_.detokenizer != Detokenizer::None) text = detokenize(opt_.detokenizer, text);
+      if (opt_.skip_empty && text.empty()) continue;
       const auto ids = tok_->encode(text);
       ids32.clear();
       if (bos >= 0) ids32.push_back(static_cast<uint32_t>(bos));
@@ -354,7 +359,8 @@ PrepareStats Preparation::write_shards(int rank, int world) {
     documents += footers[i].documents;
   }
   for (size_t f = 0; f < opt_.inputs.size(); ++f)
-    SEDD_CHECK_INPUT(file_docs[f] > 0, "{}: no documents in the file", opt_.inputs[f]);
+    SEDD_CHECK_INPUT(file_docs[f] > 0, "{}: no documents in the file{}", opt_.inputs[f],
+                     opt_.skip_empty ? " (--skip-empty dropped the empty ones)" : "");
   SEDD_CHECK_INPUT(opt_.valid_docs < documents,
                    "--valid-docs {}: the inputs hold {} documents; the training split would be empty", opt_.valid_docs,
                    documents);

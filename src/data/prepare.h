@@ -1,6 +1,7 @@
 // Corpus preparation: text / JSONL / Parquet / Arrow files -> token shards (text_source.h reads
-// the documents). Every input is cut into parts that depend on the file only (JSONL byte ranges
-// cut at line starts, Parquet row groups, Arrow record batches; a text file is one part); part i
+// the documents; a detokenizer, detokenizer.h, may rewrite each document's text first). Every
+// input is cut into parts that depend on the file only (JSONL byte ranges cut at line starts,
+// Parquet row groups, Arrow record batches; a text file is one part); part i
 // goes to rank i mod W, where `threads` threads share the rank's parts. Each part's tokens go to
 // a part file in the output's state folder (OUT/.sedd-prepare), committed by rename; a killed
 // run, rerun with the same arguments, tokenizes only the parts not yet there. Then the parts'
@@ -20,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "data/detokenizer.h"
 #include "data/text_source.h"
 
 namespace sedd {
@@ -31,6 +33,8 @@ struct PrepareOptions {
   std::optional<InputFormat> format;  // every input's format; unset: from each file's extension
   std::string field = "text";         // JSON field (jsonl) or column (parquet, arrow) of the text
   std::string tokenizer = "byte";     // "byte" or a tokenizer.json path
+  Detokenizer detokenizer = Detokenizer::None;  // applied to each document's text before tokenizing
+  bool skip_empty = false;            // drop documents whose text (detokenized) is empty; kept: end-of-text only
   std::string out;
   int64_t shard_tokens = 1 << 24;
   bool overwrite = false;             // out may hold shards of an earlier run (replaced on publish)

@@ -59,6 +59,29 @@ void check_utf8(const std::string& s, const std::string& where) {
 
 namespace {
 
+// Added tokens are matched first, verbatim (the earliest occurrence; at one spot the longest, as
+// `added` is sorted longest first); `segment` encodes the text between them (BPE or WordPiece).
+template <class EncodeSegment>
+void encode_around_added_tokens(std::string_view text, const std::vector<std::pair<std::string, int64_t>>& added,
+                                std::vector<int64_t>& ids, EncodeSegment&& segment) {
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t best = std::string_view::npos;
+    const std::pair<std::string, int64_t>* hit = nullptr;
+    for (const auto& a : added) {
+      const size_t at = text.find(a.first, start);
+      if (at != std::string_view::npos && at < best) {
+        best = at;
+        hit = &a;
+      }
+    }
+    segment(text.substr(start, (hit ? best : text.size()) - start));
+    if (!hit) break;
+    ids.push_back(hit->second);
+    start = best + hit->first.size();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 class ByteTokenizer final : public Tokenizer {
  public:
@@ -451,25 +474,7 @@ class BpeTokenizer final : public Tokenizer {
     std::vector<int64_t> ids;
     ids.reserve(text.size() / 3 + 8);
     BpeWordCache& cache = cache_of_this_thread();
-    // Added tokens are matched first, verbatim; the text between them goes through BPE.
-    const std::string_view all(text);
-    size_t start = 0;
-    while (start < all.size()) {
-      size_t best = std::string::npos;
-      const std::pair<std::string, int64_t>* hit = nullptr;
-      for (const auto& a : added_) {
-        size_t at = all.find(a.first, start);
-        if (at != std::string::npos && (at < best)) {
-          best = at;
-          hit = &a;
-        }
-      }
-      size_t end = hit ? best : all.size();
-      encode_segment(all.substr(start, end - start), ids, cache);
-      if (!hit) break;
-      ids.push_back(hit->second);
-      start = best + hit->first.size();
-    }
+    encode_around_added_tokens(text, added_, ids, [&](std::string_view segment) { encode_segment(segment, ids, cache); });
     return ids;
   }
 
@@ -714,23 +719,7 @@ class WordPieceTokenizer final : public Tokenizer {
 
   std::vector<int64_t> encode(const std::string& text) const override {
     std::vector<int64_t> ids;
-    size_t start = 0;
-    while (start < text.size()) {
-      size_t best = std::string::npos;
-      const std::pair<std::string, int64_t>* hit = nullptr;
-      for (const auto& a : added_) {
-        size_t at = text.find(a.first, start);
-        if (at != std::string::npos && at < best) {
-          best = at;
-          hit = &a;
-        }
-      }
-      const size_t end = hit ? best : text.size();
-      encode_segment(std::string_view(text).substr(start, end - start), ids);
-      if (!hit) break;
-      ids.push_back(hit->second);
-      start = best + hit->first.size();
-    }
+    encode_around_added_tokens(text, added_, ids, [&](std::string_view segment) { encode_segment(segment, ids); });
     return ids;
   }
 

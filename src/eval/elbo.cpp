@@ -50,9 +50,10 @@ double prior_kl_per_token(const Graph& graph, const Noise& noise) {
 namespace {
 
 // The bound of elbo_batch; with `scored_in` defined, the conditional one (conditional_elbo_batch).
+// With `loss_mask_in` defined, only its positions are scored (elbo_batch's loss_mask).
 ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0_in,
-                           const torch::Tensor& indices_in, const torch::Tensor& scored_in, const ElboConfig& cfg,
-                           torch::Device device) {
+                           const torch::Tensor& indices_in, const torch::Tensor& scored_in,
+                           const torch::Tensor& loss_mask_in, const ElboConfig& cfg, torch::Device device) {
   cfg.validate();
   torch::NoGradGuard ng;
   auto x0 = x0_in.to(device);
@@ -61,6 +62,9 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
   auto indices = indices_in.to(lopts);
   const bool conditional = scored_in.defined();
   torch::Tensor scored = conditional ? scored_in.to(device).to(torch::kBool) : torch::Tensor();
+  const bool masked = loss_mask_in.defined();
+  torch::Tensor loss_mask = masked ? loss_mask_in.to(device).to(torch::kBool) : torch::Tensor();
+  torch::Tensor flat_loss_mask = masked ? loss_mask.reshape({-1}) : torch::Tensor();
   auto times = elbo_times(cfg, indices);  // [B, K]
   torch::Tensor values = torch::empty({B, K}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
@@ -71,9 +75,9 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
     auto input = torch::cat({torch::full({B, 1}, cfg.objective.bos, x0.options()), x0.narrow(1, 0, L - 1)}, 1);
     model.evaluate(input, torch::zeros({B}, dopts));
     auto per_seq = torch::zeros({B}, dopts);
-    auto all = torch::arange(B * L, lopts);
-    for (int64_t i = 0; i < B * L; i += chunk) {
-      auto r = all.narrow(0, i, std::min(chunk, B * L - i));
+    auto all = masked ? flat_loss_mask.nonzero().squeeze(1) : torch::arange(B * L, lopts);
+    for (int64_t i = 0; i < all.size(0); i += chunk) {
+      auto r = all.narrow(0, i, std::min(chunk, all.size(0) - i));
       auto logp = model.rows(r).to(torch::kDouble);
       per_seq.index_add_(0, torch::div(r, L, "floor"), -logp.gather(1, flat_x0.index_select(0, r).unsqueeze(1)).squeeze(1));
     }
@@ -95,9 +99,12 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
     if (conditional) xt = torch::where(scored, xt, x0);  // the condition stays clean at every time
     model.evaluate(xt, sigma);
     auto flat_xt = xt.view({-1});
-    torch::Tensor rows = graph.absorbing() ? (flat_xt == graph.tokens()).nonzero().squeeze(1)
-                         : conditional     ? scored.reshape({-1}).nonzero().squeeze(1)
-                                           : torch::arange(B * L, lopts);
+    // Unscored positions (loss_mask false) are corrupted and seen like the others, never scored.
+    torch::Tensor rows = graph.absorbing() ? (masked ? (flat_xt == graph.tokens()).logical_and(flat_loss_mask)
+                                                     : (flat_xt == graph.tokens())).nonzero().squeeze(1)
+                         : conditional ? scored.reshape({-1}).nonzero().squeeze(1)
+                         : masked      ? flat_loss_mask.nonzero().squeeze(1)
+                                       : torch::arange(B * L, lopts);
     auto per_seq = torch::zeros({B}, dopts);
     for (int64_t i = 0; i < rows.size(0); i += chunk) {
       auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
@@ -125,11 +132,13 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
   values = values.cpu();
   ElboResult r;
   r.prior_nats = cfg.objective.name == "ar" ? 0.0 : prior_kl_per_token(graph, noise) * static_cast<double>(L);
-  if (conditional) {  // each row's own prior term, in its draws, so the results below include it
+  const bool per_row_prior = conditional || (masked && cfg.objective.name != "ar");
+  if (per_row_prior) {  // each row's own prior term, in its draws, so the results below include it
     r.prior_nats = prior_kl_per_token(graph, noise);
-    values += (scored.sum(1).to(torch::kDouble).cpu() * r.prior_nats).unsqueeze(1);
+    const auto& counted = conditional ? scored : loss_mask;
+    values += (counted.sum(1).to(torch::kDouble).cpu() * r.prior_nats).unsqueeze(1);
   }
-  const double prior_added = conditional ? 0.0 : r.prior_nats;
+  const double prior_added = per_row_prior ? 0.0 : r.prior_nats;
   if (cfg.objective.name == "ar") {  // exact: no Monte Carlo error
     r.bound = values.select(1, 0).clone();
     r.mc_variance = torch::zeros_like(r.bound);
@@ -154,9 +163,10 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
 }  // namespace
 
 ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
-                      int64_t first_index, const ElboConfig& cfg, torch::Device device) {
+                      int64_t first_index, const ElboConfig& cfg, torch::Device device, const torch::Tensor& loss_mask) {
+  SEDD_CHECK(!loss_mask.defined() || loss_mask.sizes() == x0.sizes(), "elbo_batch: loss_mask must be shaped like x0");
   auto indices = torch::arange(first_index, first_index + x0.size(0), torch::kLong);
-  return elbo_keyed_rows(graph, noise, model, x0, indices, torch::Tensor(), cfg, device);
+  return elbo_keyed_rows(graph, noise, model, x0, indices, torch::Tensor(), loss_mask, cfg, device);
 }
 
 ElboResult conditional_elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
@@ -165,7 +175,7 @@ ElboResult conditional_elbo_batch(const Graph& graph, const Noise& noise, ScoreM
   SEDD_CHECK(cfg.objective.name != "ar", "conditional_elbo_batch: the autoregressive likelihood is exact; no bound");
   SEDD_CHECK(scored.sizes() == x0.sizes() && indices.size(0) == x0.size(0),
              "conditional_elbo_batch: scored must be shaped like x0 and indices hold one key per row");
-  return elbo_keyed_rows(graph, noise, model, x0, indices, scored, cfg, device);
+  return elbo_keyed_rows(graph, noise, model, x0, indices, scored, torch::Tensor(), cfg, device);
 }
 
 }  // namespace sedd

@@ -42,8 +42,13 @@ torch::Tensor elbo_times(const ElboConfig& cfg, const torch::Tensor& indices);
 // KL(p_1(.|x0) || p_base) for one position.
 double prior_kl_per_token(const Graph& graph, const Noise& noise);
 // x0 [B, L]; first_index: global index of row 0 (keys the draws). Results on the CPU.
+// loss_mask [B, L] bool (optional; MDLM's attention_mask of padded windows): only its positions are
+// scored, by every objective; the others (padding) are still fed to the network and corrupted like
+// any token (as MDLM's q_xt does), never scored. With it, bound [B] includes each row's prior term
+// over its scored positions and prior_nats is the prior term per scored position.
 ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
-                      int64_t first_index, const ElboConfig& cfg, torch::Device device);
+                      int64_t first_index, const ElboConfig& cfg, torch::Device device,
+                      const torch::Tensor& loss_mask = {});
 
 // The conditional bound (docs/DESIGN.md, "Conditional likelihood"): -log p(x0[scored] | x0[rest])
 // of a diffusion model (not ar) for x0 [B, L] and scored [B, L] bool. Only the scored positions are

@@ -6,17 +6,12 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
-#include "data/token_stream.h"
 #include "data/tokenizer.h"
 #include "io/error.h"
 
 namespace sedd {
-
-const char* const kPackingDescription =
-    "documents concatenated with the end-of-text id after each, cut into windows of the model's length; windows "
-    "cross document boundaries, end-of-text ids count as tokens, no BOS is added, each shard's partial last window "
-    "is dropped";
 
 double EvalSummary::bits_per_token() const { return nats_per_token / std::log(2.0); }
 double EvalSummary::perplexity() const { return std::exp(nats_per_token); }
@@ -36,76 +31,101 @@ nlohmann::ordered_json to_json(const EvalSummary& s) {
           {"sequences", s.sequences},
           {"prior_nats_per_token", s.prior_nats_per_token},
           {"seconds", s.seconds},
-          {"tokenizer_check", s.tokenizer_check}};
+          {"tokenizer_check", s.tokenizer_check},
+          {"protocol", s.protocol},
+          {"protocol_description", s.protocol_description},
+          {"documents", s.documents}};
 }
 
 void EvalOptions::validate() const {
   elbo.validate();
   SEDD_CHECK_OPTION(batch_size > 0, "--batch-size must be positive, got {}", batch_size);
   SEDD_CHECK_OPTION(max_sequences >= 0, "--max-sequences must be >= 0 (0: every window), got {}", max_sequences);
+  protocol.validate();
 }
+
 
 EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const std::string& name,
                              const std::string& data, const EvalOptions& o, torch::Device device,
                              ControlPlane& control, const std::function<void(int64_t, int64_t)>& progress) {
   o.validate();
   const int W = control.size(), r = control.rank();
-  TokenStreamConfig tc;
-  tc.data = data;
-  tc.seq_len = cfg.length;
-  tc.global_batch = o.batch_size * W;
-  tc.rank = r;
-  tc.world = W;
-  tc.shuffle = false;
-  TokenStream stream(tc);
-  SEDD_CHECK_INPUT(stream.vocab_size() == cfg.tokens, "{}: the data has vocab_size {}, the model {} tokens", data,
-                   stream.vocab_size(), cfg.tokens);
+  StoredDataset dataset(data);
+  const ShardInfo& info = dataset.info();
+  SEDD_CHECK_INPUT(info.vocab_size == cfg.tokens, "{}: the data has vocab_size {}, the model {} tokens", data,
+                   info.vocab_size, cfg.tokens);
   // The same tokenizer as the model's, when both say which; otherwise the summary says it was not checked.
-  const TokenizerMatch match = compare_tokenizers(o.model_tokenizer, stream.tokenizer());
+  const TokenizerMatch match = compare_tokenizers(o.model_tokenizer, info.tokenizer);
   SEDD_CHECK_INPUT(match != TokenizerMatch::Different,
                    "{}: the data was tokenized with another tokenizer than the model ({} vs {}); prepare the held-out "
                    "set with the model's tokenizer.json",
-                   data, describe_tokenizer(stream.tokenizer()),
+                   data, describe_tokenizer(info.tokenizer),
                    o.model_tokenizer == "byte" ? "byte" : "another tokenizer.json");
   std::string tokenizer_check = "same";
   if (match == TokenizerMatch::Unknown)
     tokenizer_check = fmt::format("skipped: the model's tokenizer is {}, the data's {}; make sure the data was "
                                   "prepared with the model's tokenizer",
-                                  describe_tokenizer(o.model_tokenizer), describe_tokenizer(stream.tokenizer()));
-  int64_t n = stream.windows_per_epoch();
+                                  describe_tokenizer(o.model_tokenizer), describe_tokenizer(info.tokenizer));
+  const bool packed = o.protocol.name == "packed";
+  const ProtocolIds ids =
+      protocol_ids(info.tokenizer, info.eot_id, cfg.vocab_dim() > cfg.tokens ? cfg.tokens : -1, cfg.objective == "ar");
+  WindowPlan plan;  // packed needs the shards' lengths only; the others find the documents
+  try {
+    plan = plan_windows(packed ? dataset.shard_layout() : dataset.documents(), o.protocol, ids, cfg.length,
+                        [&](int64_t at) { return dataset.token_at(at); });
+  } catch (const InputError& e) {
+    throw InputError(fmt::format("{} ({}): {}", name, data, e.what()));
+  }
+  SEDD_CHECK_INPUT(!plan.windows.empty(), "{} ({}), --protocol {}: {}", name, data, o.protocol.name,
+                   plan.no_window_reason);
+  int64_t n = static_cast<int64_t>(plan.windows.size());
   if (o.max_sequences > 0) n = std::min(n, o.max_sequences);
+  const bool padded = o.protocol.name == "mdlm-pad";
   auto graph = make_graph(cfg.graph, cfg.tokens);
   auto noise = make_noise(cfg.noise);
   auto start = std::chrono::steady_clock::now();
-  double sums[5] = {0, 0, 0, 0, 0};  // bound, MC variance, sequences, sum of squared per-token bounds, prior
-  const int64_t stride = o.batch_size * W;
+  // bound, MC variance, windows, sum bound^2, sum bound*scored, sum scored^2, scored tokens
+  std::vector<double> sums(7, 0.0);
+  const int64_t stride = o.batch_size * W, L = cfg.length;
+  const StoredReader read = [&](int64_t b, int64_t c, int64_t* out) { dataset.read(b, c, out); };
   for (int64_t first = 0; first < n; first += stride) {
-    auto x0 = stream.next();
     const int64_t row0 = first + r * o.batch_size, rows = std::clamp<int64_t>(n - row0, 0, o.batch_size);
     if (rows > 0) {
-      auto res = elbo_batch(*graph, *noise, model, x0.narrow(0, 0, rows), row0, o.elbo, device);
-      auto per_token = res.bound / static_cast<double>(cfg.length);
+      auto x0 = torch::empty({rows, L}, torch::kLong);
+      auto scored = torch::empty({rows, L}, torch::kUInt8);
+      for (int64_t i = 0; i < rows; ++i)
+        fill_window(plan, row0 + i, read, x0[i].data_ptr<int64_t>(), scored[i].data_ptr<uint8_t>());
+      auto res = elbo_batch(*graph, *noise, model, x0, row0, o.elbo, device,
+                            padded ? scored.to(torch::kBool) : torch::Tensor());
+      auto counts = scored.sum(1).to(torch::kDouble);
       sums[0] += res.bound.sum().item<double>();
       sums[1] += res.mc_variance.sum().item<double>();
       sums[2] += static_cast<double>(rows);
-      sums[3] += per_token.square().sum().item<double>();
-      sums[4] = res.prior_nats;
+      sums[3] += res.bound.square().sum().item<double>();
+      sums[4] += (res.bound * counts).sum().item<double>();
+      sums[5] += counts.square().sum().item<double>();
+      sums[6] += counts.sum().item<double>();
     }
     if (progress && r == 0) progress(std::min(n, first + stride), n);
   }
-  auto total = control.sum(std::vector<double>(sums, sums + 4), "evaluation sums");
+  auto total = control.sum(sums, "evaluation sums");
   EvalSummary s;
   s.name = name;
   s.data = data;
   s.sequences = static_cast<int64_t>(total[2]);
-  s.tokens = s.sequences * cfg.length;
-  SEDD_CHECK_INPUT(s.sequences > 0, "{}: no window of {} tokens to evaluate", data, cfg.length);
-  const double tokens = static_cast<double>(s.tokens);
-  s.nats_per_token = total[0] / tokens;
+  s.tokens = static_cast<int64_t>(total[6]);
+  s.documents = packed ? -1 : plan.documents;
+  s.protocol = o.protocol.name;
+  s.protocol_description = describe_protocol(o.protocol);
+  SEDD_CHECK_INPUT(s.tokens > 0, "{} ({}): no scored token in {} windows", name, data, s.sequences);
+  const double tokens = total[6], windows = total[2], ratio = total[0] / tokens;
+  s.nats_per_token = ratio;
   s.stderr_mc = std::sqrt(total[1]) / tokens;
-  const double mean = total[0] / tokens, m2 = total[3] / total[2];  // per-sequence nats/token moments
-  s.stderr_data = total[2] > 1 ? std::sqrt(std::max(0.0, m2 - mean * mean) / (total[2] - 1)) : 0.0;
-  s.prior_nats_per_token = control.max(sums[4], "prior") / static_cast<double>(cfg.length);
+  // The ratio estimator's standard error over windows: sum_k (b_k - R s_k)^2 with R = sum b / sum s
+  // (with equal window lengths: the standard error of the per-window nats/token).
+  const double residual = std::max(0.0, total[3] - 2 * ratio * total[4] + ratio * ratio * total[5]);
+  s.stderr_data = windows > 1 ? std::sqrt(residual * windows / (windows - 1)) / tokens : 0.0;
+  s.prior_nats_per_token = o.elbo.objective.name == "ar" ? 0.0 : prior_kl_per_token(*graph, *noise);
   s.exact = o.elbo.objective.name == "ar";
   s.tokenizer_check = tokenizer_check;
   s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -119,26 +139,37 @@ std::pair<std::string, std::string> parse_named_dataset(const std::string& spec)
   return {parent.empty() ? spec : parent, spec};
 }
 
-std::vector<std::pair<std::string, std::string>> read_dataset_suite(const std::string& path) {
+std::vector<SuiteDataset> read_dataset_suite(const std::string& path) {
   std::ifstream in(path);
   SEDD_CHECK_INPUT(in.good(), "{}: cannot read the suite file", path);
-  std::vector<std::pair<std::string, std::string>> out;
+  std::vector<SuiteDataset> out;
   int line_no = 0;
   for (std::string line; std::getline(in, line);) {
     ++line_no;
     auto hash = line.find('#');
     if (hash != std::string::npos) line.erase(hash);
     std::stringstream ss(line);
-    std::string a, b, rest;
-    ss >> a >> b >> rest;
-    if (a.empty()) continue;
-    SEDD_CHECK_INPUT(rest.empty(), "{}:{}: expected 'NAME GLOB' or 'NAME=GLOB'", path, line_no);
-    if (b.empty()) {
-      SEDD_CHECK_INPUT(a.find('=') != std::string::npos, "{}:{}: expected 'NAME GLOB' or 'NAME=GLOB'", path, line_no);
-      out.push_back(parse_named_dataset(a));
-    } else {
-      out.push_back({a, b});
+    std::vector<std::string> fields;
+    for (std::string f; ss >> f;) fields.push_back(f);
+    if (fields.empty()) continue;
+    const bool joined = fields[0].find('=') != std::string::npos && fields[0].find('=') > 0;
+    const size_t named = joined ? 1 : 2;  // fields before the optional protocol
+    SEDD_CHECK_INPUT(fields.size() >= named && fields.size() <= named + 1,
+                     "{}:{}: expected 'NAME GLOB [PROTOCOL]' or 'NAME=GLOB [PROTOCOL]'", path, line_no);
+    SuiteDataset d;
+    if (joined) std::tie(d.name, d.glob) = parse_named_dataset(fields[0]);
+    else d.name = fields[0], d.glob = fields[1];
+    if (fields.size() > named) {
+      d.protocol = fields[named];
+      ProtocolOptions p;
+      p.name = d.protocol;
+      try {
+        p.validate();
+      } catch (const OptionError& e) {
+        fail_input("{}:{}: {}", path, line_no, e.what());
+      }
     }
+    out.push_back(d);
   }
   SEDD_CHECK_INPUT(!out.empty(), "{}: the suite names no dataset", path);
   return out;

@@ -121,6 +121,23 @@ torch::Tensor sedd_sequence_loss(DDiT& model, const Graph& graph, const Noise& n
   return (per_seq * dsigma.to(per_seq.scalar_type())).to(dtype);
 }
 
+torch::Tensor mdlm_sequence_loss(DDiT& model, const Graph& graph, const Noise& noise, const torch::Tensor& xt,
+                                 const torch::Tensor& x0, const torch::Tensor& t, const DropoutKey* dropout,
+                                 const LossOptions& options) {
+  const auto dtype = model->vocab_embed->embedding.scalar_type();
+  SEDD_CHECK(graph.absorbing(), "mdlm loss: the masked-diffusion objective needs the absorbing graph");
+  const int64_t B = xt.size(0), L = xt.size(1), N = graph.tokens();
+  const auto td = t.to(torch::kDouble);
+  auto sigma = noise.total(td), weight = noise.rate(td) / torch::expm1(sigma);  // -alpha'/(1 - alpha)
+  PendingMaskedRows masked(xt, N);  // before the forward: see PendingMaskedRows
+  DDiTHidden hid = model->forward_hidden(xt, sigma.to(dtype), dropout);
+  auto rows = masked.rows();
+  auto batch = torch::div(rows, L, "floor");
+  return weighted_cross_entropy(model, hid, rows, x0.reshape({-1}).index_select(0, rows), weight.index_select(0, batch),
+                                B, options)
+      .to(dtype);
+}
+
 SeddDraws sedd_training_draws(const Graph& graph, const Noise& noise, const torch::Tensor& x0, const LossDraws& d) {
   auto t = training_time(d.u);
   return {t, corrupt(graph, x0, noise.total(t), d)};
@@ -146,14 +163,7 @@ torch::Tensor training_loss(DDiT& model, const Graph& graph, const Noise& noise,
   }
   if (cfg.objective == "mdlm") {
     auto t = training_time(d.u);
-    auto sigma = noise.total(t), weight = noise.rate(t) / torch::expm1(sigma);  // -alpha'/(1 - alpha)
-    auto xt = corrupt(graph, x0, sigma, d);
-    PendingMaskedRows masked(xt, N);  // before the forward: see PendingMaskedRows
-    DDiTHidden hid = model->forward_hidden(xt, sigma.to(dtype), dropout);
-    auto rows = masked.rows();
-    auto batch = torch::div(rows, L, "floor");
-    return weighted_cross_entropy(model, hid, rows, flat_x0.index_select(0, rows), weight.index_select(0, batch), B, o)
-        .to(dtype);
+    return mdlm_sequence_loss(model, graph, noise, corrupt(graph, x0, noise.total(t), d), x0, t, dropout, o);
   }
   SEDD_CHECK(cfg.objective == "d3pm", "training_loss: unknown objective '{}'", cfg.objective);
   const int64_t T = cfg.timesteps;

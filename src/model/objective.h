@@ -51,6 +51,13 @@ torch::Tensor sedd_sequence_loss(DDiT& model, const Graph& graph, const Noise& n
                                  const torch::Tensor& x0, const torch::Tensor& t, const DropoutKey* dropout,
                                  const LossOptions& options);
 
+// The masked-diffusion (MDLM) loss at given noisy inputs [B]: sigma'(t) / (e^sigma(t) - 1) times the
+// sum over the masked positions of xt of -log p(x0_l | xt); t [B] float64; absorbing graph only.
+// training_loss's mdlm branch draws t and xt and calls this; tests and replays inject their own.
+torch::Tensor mdlm_sequence_loss(DDiT& model, const Graph& graph, const Noise& noise, const torch::Tensor& xt,
+                                 const torch::Tensor& x0, const torch::Tensor& t, const DropoutKey* dropout,
+                                 const LossOptions& options);
+
 // The autoregressive model's input: x0 shifted right by one, the end-of-text id first.
 torch::Tensor autoregressive_input(const torch::Tensor& x0, int64_t bos);
 

@@ -6,7 +6,9 @@ namespace sedd {
 
 void DDiTScore::evaluate(const torch::Tensor& x, const torch::Tensor& sigma) {
   torch::NoGradGuard ng;
-  sigma_ = sigma.to(torch::kFloat);
+  // A float64 model is conditioned on the float64 sigma (float32 rounding moved its log-probabilities by 3e-9).
+  const bool f64 = model_->vocab_embed->embedding.scalar_type() == torch::kDouble;
+  sigma_ = sigma.to(f64 ? torch::kDouble : torch::kFloat);
   const int64_t B = x.size(0);
   if (!cache_ || !last_x_.defined() || last_x_.sizes() != x.sizes()) {
     hidden_ = model_->forward_hidden(x, sigma_);

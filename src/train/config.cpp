@@ -71,6 +71,8 @@ void TrainingConfig::validate(int world) const {
              "train.zero2_reduce must be micro_batch or step, got '{}'", train.zero2_reduce);
   SEDD_CHECK(train.time_sampling == "iid" || train.time_sampling == "antithetic" || train.time_sampling == "stratified",
              "train.time_sampling must be iid, antithetic or stratified, got '{}'", train.time_sampling);
+  SEDD_CHECK(train.loss_mean == "sequence" || train.loss_mean == "token",
+             "train.loss_mean must be sequence or token, got '{}'", train.loss_mean);
   SEDD_CHECK(train.time_sampling != "antithetic" || train.batch_size % 2 == 0,
              "train.time_sampling = antithetic pairs sequences: train.batch_size ({}) must be even", train.batch_size);
   check_finite(train.lambda_ce, "diffusion.lambda_ce");
@@ -108,8 +110,64 @@ int64_t checkpoint_interval(const std::string& setting) {
   fail("train.activation_checkpointing must be none, blocks or every:K with K >= 1, got '{}'", setting);
 }
 
+std::vector<std::pair<std::string, std::string>> objective_defaults(const ModelConfig& m) {
+  auto flag = [](bool b) { return std::string(b ? "true" : "false"); };
+  if (m.objective == "mdlm")
+    return {{"model.time_conditioning", "false"},
+            {"model.scale_by_sigma", "false"},
+            {"train.time_sampling", "stratified"},
+            {"train.warmup_from_zero", "true"},
+            {"train.loss_mean", "token"}};
+  if (m.objective == "ar")
+    return {{"model.time_conditioning", "false"}, {"model.scale_by_sigma", "false"}, {"train.time_sampling", "iid"},
+            {"train.warmup_from_zero", "false"}, {"train.loss_mean", "sequence"}};
+  if (m.objective == "d3pm")
+    return {{"model.time_conditioning", "true"}, {"model.scale_by_sigma", "false"}, {"train.time_sampling", "iid"},
+            {"train.warmup_from_zero", "false"}, {"train.loss_mean", "sequence"}};
+  // sedd, and anything validate() will refuse by name.
+  return {{"model.time_conditioning", "true"}, {"model.scale_by_sigma", flag(m.graph == "absorb")},
+          {"train.time_sampling", "iid"}, {"train.warmup_from_zero", "false"}, {"train.loss_mean", "sequence"}};
+}
+
+void set_objective_setting(TrainingConfig& c, const std::string& key, const std::string& value) {
+  auto as_bool = [&] {
+    SEDD_CHECK(value == "true" || value == "false", "{}: '{}' is not true or false", key, value);
+    return value == "true";
+  };
+  if (key == "model.time_conditioning") c.model.time_conditioning = as_bool();
+  else if (key == "model.scale_by_sigma") c.model.scale_by_sigma = as_bool();
+  else if (key == "train.time_sampling") c.train.time_sampling = value;
+  else if (key == "train.warmup_from_zero") c.train.warmup_from_zero = as_bool();
+  else if (key == "train.loss_mean") c.train.loss_mean = value;
+  else fail("{} is not a setting with an objective default", key);
+}
+
+std::string objective_setting(const TrainingConfig& c, const std::string& key) {
+  auto flag = [](bool b) { return std::string(b ? "true" : "false"); };
+  if (key == "model.time_conditioning") return flag(c.model.time_conditioning);
+  if (key == "model.scale_by_sigma") return flag(c.model.scale_by_sigma);
+  if (key == "train.time_sampling") return c.train.time_sampling;
+  if (key == "train.warmup_from_zero") return flag(c.train.warmup_from_zero);
+  if (key == "train.loss_mean") return c.train.loss_mean;
+  fail("{} is not a setting with an objective default", key);
+}
+
+std::vector<std::string> apply_objective_defaults(TrainingConfig& c, const std::set<std::string>& given) {
+  std::vector<std::string> set;
+  for (const auto& [key, value] : objective_defaults(c.model)) {
+    if (given.count(key)) continue;
+    set_objective_setting(c, key, value);
+    set.push_back(key);
+  }
+  return set;
+}
+
 double learning_rate(const TrainSection& t, int64_t step) {
-  if (t.warmup > 0 && step <= t.warmup) return t.lr * static_cast<double>(step) / static_cast<double>(t.warmup);
+  // MDLM's LambdaLR: lr * ((k - 1) / warmup) while k - 1 < warmup (the factor rounded first, as there).
+  if (t.warmup_from_zero && t.warmup > 0 && step - 1 < t.warmup)
+    return t.lr * (static_cast<double>(step - 1) / static_cast<double>(t.warmup));
+  if (!t.warmup_from_zero && t.warmup > 0 && step <= t.warmup)
+    return t.lr * static_cast<double>(step) / static_cast<double>(t.warmup);
   if (t.schedule == "constant") return t.lr;
   double span = std::max<int64_t>(1, t.steps - t.warmup);
   double progress = std::min(1.0, static_cast<double>(step - t.warmup) / span);

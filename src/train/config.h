@@ -2,7 +2,10 @@
 // ([run], [data], [model], [diffusion], [train]). validate() rejects impossible combinations
 // with a message that names the keys and suggests a fix, before anything is built.
 #pragma once
+#include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "model/config.h"
 
@@ -27,6 +30,13 @@ struct TrainSection {
   int64_t micro_batch_size = 0;  // per rank; 0 = batch_size / ranks (no accumulation)
   double lr = 3e-4;
   int64_t warmup = 100;
+  // Step k of the warmup runs at lr k/warmup (SEDD's), or (k-1)/warmup when true: the first step at
+  // lr 0, as MDLM's constant_warmup (transformers' LambdaLR, stepped after each optimizer step).
+  bool warmup_from_zero = false;
+  // The loss whose gradient a step takes: the batch mean of the per-sequence sums (sequence: SEDD's
+  // code) or the mean over the batch's tokens (token: MDLM's token_nll). With clipping (and Adam's
+  // eps) the two train differently: the first gradient is seq_len times the second.
+  std::string loss_mean = "sequence";
   std::string schedule = "constant";  // constant | cosine
   double min_lr_ratio = 0.1;          // cosine floor as a fraction of lr
   double weight_decay = 0.0;
@@ -94,7 +104,21 @@ struct TrainingConfig {
 // blocks -> 1, every:K -> K. Throws sedd::Error naming the key for anything else.
 int64_t checkpoint_interval(const std::string& setting);
 
-// Learning rate at `step` (1-based): linear warmup, then constant or cosine decay.
+// The settings whose paper value depends on the objective (README "Objectives"), as (key, value)
+// in option spelling: sedd (Lou et al.) conditions on time, scales the absorbing score by sigma and
+// draws times iid; mdlm (Sahoo et al.) has no time input and draws stratified times (their
+// antithetic_sampling: t_k = (k + U_k) / B), starts its warmup at lr 0 and takes the gradient of the
+// per-token mean loss; d3pm conditions on time; ar has no time input.
+std::vector<std::pair<std::string, std::string>> objective_defaults(const ModelConfig& model);
+// Sets each objective default whose key is not in `given` (the keys set on the command line or in
+// a config file); returns the keys it set.
+std::vector<std::string> apply_objective_defaults(TrainingConfig& c, const std::set<std::string>& given);
+// Sets one of the keys objective_defaults() names from its text ("true", "stratified", ...), and
+// reads it back as text.
+void set_objective_setting(TrainingConfig& c, const std::string& key, const std::string& value);
+std::string objective_setting(const TrainingConfig& c, const std::string& key);
+
+// Learning rate at `step` (1-based): linear warmup (see warmup_from_zero), then constant or cosine decay.
 double learning_rate(const TrainSection& t, int64_t step);
 
 }  // namespace sedd

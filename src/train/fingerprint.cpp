@@ -89,6 +89,43 @@ std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, co
   return out;
 }
 
+std::vector<std::string> keep_checkpoint_settings(TrainingConfig& cfg, const nlohmann::json& saved,
+                                                  const std::string& saved_config,
+                                                  const std::vector<std::string>& defaulted) {
+  std::vector<std::string> kept;
+  const auto now = settings_fingerprint(cfg);
+  for (const char* same : {"diffusion.objective", "diffusion.graph"})
+    if (!saved.contains(same) || saved[same] != now[same]) return kept;
+  auto recorded = [&](const std::string& key) -> std::string {
+    if (saved.contains(key)) {
+      const auto& v = saved[key];
+      return v.is_boolean() ? std::string(v.get<bool>() ? "true" : "false") : v.is_string() ? v.get<std::string>() : "";
+    }
+    if (saved_config.empty()) return "";
+    const std::string name = key.substr(key.find('.') + 1);  // unique over the sections
+    for (std::string line : fs::split_nonempty(saved_config, '\n')) {
+      line = line.substr(0, line.find('#'));
+      const auto eq = line.find('=');
+      if (eq == std::string::npos) continue;
+      auto trim = [](std::string x) {
+        x.erase(0, x.find_first_not_of(" \t"));
+        x.erase(x.find_last_not_of(" \t\r") + 1);
+        return x;
+      };
+      if (trim(line.substr(0, eq)) == name) return trim(line.substr(eq + 1));
+    }
+    return objective_setting(TrainingConfig{}, key);  // the key did not exist when it was written
+  };
+  for (const auto& key : defaulted) {
+    const std::string value = recorded(key), current = objective_setting(cfg, key);
+    if (value.empty() || value == current) continue;
+    set_objective_setting(cfg, key, value);
+    kept.push_back(fmt::format("{} = {}: the checkpoint's value (the {} default is {})", key, value,
+                               cfg.model.objective, current));
+  }
+  return kept;
+}
+
 std::set<std::string> parse_allowed_changes(const std::string& list) {
   std::set<std::string> keys;
   std::stringstream ss(list);

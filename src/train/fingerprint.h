@@ -27,6 +27,17 @@ nlohmann::json settings_fingerprint(const TrainingConfig& cfg);
 std::vector<std::string> fingerprint_differences(const nlohmann::json& saved, const nlohmann::json& now,
                                                  const std::set<std::string>& allowed);
 
+// Resuming under other objective defaults than the checkpoint was written with: each key of
+// `defaulted` (objective defaults the user did not set) whose value differs from the one the
+// checkpoint trained with takes that value, so that the same command line resumes the same run.
+// The recorded value: the checkpoint's fingerprint, else its resolved settings (`config`, the INI
+// text in state.json), else, for a key newer than the checkpoint, the built-in default (what every
+// run did before the key existed). Only when the checkpoint's objective and graph are this run's
+// (else the fingerprint check names them). Returns "key = value: ..." per key taken.
+std::vector<std::string> keep_checkpoint_settings(TrainingConfig& cfg, const nlohmann::json& saved_fingerprint,
+                                                  const std::string& saved_config,
+                                                  const std::vector<std::string>& defaulted);
+
 // "a,b , c" -> {"a", "b", "c"}; throws OptionError naming a key that is not a fingerprint key.
 std::set<std::string> parse_allowed_changes(const std::string& list);
 

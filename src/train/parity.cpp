@@ -53,7 +53,7 @@ ParityRecorder::ParityRecorder(const std::string& path, Trainer& trainer, const 
   file_->set_attr("/init", "order", order);
   previous_params_ = flat_parameters(*trainer.model());
   trainer.observe_steps([this](const StepTrace& tr) {
-    SEDD_CHECK(tr.t.defined(), "parity records are for the sedd objective");
+    SEDD_CHECK(tr.t.defined(), "parity records are for the sedd and mdlm objectives");
     x0_.push_back(tr.x0);
     t_.push_back(tr.t);
     xt_.push_back(tr.xt);
@@ -137,6 +137,10 @@ ParityCheck::ParityCheck(const std::string& reference, Trainer& trainer, Control
   grad_norm_ = ref_->read("/authors/grad_norm", torch::kDouble);
   clip_ = ref_->read("/authors/clip_coef", torch::kDouble);
   lr_ = ref_->read("/authors/lr", torch::kDouble);
+  // The authors' loss per sequence (SEDD: the batch mean of per-sequence sums, as ours) or per
+  // token (MDLM: token_nll, the sum over the batch's tokens / B L).
+  if (ref_->has_attr("/authors", "loss_per") && ref_->attr_string("/authors", "loss_per") == "token")
+    loss_scale_ = 1.0 / static_cast<double>(x0_.size(2));
 
   // Data windows: every row of every batch is a window [kL, (k+1)L) of the token stream, the
   // windows the reference's data pipeline (group_texts: concatenate, cut into blocks) produces.
@@ -173,7 +177,7 @@ void ParityCheck::observe(const StepTrace& tr) {
     record("time_draws", tr.step, rel_error(tr.t, t_[s].narrow(0, tr.first_row, rows)));
     if (!torch::equal(tr.xt, xt_[s].narrow(0, tr.first_row, rows))) ++draw_mismatches_;
   }
-  record("loss", tr.step, rel_error(torch::tensor(tr.loss, torch::kDouble), loss_[s]));
+  record("loss", tr.step, rel_error(torch::tensor(tr.loss * loss_scale_, torch::kDouble), loss_[s]));
   record("grad_norm", tr.step, rel_error(torch::tensor(tr.grad_norm, torch::kDouble), grad_norm_[s]));
   record("clip_coef", tr.step, rel_error(torch::tensor(tr.clip_coef, torch::kDouble), clip_[s]));
   record("lr", tr.step, rel_error(torch::tensor(tr.lr, torch::kDouble), lr_[s]));

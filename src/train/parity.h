@@ -5,8 +5,8 @@
 // draws (x0, t, xt), and per step what a trainer computed: loss, gradient norm, clip factor,
 // learning rate, and at snapshot steps the full gradient, clipped gradient, update, weights and
 // EMA. record_steps() writes a file from a run of ours (group /ours); the reference generator
-// (tests/data/make_sedd_step_reference.py) runs the authors' code on the same inputs and adds
-// group /authors; ParityCheck compares a new run of ours with /authors, step by step, as it goes.
+// (tests/data/make_sedd_step_reference.py, make_mdlm_step_reference.py) runs the authors' code on
+// the same inputs and adds group /authors; ParityCheck compares a new run of ours with /authors, step by step, as it goes.
 #pragma once
 #include <torch/torch.h>
 
@@ -82,6 +82,7 @@ class ParityCheck {
   torch::Tensor x0_, t_, xt_;        // all steps [S, B, L], [S, B], [S, B, L]
   torch::Tensor loss_, grad_norm_, clip_, lr_;
   torch::Tensor previous_params_;
+  double loss_scale_ = 1;  // ours (per sequence) to the reference's loss unit
   int64_t draw_mismatches_ = 0, window_mismatches_ = 0, steps_seen_ = 0;
   ParityReport report_;
 };

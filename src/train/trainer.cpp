@@ -385,6 +385,8 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
   const int W = comm_.size();
   const int64_t rows = cfg_.rows_per_rank(W), mb = cfg_.micro_batch(W), B = cfg_.train.batch_size;
   const int64_t L = cfg_.data.seq_len;
+  // The gradient of the batch mean of the per-sequence losses, or of the per-token mean (train.loss_mean).
+  const double grad_scale = 1.0 / static_cast<double>(cfg_.train.loss_mean == "token" ? rows * L : rows);
   log_->start = log_->window_start = std::chrono::steady_clock::now();
   log_->first_step = step_;
   log_->reset(rt_.device);
@@ -415,7 +417,7 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
     auto loss = torch::zeros({}, dev_double);
     for (int64_t m = 0; m < rows; m += mb) {
       opt_->begin_backward(m + mb >= rows);  // reduce buckets while backward runs
-      loss += micro_batch(x0.narrow(0, m, mb), comm_.rank() * rows + m, static_cast<uint64_t>(step), 1.0 / rows, true);
+      loss += micro_batch(x0.narrow(0, m, mb), comm_.rank() * rows + m, static_cast<uint64_t>(step), grad_scale, true);
     }
     if (cfg_.debug.nan_at_step == step && comm_.rank() == 0) loss += std::nan("");
     sync_for_timing();
@@ -441,7 +443,8 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
       tr.lr = lr;
       tr.first_row = comm_.rank() * rows;
       tr.x0 = x0.cpu();
-      if (cfg_.model.objective == "sedd") {  // the draws micro_batch() made, recomputed for all rows at once
+      // The draws micro_batch() made, recomputed for all rows at once (mdlm draws t and xt as sedd does).
+      if (cfg_.model.objective == "sedd" || cfg_.model.objective == "mdlm") {
         auto ids = torch::arange(tr.first_row, tr.first_row + rows, x0.options());
         auto u = time_uniforms(cfg_.train.time_sampling, cfg_.run.seed, static_cast<uint64_t>(step), ids, B);
         auto d = sedd_training_draws(*graph_, *noise_, x0, LossDraws{cfg_.run.seed, static_cast<uint64_t>(step), ids, u});

@@ -38,7 +38,7 @@ struct StepTrace {
   double lr = 0;
   int64_t first_row = 0;       // global index (in the batch) of this rank's first row
   torch::Tensor x0;            // this rank's clean rows [rows, L] int64
-  torch::Tensor t, xt;         // sedd objective: this rank's times [rows] float64 and noisy rows [rows, L]
+  torch::Tensor t, xt;         // sedd, mdlm: this rank's times [rows] float64 and noisy rows [rows, L]
   double loss = 0;             // mean over the global batch of the per-sequence loss (nats)
   double grad_norm = 0;        // global norm of the reduced gradient, before clipping
   double clip_coef = 1;        // the factor the gradient was multiplied by

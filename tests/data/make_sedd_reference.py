@@ -56,6 +56,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
+from reference_common import write, compare  # noqa: E402
 import reference_shims  # noqa: F401,E402  (stand-ins for einops/flash_attn/...; SEDD_REF on sys.path)
 import graph_lib, losses, noise_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -117,13 +118,6 @@ def make_noise(kind):
 
 def noise_attrs(kind):
     return dict(eps=LOGLINEAR_EPS) if kind == 'loglinear' else dict(GEOMETRIC)
-
-
-def write(group, datasets, attrs=None):
-    for k, v in (attrs or {}).items():
-        group.attrs[k] = v
-    for k, v in datasets.items():
-        group.create_dataset(k, data=v.detach().cpu().numpy() if torch.is_tensor(v) else v)
 
 
 def main():
@@ -209,46 +203,6 @@ def main():
     print('wrote', a.out)
     if a.compare:
         sys.exit(compare(a.out, a.compare))
-
-
-def compare(new, old):
-    """Every dataset and attribute of `new` against `old`: exact, or the largest relative difference."""
-    worst, differ = 0.0, 0
-    with h5py.File(new, 'r') as f, h5py.File(old, 'r') as g:
-        names = []
-        f.visit(names.append)
-        other = []
-        g.visit(other.append)
-        for n in sorted(set(other) - set(names)):
-            print('only in %s: %s' % (old, n))
-            differ += 1
-        for n in [''] + names:
-            obj = f[n] if n else f
-            if n not in g and n:
-                print('only in %s: %s' % (new, n))
-                differ += 1
-                continue
-            ref = g[n] if n else g
-            if set(obj.attrs) != set(ref.attrs) or any(np.any(obj.attrs[k] != ref.attrs[k]) for k in obj.attrs):
-                print('attributes differ: /%s' % n)
-                differ += 1
-            if not isinstance(obj, h5py.Dataset):
-                continue
-            x, y = obj[()], ref[()]
-            if x.dtype != y.dtype or x.shape != y.shape:
-                print('/%s: %s%s != %s%s' % (n, x.dtype, x.shape, y.dtype, y.shape))
-                differ += 1
-            elif not np.array_equal(x, y):
-                if x.dtype.kind in 'iu':
-                    print('/%s: integers differ at %d places' % (n, int((x != y).sum())))
-                    differ += 1
-                    continue
-                x, y = x.astype(np.float64), y.astype(np.float64)
-                rel = float(np.max(np.abs(x - y) / np.maximum(np.abs(y), 1e-300)))
-                print('/%s: max rel diff %.3g (%d of %d values differ)' % (n, rel, int((x != y).sum()), x.size))
-                worst = max(worst, rel)
-    print('compared with %s: %d structural differences, largest relative difference %.3g' % (old, differ, worst))
-    return 1 if differ else 0
 
 
 if __name__ == '__main__':

@@ -29,10 +29,8 @@ these three, the float64 step differs from ours by 2e-9 (loss) and 1e-8 (gradien
 float32 roundings. In float32 training ours computes all three in float32 too.
 """
 import argparse
-import glob
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -42,10 +40,10 @@ import types
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
+from reference_common import markov_tokens, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype  # noqa: E402
 import reference_shims  # noqa: F401,E402  (stand-ins for einops/flash_attn/...; SEDD_REF on sys.path)
 import graph_lib, losses, noise_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -84,20 +82,6 @@ time_sampling = iid
 """
 
 
-def layer_norm_in_input_dtype(self, x):  # authors': F.layer_norm(x.float(), [self.dim]) * weight
-    return F.layer_norm(x, [self.dim]) * self.weight[None, None, :]
-
-
-def timestep_embedding_in_input_dtype(t, dim, max_period=10000):  # authors': float32 freqs and args
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=t.dtype) / half)
-    args = t[:, None] * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    return embedding
-
-
 def score_entropy_in_score_dtype(score_entropy):  # authors': entropy = torch.zeros(*x.shape) (float32)
     def wrapped(self, score, sigma, x, x0):
         zeros = torch.zeros
@@ -107,21 +91,6 @@ def score_entropy_in_score_dtype(score_entropy):  # authors': entropy = torch.ze
         finally:
             torch.zeros = zeros
     return wrapped
-
-
-def markov_tokens(n, V, seed):
-    rng = np.random.default_rng(seed)
-    P = rng.dirichlet(np.full(V, 0.3), size=V)
-    x = np.empty(n, dtype=np.uint16)
-    s = 0
-    for k in range(n):
-        x[k] = s
-        s = int(rng.choice(V, p=P[s]))
-    return x
-
-
-def flat(tensors):
-    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
 
 
 def main():

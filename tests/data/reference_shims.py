@@ -4,6 +4,8 @@ no-op CUDA autocast where there is no GPU. Import this module first, then the au
 (from $SEDD_REF), unchanged. Used by the reference generators in this folder only; the tests never
 import it."""
 import contextlib
+import importlib.machinery
+import importlib.util
 import math
 import os
 import sys
@@ -35,6 +37,13 @@ def _flash_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p, causal=False
     return out.transpose(1, 2).reshape(n, h, d)
 
 
+def _installed(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # a stand-in put there above
+        return False
+
+
 einops = types.ModuleType('einops')
 einops.rearrange = _rearrange
 flash_attn = types.ModuleType('flash_attn')
@@ -46,11 +55,24 @@ hub.PyTorchModelHubMixin = type('PyTorchModelHubMixin', (), {})
 omegaconf = types.ModuleType('omegaconf')
 omegaconf.OmegaConf = types.SimpleNamespace(create=lambda d: d)
 omegaconf.open_dict = None
-for name, mod in [('einops', einops), ('flash_attn', flash_attn), ('flash_attn.flash_attn_interface', flash_attn_interface),
-                  ('huggingface_hub', hub), ('omegaconf', omegaconf)]:
-    sys.modules.setdefault(name, mod)
+def install(stand_ins):
+    """Puts each (name, module) stand-in into sys.modules unless its top-level package is really
+    installed (transformers and datasets need the real huggingface_hub, fsspec, ...)."""
+    def stand_in(top):
+        return getattr(sys.modules[top], 'is_stand_in', False) if top in sys.modules else not _installed(top)
+    missing = {n.split('.')[0] for n, _ in stand_ins if stand_in(n.split('.')[0])}
+    for name, mod in stand_ins:
+        if name.split('.')[0] in missing and name not in sys.modules:
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # probes (find_spec) see no package files
+            mod.is_stand_in = True
+            sys.modules[name] = mod
+
+
+install([('einops', einops), ('flash_attn', flash_attn), ('flash_attn.flash_attn_interface', flash_attn_interface),
+         ('huggingface_hub', hub), ('omegaconf', omegaconf)])
 
 if not torch.cuda.is_available():  # the authors wrap the network in CUDA bf16 autocast
     torch.cuda.amp.autocast = lambda *a, **k: contextlib.nullcontext()
 
-sys.path.insert(0, os.environ['SEDD_REF'])
+if 'SEDD_REF' in os.environ:  # the SEDD generators; mdlm_shims.py imports this module without it
+    sys.path.insert(0, os.environ['SEDD_REF'])

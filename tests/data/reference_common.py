@@ -1,0 +1,85 @@
+"""What the reference generators in this folder share: writing and comparing HDF5 groups, the
+Markov-chain token data of the step references, and float64 versions of the two spots where the
+authors' networks (SEDD's and MDLM's DDiT, the same code) cast to float32. Generators only; the tests
+never import it."""
+import math
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def write(group, datasets, attrs=None):
+    for k, v in (attrs or {}).items():
+        group.attrs[k] = v
+    for k, v in datasets.items():
+        group.create_dataset(k, data=v.detach().cpu().numpy() if torch.is_tensor(v) else v)
+
+
+def compare(new, old):
+    """Every dataset and attribute of `new` against `old`: exact, or the largest relative difference."""
+    worst, differ = 0.0, 0
+    with h5py.File(new, 'r') as f, h5py.File(old, 'r') as g:
+        names, other = [], []
+        f.visit(names.append)
+        g.visit(other.append)
+        for n in sorted(set(other) - set(names)):
+            print('only in %s: %s' % (old, n))
+            differ += 1
+        for n in [''] + names:
+            obj = f[n] if n else f
+            if n and n not in g:
+                print('only in %s: %s' % (new, n))
+                differ += 1
+                continue
+            ref = g[n] if n else g
+            if set(obj.attrs) != set(ref.attrs) or any(np.any(obj.attrs[k] != ref.attrs[k]) for k in obj.attrs):
+                print('attributes differ: /%s' % n)
+                differ += 1
+            if not isinstance(obj, h5py.Dataset):
+                continue
+            x, y = obj[()], ref[()]
+            if x.dtype != y.dtype or np.shape(x) != np.shape(y):
+                print('/%s: %s%s != %s%s' % (n, x.dtype, np.shape(x), y.dtype, np.shape(y)))
+                differ += 1
+            elif not np.array_equal(x, y):
+                if x.dtype.kind in 'iu':
+                    print('/%s: integers differ at %d places' % (n, int(np.sum(x != y))))
+                    differ += 1
+                    continue
+                x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+                rel = float(np.max(np.abs(x - y) / np.maximum(np.abs(y), 1e-300)))
+                print('/%s: max rel diff %.3g (%d of %d values differ)' % (n, rel, int(np.sum(x != y)), x.size))
+                worst = max(worst, rel)
+    print('compared with %s: %d structural differences, largest relative difference %.3g' % (old, differ, worst))
+    return 1 if differ else 0
+
+
+def markov_tokens(n, V, seed):
+    rng = np.random.default_rng(seed)
+    P = rng.dirichlet(np.full(V, 0.3), size=V)
+    x = np.empty(n, dtype=np.uint16)
+    s = 0
+    for k in range(n):
+        x[k] = s
+        s = int(rng.choice(V, p=P[s]))
+    return x
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+def layer_norm_in_input_dtype(self, x):  # authors': F.layer_norm(x.float(), [self.dim]) * weight
+    return F.layer_norm(x, [self.dim]) * self.weight[None, None, :]
+
+
+def timestep_embedding_in_input_dtype(t, dim, max_period=10000):  # authors': float32 freqs and args
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=t.dtype) / half)
+    args = t[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
