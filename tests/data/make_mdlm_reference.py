@@ -59,13 +59,11 @@ import os
 import sys
 import types
 
-import h5py
-import numpy as np
 import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import write, compare  # noqa: E402
+from reference_common import write_reference, compare  # noqa: E402
 import mdlm_shims  # noqa: F401,E402  (stand-ins for flash_attn/lightning/...; MDLM_REF on sys.path)
 import diffusion, noise_schedule  # noqa: E402
 from models import dit  # noqa: E402
@@ -264,14 +262,7 @@ def main():
                 ddpm[variant + '/p_x0'] = p_used
         out['ddpm_step'] = (ddpm, dict(dt=DDPM_DT))
 
-    tmp = a.out + '.partial'
-    with h5py.File(tmp, 'w') as f:
-        f.attrs['seed'] = np.int64(a.seed)
-        f.attrs['source'] = SOURCE
-        for path, (datasets, attrs) in out.items():
-            write(f.require_group(path), datasets,
-                  {k: np.int64(v) if isinstance(v, (bool, int)) else v for k, v in (attrs or {}).items()})
-    os.replace(tmp, a.out)
+    write_reference(a.out, out, a.seed, SOURCE)
     print('wrote', a.out, os.path.getsize(a.out), 'bytes')
     if a.compare:
         sys.exit(compare(a.out, a.compare))

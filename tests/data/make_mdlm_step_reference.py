@@ -39,9 +39,7 @@ import importlib
 import itertools
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import types
 
 import h5py
@@ -50,7 +48,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import markov_tokens, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype  # noqa: E402
+from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype  # noqa: E402
 import mdlm_shims  # noqa: F401,E402  (stand-ins for flash_attn/lightning/hydra/...; MDLM_REF on sys.path)
 import diffusion  # noqa: E402
 import models  # noqa: E402
@@ -125,20 +123,8 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     V, L, B = 9, 16, 8
-    work = tempfile.mkdtemp(prefix='mdlm-step-ref.')
-    shard = os.path.join(work, 'train-00000.h5')
-    with h5py.File(shard, 'w') as f:
-        f.create_dataset('tokens', data=markov_tokens(256 * L, V - 1, 13))
-        f.attrs['vocab_size'] = V
-        f.attrs['eot_id'] = V - 1
-        f.attrs['tokenizer'] = 'markov-synthetic'
-        f.attrs['format_version'] = 1
-    cfg_path = os.path.join(work, 'parity.ini')
-    open(cfg_path, 'w').write(CONFIG.format(seed=a.seed, shard=shard, L=L, steps=a.steps, B=B, lr=a.lr,
-                                            warmup=a.warmup, clip=a.clip))
-    ours = os.path.join(work, 'ours.h5')
-    subprocess.run([os.path.join(a.bin, 'sedd-parity'), 'record', '--config', cfg_path, '--out', ours,
-                    '--snapshots', a.snapshots], check=True, env=dict(os.environ, SEDD_CORES='1'))
+    ours = record_our_run(a.bin, 'mdlm-step-ref.', CONFIG, V, L, 13, a.snapshots, seed=a.seed, steps=a.steps, B=B, lr=a.lr,
+                          warmup=a.warmup, clip=a.clip)
 
     # Their model, float64, with our initial weights.
     models.dit.LayerNorm.forward = layer_norm_in_input_dtype

@@ -50,13 +50,11 @@ import sys
 import types
 from fractions import Fraction
 
-import h5py
-import numpy as np
 import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import write, compare  # noqa: E402
+from reference_common import write_reference, compare  # noqa: E402
 import reference_shims  # noqa: F401,E402  (stand-ins for einops/flash_attn/...; SEDD_REF on sys.path)
 import graph_lib, losses, noise_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -192,14 +190,7 @@ def main():
         out['model/%s/loss' % name] = (dict(x0=x0, t=t_loss, xt=xt, loss=loss), None)
         out['model/' + name] = ({}, attrs)
 
-    tmp = a.out + '.partial'
-    with h5py.File(tmp, 'w') as f:
-        f.attrs['seed'] = np.int64(a.seed)
-        f.attrs['source'] = SOURCE
-        for path, (datasets, attrs) in out.items():
-            write(f.require_group(path), datasets,
-                  {k: np.int64(v) if isinstance(v, (bool, int)) else v for k, v in (attrs or {}).items()})
-    os.replace(tmp, a.out)
+    write_reference(a.out, out, a.seed, SOURCE)
     print('wrote', a.out)
     if a.compare:
         sys.exit(compare(a.out, a.compare))

@@ -32,9 +32,7 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import types
 
 import h5py
@@ -43,7 +41,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import markov_tokens, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype  # noqa: E402
+from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype  # noqa: E402
 import reference_shims  # noqa: F401,E402  (stand-ins for einops/flash_attn/...; SEDD_REF on sys.path)
 import graph_lib, losses, noise_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -105,20 +103,8 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     V, L, B = 9, 16, 8
-    work = tempfile.mkdtemp(prefix='sedd-step-ref.')
-    shard = os.path.join(work, 'train-00000.h5')
-    with h5py.File(shard, 'w') as f:
-        f.create_dataset('tokens', data=markov_tokens(256 * L, V - 1, 11))
-        f.attrs['vocab_size'] = V
-        f.attrs['eot_id'] = V - 1
-        f.attrs['tokenizer'] = 'markov-synthetic'
-        f.attrs['format_version'] = 1
-    cfg_path = os.path.join(work, 'parity.ini')
-    open(cfg_path, 'w').write(CONFIG.format(seed=a.seed, shard=shard, L=L, steps=a.steps, B=B, warmup=a.warmup,
-                                            clip=a.clip))
-    ours = os.path.join(work, 'ours.h5')
-    subprocess.run([os.path.join(a.bin, 'sedd-parity'), 'record', '--config', cfg_path, '--out', ours,
-                    '--snapshots', a.snapshots], check=True, env=dict(os.environ, SEDD_CORES='1'))
+    ours = record_our_run(a.bin, 'sedd-step-ref.', CONFIG, V, L, 11, a.snapshots, seed=a.seed, steps=a.steps, B=B,
+                          warmup=a.warmup, clip=a.clip)
 
     # The authors' model, graph, noise, optimizer, EMA and step function, float64.
     transformer.LayerNorm.forward = layer_norm_in_input_dtype

@@ -3,6 +3,9 @@ Markov-chain token data of the step references, and float64 versions of the two 
 authors' networks (SEDD's and MDLM's DDiT, the same code) cast to float32. Generators only; the tests
 never import it."""
 import math
+import os
+import subprocess
+import tempfile
 
 import h5py
 import numpy as np
@@ -83,3 +86,34 @@ def timestep_embedding_in_input_dtype(t, dim, max_period=10000):  # authors': fl
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+def record_our_run(bin_dir, prefix, config, V, L, markov_seed, snapshots, **fields):
+    """One shard of Markov tokens (V ids, the last one end-of-text), `config` formatted with it and
+    `fields`, and `sedd-parity record` of our trainer on it (one thread): the recording's path."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    shard = os.path.join(work, 'train-00000.h5')
+    with h5py.File(shard, 'w') as f:
+        f.create_dataset('tokens', data=markov_tokens(256 * L, V - 1, markov_seed))
+        f.attrs['vocab_size'] = V
+        f.attrs['eot_id'] = V - 1
+        f.attrs['tokenizer'] = 'markov-synthetic'
+        f.attrs['format_version'] = 1
+    cfg_path = os.path.join(work, 'parity.ini')
+    open(cfg_path, 'w').write(config.format(shard=shard, L=L, **fields))
+    ours = os.path.join(work, 'ours.h5')
+    subprocess.run([os.path.join(bin_dir, 'sedd-parity'), 'record', '--config', cfg_path, '--out', ours,
+                    '--snapshots', snapshots], check=True, env=dict(os.environ, SEDD_CORES='1'))
+    return ours
+
+
+def write_reference(path, out, seed, source):
+    """`out` {group path: (datasets, attrs)} into `path`, published by rename (never half written)."""
+    tmp = path + '.partial'
+    with h5py.File(tmp, 'w') as f:
+        f.attrs['seed'] = np.int64(seed)
+        f.attrs['source'] = source
+        for group, (datasets, attrs) in out.items():
+            write(f.require_group(group), datasets,
+                  {k: np.int64(v) if isinstance(v, (bool, int)) else v for k, v in (attrs or {}).items()})
+    os.replace(tmp, path)
