@@ -180,6 +180,18 @@ std::vector<std::string> expand_shard_list(const std::string& spec) {
   return files;
 }
 
+std::vector<ShardInfo> read_shard_set(const std::string& spec) {
+  std::vector<ShardInfo> shards;
+  for (const auto& path : expand_shard_list(spec)) shards.push_back(read_shard_info(path));
+  const ShardInfo& first = shards.front();
+  for (const auto& s : shards)
+    SEDD_CHECK_INPUT(s.vocab_size == first.vocab_size && s.eot_id == first.eot_id && s.tokenizer == first.tokenizer,
+                     "{}: vocabulary/tokenizer differs from {} (vocab {} vs {}); all shards of a dataset must share "
+                     "one",
+                     s.path, first.path, s.vocab_size, first.vocab_size);
+  return shards;
+}
+
 void write_shard(const std::string& path, const torch::Tensor& tokens, int64_t vocab_size, int64_t eot_id,
                  const std::string& tokenizer) {
   auto dtype = vocab_size <= 65536 ? torch::kUInt16 : torch::kUInt32;

@@ -29,6 +29,10 @@ ShardInfo read_shard_info(const std::string& path);
 // a pattern matches nothing.
 std::vector<std::string> expand_shard_list(const std::string& spec);
 
+// The headers of the shards `spec` names (expand_shard_list), which must all share the first one's
+// vocabulary, end-of-text id and tokenizer (InputError naming the one that differs).
+std::vector<ShardInfo> read_shard_set(const std::string& spec);
+
 // Random access to one shard's tokens. HDF5 is asked once, at open, where /tokens lies in the
 // file (contiguous, or an index of unfiltered chunks); the file is memory-mapped and windows are
 // widened to int64 straight from the page cache, with no HDF5 call or syscall per window. Datasets with filters (compression) or a

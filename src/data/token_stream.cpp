@@ -15,14 +15,9 @@ TokenStream::TokenStream(TokenStreamConfig cfg) : cfg_(std::move(cfg)) {
              cfg_.rank, cfg_.world);
   SEDD_CHECK(cfg_.global_batch > 0 && cfg_.global_batch % cfg_.world == 0,
              "train.batch_size ({}) must be divisible by the number of ranks ({})", cfg_.global_batch, cfg_.world);
-  for (const auto& path : expand_shard_list(cfg_.data)) shards_.push_back(read_shard_info(path));
-  const ShardInfo& first = shards_.front();
+  shards_ = read_shard_set(cfg_.data);
   window_offsets_.push_back(0);
   for (const auto& s : shards_) {
-    SEDD_CHECK_INPUT(s.vocab_size == first.vocab_size && s.eot_id == first.eot_id && s.tokenizer == first.tokenizer,
-                     "{}: vocabulary/tokenizer differs from {} (vocab {} vs {}); all shards of a dataset must share "
-                     "one",
-                     s.path, first.path, s.vocab_size, first.vocab_size);
     window_offsets_.push_back(window_offsets_.back() + s.tokens / cfg_.seq_len);
     total_tokens_ += s.tokens;
     dropped_tokens_ += s.tokens % cfg_.seq_len;

@@ -205,15 +205,9 @@ void fill_window(const WindowPlan& plan, int64_t k, const StoredReader& read, in
 }
 
 StoredDataset::StoredDataset(const std::string& glob) : glob_(glob) {
-  for (const auto& path : expand_shard_list(glob)) shards_.push_back(read_shard_info(path));
-  const ShardInfo& first = shards_.front();
+  shards_ = read_shard_set(glob);
   int64_t at = 0;
-  for (const auto& s : shards_) {
-    SEDD_CHECK_INPUT(s.vocab_size == first.vocab_size && s.eot_id == first.eot_id && s.tokenizer == first.tokenizer,
-                     "{}: vocabulary/tokenizer differs from {} (vocab {} vs {}); all shards of a dataset must share one",
-                     s.path, first.path, s.vocab_size, first.vocab_size);
-    docs_.shard_ends.push_back(at += s.tokens);
-  }
+  for (const auto& s : shards_) docs_.shard_ends.push_back(at += s.tokens);
   readers_.resize(shards_.size());
 }
 

@@ -110,23 +110,19 @@ int64_t checkpoint_interval(const std::string& setting) {
   fail("train.activation_checkpointing must be none, blocks or every:K with K >= 1, got '{}'", setting);
 }
 
+namespace {
+std::string flag_text(bool b) { return b ? "true" : "false"; }
+}  // namespace
+
 std::vector<std::pair<std::string, std::string>> objective_defaults(const ModelConfig& m) {
-  auto flag = [](bool b) { return std::string(b ? "true" : "false"); };
-  if (m.objective == "mdlm")
-    return {{"model.time_conditioning", "false"},
-            {"model.scale_by_sigma", "false"},
-            {"train.time_sampling", "stratified"},
-            {"train.warmup_from_zero", "true"},
-            {"train.loss_mean", "token"}};
-  if (m.objective == "ar")
-    return {{"model.time_conditioning", "false"}, {"model.scale_by_sigma", "false"}, {"train.time_sampling", "iid"},
-            {"train.warmup_from_zero", "false"}, {"train.loss_mean", "sequence"}};
-  if (m.objective == "d3pm")
-    return {{"model.time_conditioning", "true"}, {"model.scale_by_sigma", "false"}, {"train.time_sampling", "iid"},
-            {"train.warmup_from_zero", "false"}, {"train.loss_mean", "sequence"}};
-  // sedd, and anything validate() will refuse by name.
-  return {{"model.time_conditioning", "true"}, {"model.scale_by_sigma", flag(m.graph == "absorb")},
-          {"train.time_sampling", "iid"}, {"train.warmup_from_zero", "false"}, {"train.loss_mean", "sequence"}};
+  // MDLM's recipe (its config.yaml and diffusion.py) where it differs; the SEDD code's otherwise. An
+  // unknown objective gets sedd's values: validate() refuses it by name.
+  const bool mdlm = m.objective == "mdlm", ar = m.objective == "ar", d3pm = m.objective == "d3pm";
+  return {{"model.time_conditioning", flag_text(!mdlm && !ar)},
+          {"model.scale_by_sigma", flag_text(!mdlm && !ar && !d3pm && m.graph == "absorb")},
+          {"train.time_sampling", mdlm ? "stratified" : "iid"},
+          {"train.warmup_from_zero", flag_text(mdlm)},
+          {"train.loss_mean", mdlm ? "token" : "sequence"}};
 }
 
 void set_objective_setting(TrainingConfig& c, const std::string& key, const std::string& value) {
@@ -143,11 +139,10 @@ void set_objective_setting(TrainingConfig& c, const std::string& key, const std:
 }
 
 std::string objective_setting(const TrainingConfig& c, const std::string& key) {
-  auto flag = [](bool b) { return std::string(b ? "true" : "false"); };
-  if (key == "model.time_conditioning") return flag(c.model.time_conditioning);
-  if (key == "model.scale_by_sigma") return flag(c.model.scale_by_sigma);
+  if (key == "model.time_conditioning") return flag_text(c.model.time_conditioning);
+  if (key == "model.scale_by_sigma") return flag_text(c.model.scale_by_sigma);
   if (key == "train.time_sampling") return c.train.time_sampling;
-  if (key == "train.warmup_from_zero") return flag(c.train.warmup_from_zero);
+  if (key == "train.warmup_from_zero") return flag_text(c.train.warmup_from_zero);
   if (key == "train.loss_mean") return c.train.loss_mean;
   fail("{} is not a setting with an objective default", key);
 }
