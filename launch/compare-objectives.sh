@@ -15,7 +15,7 @@ mkdir -p "$out"
 [ -e datasets/demo/valid ] || bash datasets/make_demo.sh
 
 # name | options that make the objective; each takes its paper's time conditioning, scale_by_sigma,
-# time sampling and warmup start from the objective's defaults (README "Objectives")
+# time sampling and warmup start from the objective's defaults (docs/training.md, "Objectives")
 recipes=(
   "sedd-absorb|"
   "sedd-uniform|--diffusion.graph uniform"

@@ -17,6 +17,7 @@
 #include "io/hdf5.h"
 #include "model/score.h"
 #include "model/weights.h"
+#include "recipes.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
 
@@ -87,11 +88,7 @@ std::string cc_random_shard(const std::string& path, int64_t vocab, int64_t toke
 }
 
 std::string cc_train_cmd(const std::string& data, const std::string& dir, const std::string& extra) {
-  return fmt::format(
-      "{}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 16 --model.hidden_size 32 "
-      "--model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 8 --train.lr 3e-3 --train.warmup 2 "
-      "--train.log_every 1 {}",
-      bin_dir(), data, dir, extra);
+  return tiny_sedd().command(0, data, dir, extra);
 }
 
 }  // namespace

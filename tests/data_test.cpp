@@ -313,7 +313,7 @@ TEST(DataPrepare, DuplicateInputsAreRefused) {
 }
 
 TEST(DataTokenizer, ByteLevelBpeMatchesHuggingFaceTokenizers) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("tokenizers");
   TempDir tmp;
   const std::string text =
       "The quick brown fox jumps over the lazy dog. It's 2026, isn't it?  Spaces   and\ttabs\n"

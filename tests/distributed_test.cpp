@@ -161,6 +161,7 @@ TEST(NcclWatchdogGpu, EveryThreadUsesTheRanksGpu) {
 // blocks the stream) is aborted by the watchdog, which names it and ends the job.
 TEST(NcclWatchdogGpu, StalledNcclCollectiveEndsTheJob) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (auto why = gpu_children_unavailable(); !why.empty()) GTEST_SKIP() << why;
 #ifdef SEDD_HAVE_CUDA
   if (std::getenv("SEDD_WATCHDOG_CHILD")) {
     auto& rt = test::child_runtime("cuda");

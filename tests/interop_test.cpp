@@ -26,7 +26,6 @@ namespace {
 // venv's python in `tmp` (argv[1]: the JSON file).
 void make_with_pyarrow(const TempDir& tmp, const std::map<std::string, std::vector<std::string>>& docs,
                        const std::string& script) {
-  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
   std::ofstream(tmp / "docs.json") << nlohmann::json(docs).dump();
   std::ofstream(tmp / "make.py") << script;
   std::string out;
@@ -247,7 +246,7 @@ std::string read_all(const std::string& path) {
 // to-torch --ema writes the EMA weights; on a file without an EMA it is refused naming the file
 // (before, it wrote the raw weights as if they were the EMA), and nothing is written.
 TEST(OptionsConvert, ToTorchEmaWritesTheEmaAndIsRefusedWithoutOne) {
-  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   auto ema = save_small_model(tmp / "with_ema.h5", true, 1);
   auto raw = save_small_model(tmp / "no_ema.h5", false, 2);
@@ -277,7 +276,7 @@ TEST(OptionsConvert, ToTorchEmaWritesTheEmaAndIsRefusedWithoutOne) {
 // silently: refused naming it, unless --force, which also removes a tokenizer.json the new model
 // does not have (to-h5 would embed it).
 TEST(OptionsConvert, ExistingConfigOrTokenizerBesideTheOutputNeedsForce) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   const std::string tokenizer_json = R"({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}}})";
   save_small_model(tmp / "first.h5", false, 3, tokenizer_json);
@@ -315,7 +314,7 @@ TEST(OptionsConvert, ExistingConfigOrTokenizerBesideTheOutputNeedsForce) {
 
 // to-h5 --noise takes every schedule the library has, cosine included.
 TEST(OptionsConvert, ToH5NoiseAcceptsCosine) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   save_small_model(tmp / "model.h5", false, 5);
   std::filesystem::create_directories(tmp / "hf");
@@ -337,7 +336,7 @@ TEST(OptionsConvert, ToH5NoiseAcceptsCosine) {
 // sedd_plot.py: rows without a (finite) loss are skipped, not a traceback; a file with no
 // plottable row is a clear error naming it; the PNG is written.
 TEST(OptionsPlot, RowsWithoutALossAreSkippedAndAFileWithNoneIsAnError) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("matplotlib");
   TempDir tmp;
   const std::string plot = python() + " " + source_dir() + "/tools/sedd_plot.py ";
   std::filesystem::create_directories(tmp / "run");

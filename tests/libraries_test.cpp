@@ -59,7 +59,10 @@ TEST(Libraries, StdFilesystemIsBoundToLibstdcxx) {
   ASSERT_NE(info.dli_fname, nullptr);
   EXPECT_NE(std::string(info.dli_fname).find("libstdc++"), std::string::npos)
       << "std::filesystem::remove_all is bound to " << info.dli_fname;
-  auto dir = std::filesystem::temp_directory_path() / "sedd-libraries-test";
+  // a fresh folder of our own: another run of this test may be using any fixed name
+  std::string pattern = (std::filesystem::temp_directory_path() / "sedd-libraries-XXXXXX").string();
+  ASSERT_NE(mkdtemp(pattern.data()), nullptr) << pattern;
+  const std::filesystem::path dir = pattern;
   std::filesystem::create_directories(dir / "a");
   std::error_code ec;
   EXPECT_EQ(std::filesystem::remove_all(dir, ec), 2u);

@@ -13,6 +13,7 @@
 #include "distributed/watchdog.h"
 #include "distributed/zero.h"
 #include "model/objective.h"
+#include "model/weights.h"
 #include "test_util.h"
 
 #ifdef SEDD_HAVE_CUDA
@@ -130,6 +131,96 @@ TEST(FusedLoss, CrossEntropyRowsMatchTorch) {
   EXPECT_LT(rel_err(g[1], weight.grad()), 1e-12);
   EXPECT_LT(rel_err(g[2], bias.grad()), 1e-12);
   EXPECT_EQ(g[1][10].abs().sum().item<double>(), 0.0) << "the unused column got a gradient";
+}
+
+namespace {
+
+// The uniform score entropy (output_loss.h) of logits s [R, N] in out-of-place ops, so that
+// autograd differentiates it (row_loss_from_logits zeroes the current token's exp in place).
+torch::Tensor uniform_score_entropy(const torch::Tensor& s, const OutputLossRows& r) {
+  const double n = static_cast<double>(s.size(1));
+  auto others = torch::ones_like(s).scatter(1, r.current.unsqueeze(1), 0.0);
+  auto M = (torch::exp(s) * others).sum(1) / n, m = (s * others).sum(1) / n;
+  auto s_x0 = s.gather(1, r.target.unsqueeze(1)).squeeze(1);
+  auto stay = M - r.b * m + (n - 1) / n * r.b * (r.b.log() - 1);
+  auto move = M - (r.a * s_x0 + m) + ((-r.b.log() - 1) / r.b - (n - 2)) / n;
+  return torch::where(r.target == r.current, stay, move);
+}
+
+}  // namespace
+
+// The fused loss pads the token columns to a multiple of 8 (aligned rows for cuBLASLt); the
+// padding columns take no part: with unaligned vocabularies (37, GPT-2's 50257) every row loss and
+// the gradients of features, weight and bias equal the unpadded full-logits reference to 1e-12 in
+// float64, over several chunks, and the weight's extra (mask) row gets no gradient.
+TEST(FusedLossPadding, UnalignedVocabulariesEqualTheUnpaddedReference) {
+  for (int64_t N : {37, 50257}) {
+    torch::manual_seed(N);
+    const int64_t R = N < 1000 ? 23 : 7, D = 12;
+    auto opts = torch::TensorOptions().dtype(torch::kDouble);
+    auto rand_rows = [&] {
+      OutputLossRows rows;
+      rows.target = torch::randint(N, {R}, torch::kLong);
+      rows.current = torch::where(torch::rand({R}) < 0.4, rows.target, torch::randint(N, {R}, torch::kLong));
+      rows.a = torch::rand({R}, opts) + 0.2;
+      rows.b = torch::rand({R}, opts) * 0.8 + 0.1;
+      return rows;
+    };
+    for (auto kind : {RowLoss::SeddAbsorb, RowLoss::SeddUniform, RowLoss::CrossEntropy}) {
+      auto rows = rand_rows();
+      // N + 1 weight rows, as the absorbing graph's mask column; N columns scored.
+      auto features = (torch::randn({R, D}, opts) * 0.5).requires_grad_();
+      auto weight = (torch::randn({N + 1, D}, opts) * 0.5).requires_grad_();
+      auto bias = torch::randn({N + 1}, opts).requires_grad_();
+      // Three rows per chunk: several chunks, the last one short.
+      auto ours = fused_output_loss(kind, features, weight, bias, rows, N, false, 3 * N);
+      ours.sum().backward();
+      std::vector<torch::Tensor> g{features.grad().clone(), weight.grad().clone(), bias.grad().clone()};
+      for (auto* t : {&features, &weight, &bias}) t->mutable_grad().zero_();
+      auto logits = torch::addmm(bias.narrow(0, 0, N), features, weight.narrow(0, 0, N).t());  // [R, N]
+      auto ref = row_loss_from_logits(kind, logits, rows, N);
+      if (kind == RowLoss::SeddUniform) {
+        auto differentiable = uniform_score_entropy(logits, rows);
+        EXPECT_LT(rel_err(differentiable.detach(), ref.detach()), 1e-12) << "the test's uniform loss";
+        ref = differentiable;
+      }
+      ref.sum().backward();
+      const auto name = fmt::format("vocabulary {}, loss {}", N, static_cast<int>(kind));
+      EXPECT_LT(rel_err(ours.detach(), ref.detach()), 1e-12) << name;
+      EXPECT_LT(rel_err(g[0], features.grad()), 1e-12) << name;
+      EXPECT_LT(rel_err(g[1], weight.grad()), 1e-12) << name;
+      EXPECT_LT(rel_err(g[2], bias.grad()), 1e-12) << name;
+      EXPECT_EQ(g[1].sizes(), weight.sizes()) << name;
+      EXPECT_EQ(g[1][N].abs().sum().item<double>(), 0.0) << name << ": the mask row got a gradient";
+      EXPECT_EQ(g[2][N].item<double>(), 0.0) << name;
+      EXPECT_TRUE(torch::isfinite(ours).all().item<bool>()) << name;
+    }
+  }
+}
+
+// The padding lives inside the fused loss only: after a fused training step on an unaligned
+// vocabulary, the output layer, its gradient and the weight file keep the true shape.
+TEST(FusedLossPadding, WeightFileKeepsTheTrueShape) {
+  auto cfg = config("absorb", true);
+  cfg.tokens = 37;  // 38 output rows with the mask
+  auto m = random_model(cfg, torch::kDouble);
+  auto g = make_graph(cfg.graph, cfg.tokens);
+  auto noise = make_noise(cfg.noise);
+  auto b = make_batch(*g, *noise, 4, cfg.length);
+  loss_and_grads(m, *g, *noise, b, true, 50);
+  const auto& linear = m->output_layer->linear;
+  const std::vector<int64_t> shape{cfg.vocab_dim(), cfg.hidden_size};
+  EXPECT_EQ(linear->weight.sizes().vec(), shape);
+  EXPECT_EQ(linear->weight.grad().sizes().vec(), shape);
+  EXPECT_EQ(linear->bias.grad().size(0), cfg.vocab_dim());
+  test::TempDir tmp;
+  const std::string path = tmp / "model.h5";
+  save_model_file(path, cfg, state_dict(*m), {}, {});
+  DDiT back = load_model_file(path, false);
+  auto sd = state_dict(*back);
+  EXPECT_EQ(sd.at("output_layer.linear.weight").sizes().vec(), shape);
+  EXPECT_EQ(sd.at("output_layer.linear.bias").size(0), cfg.vocab_dim());
+  EXPECT_TRUE(torch::allclose(sd.at("output_layer.linear.weight").to(torch::kDouble), linear->weight.detach(), 0, 1e-6));
 }
 
 // bf16 matmuls with fp32 loss math on the GPU stay close to the fp32 reference.
@@ -274,6 +365,7 @@ void train_steps_without_sync() {
 // which c10's sync debug mode does not count). Runs in a child process: MPI and NCCL of their own.
 TEST(FusedLossGpu, TrainingStepsDoNotSynchronise) {
   if (!nccl_available()) GTEST_SKIP() << "no CUDA device or no NCCL in this build";
+  if (auto why = test::gpu_children_unavailable(); !why.empty()) GTEST_SKIP() << why;
 #ifdef SEDD_HAVE_CUDA
   if (std::getenv("SEDD_SYNC_CHILD")) {
     train_steps_without_sync();

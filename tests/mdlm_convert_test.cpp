@@ -73,7 +73,7 @@ std::string expected_tokenizer_json() {
 // time_conditioning = True, log-linear noise), the step and the pickled tokenizer come along,
 // though omegaconf and transformers are not needed to read the checkpoint.
 TEST(WeightsMdlmLightning, EmaByDefaultRawWithTheFlagEqualTheAuthorsForward) {
-  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   std::string out;
   ASSERT_EQ(mdlm_to_h5(mdlm_fixture("lightning.ckpt") + " " + (tmp / "ema.h5"), &out), 0) << out;
@@ -107,7 +107,7 @@ TEST(WeightsMdlmLightning, EmaByDefaultRawWithTheFlagEqualTheAuthorsForward) {
 // time_conditioning False (sigma is then ignored, as their backbone zeroes it); --tokenizer embeds a
 // tokenizer.json after checking that the mask is one past its vocabulary; flags override config.json.
 TEST(WeightsMdlmHuggingFace, ExportEqualsTheAuthorsForwardAndTakesATokenizer) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   std::ofstream(tmp / "tokenizer.json") << expected_tokenizer_json();
   std::string out;
@@ -137,7 +137,7 @@ TEST(WeightsMdlmHuggingFace, ExportEqualsTheAuthorsForwardAndTakesATokenizer) {
 // nothing is written: a mask that is not the last id, an export without its config.json, a .ckpt
 // without EMA weights when they are asked for, truncated or corrupt files.
 TEST(OptionsConvertMdlm, UnconvertibleInputsAreRefusedAndWriteNothing) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   std::filesystem::create_directories(tmp / "out");
   std::filesystem::create_directories(tmp / "alone");

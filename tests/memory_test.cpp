@@ -3,10 +3,13 @@
 // samples and evaluates.
 #include <gtest/gtest.h>
 
+#include <ATen/autocast_mode.h>
+
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <regex>
 
 #ifdef SEDD_HAVE_CUDA
@@ -54,6 +57,46 @@ std::map<std::string, torch::Tensor> memtest_grads(DDiT& m, int64_t checkpoint_e
   return g;
 }
 
+// CPU autocast to bf16 for the guard's lifetime.
+struct CpuAutocast {
+  CpuAutocast() {
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~CpuAutocast() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+  }
+};
+
+// memtest_grads of a float32 model (autocast leaves float64 alone) with CPU autocast around the
+// forward only, or around the backward only.
+std::map<std::string, torch::Tensor> memtest_autocast_grads(DDiT& m, int64_t checkpoint_every, bool autocast_forward) {
+  m->checkpoint_every = checkpoint_every;
+  m->zero_grad();
+  torch::manual_seed(11);
+  const int64_t B = 3, L = 12;
+  auto idx = torch::randint(m->cfg.vocab_dim(), {B, L});
+  auto sigma = torch::rand({B}) + 0.1;
+  DropoutKey key{5, 9, torch::arange(10, 10 + B)};
+  torch::Tensor out;
+  {
+    std::optional<CpuAutocast> autocast;
+    if (autocast_forward) autocast.emplace();
+    out = m->forward(idx, sigma, &key);
+  }
+  auto loss = (out * torch::randn(out.sizes())).sum();
+  {
+    std::optional<CpuAutocast> autocast;
+    if (!autocast_forward) autocast.emplace();
+    loss.backward();
+  }
+  std::map<std::string, torch::Tensor> g;
+  for (auto& p : m->named_parameters()) g[p.key()] = p.value().grad().clone();
+  return g;
+}
+
 std::string memtest_data(const TempDir& tmp, int64_t vocab, int64_t tokens) {
   torch::manual_seed(7);
   for (int i = 0; i < 2; ++i) {
@@ -63,8 +106,6 @@ std::string memtest_data(const TempDir& tmp, int64_t vocab, int64_t tokens) {
   }
   return tmp / "d*.h5";
 }
-
-std::vector<nlohmann::json> memtest_metrics(const std::string& run_dir) { return read_jsonl(run_dir + "/metrics.jsonl"); }
 
 }  // namespace
 
@@ -119,6 +160,39 @@ TEST(CheckpointingGradients, BitIdenticalToThePlainPathWithDropout) {
   }
 }
 
+// The recomputation runs under the forward's autocast state whatever the state around backward:
+// a forward without autocast and a backward inside a CPU bf16 autocast region (the recomputation
+// must switch autocast off), and a forward under autocast with a backward outside it (it must
+// switch autocast on). Either way the gradients equal the plain path's bit for bit.
+TEST(CheckpointingGradients, RecomputationKeepsTheForwardsAutocastState) {
+  ModelConfig cfg;
+  cfg.tokens = 20;
+  cfg.hidden_size = 16;
+  cfg.n_heads = 2;
+  cfg.n_blocks = 3;
+  cfg.cond_dim = 8;
+  cfg.dropout = 0.3;
+  DDiT m = memtest_model(cfg);
+  m->to(torch::kFloat);
+  for (bool autocast_forward : {false, true}) {
+    const char* name = autocast_forward ? "autocast in forward" : "autocast in backward";
+    auto plain = memtest_autocast_grads(m, 0, autocast_forward);
+    for (int64_t k : {1, 2}) {
+      auto ckpt = memtest_autocast_grads(m, k, autocast_forward);
+      ASSERT_EQ(ckpt.size(), plain.size());
+      for (const auto& [param, g] : plain) {
+        ASSERT_TRUE(ckpt[param].defined()) << name << " " << param;
+        EXPECT_TRUE(torch::equal(ckpt[param], g)) << name << ", every:" << k << " " << param << " differs by "
+                                                  << (ckpt[param] - g).abs().max().item<double>();
+      }
+    }
+    EXPECT_FALSE(at::autocast::is_autocast_enabled(at::kCPU)) << name << ": autocast left on";
+  }
+  // Autocast matters here: the forward under it gives other gradients.
+  auto off = memtest_autocast_grads(m, 0, false), on = memtest_autocast_grads(m, 0, true);
+  EXPECT_FALSE(torch::equal(off.at("blocks.0.attn_qkv.weight"), on.at("blocks.0.attn_qkv.weight")));
+}
+
 // Checkpointing keeps only the blocks' inputs: a graph without the blocks' intermediate tensors.
 TEST(CheckpointingGradients, OffWithoutGradAndOutputUnchanged) {
   ModelConfig cfg;
@@ -156,7 +230,7 @@ TEST(CheckpointingTraining, SameLossesBitForBitInFp64) {
         "--train.log_every 1 --train.precision fp64 --train.bucket_elems 4000 --train.activation_checkpointing {}",
         kMpirun, bin_dir(), data, dir, setting);
     ASSERT_EQ(run("SEDD_CORES=1 " + cmd, &out), 0) << out;
-    logs[setting] = memtest_metrics(dir);
+    logs[setting] = run_metrics(dir);
     moments[setting] = checkpoint_moments(dir);
   }
   ASSERT_EQ(logs["none"].size(), 4u);
@@ -321,7 +395,7 @@ TEST(LongContext, TrainsSamplesAndEvaluatesAt2048And4096) {
         << out;
     EXPECT_NE(out.find("[plan] memory per rank: 1 ranks"), std::string::npos) << out;
     EXPECT_NE(out.find(fmt::format("micro-batch 2 x {} tokens", L)), std::string::npos) << out;
-    auto rows = memtest_metrics(dir);
+    auto rows = run_metrics(dir);
     ASSERT_EQ(rows.size(), 2u);
     EXPECT_TRUE(std::isfinite(rows.back()["loss"].get<double>()));
     ASSERT_EQ(run(fmt::format("SEDD_CORES=2 {} -np 1 {}/sedd-sample --checkpoint {} --device cpu --num-samples 1 "

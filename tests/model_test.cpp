@@ -172,7 +172,7 @@ TEST(ModelGradient, MatchesFiniteDifferences) {
 
 // PyTorch state dict (as the official checkpoints ship) -> model.h5 -> our forward == golden.
 TEST(ModelInterop, PyTorchCheckpointRoundTripThroughTheConverter) {
-  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   std::string conv = source_dir() + "/tools/sedd_convert.py";
   h5::File golden(golden_path(), h5::Mode::Read);
@@ -257,7 +257,7 @@ ModelConfig unusual_config() {
 // model.h5 -> .safetensors / .bin + config.json (+ tokenizer.json) -> model.h5: the same tensors
 // and the same root attributes, every config field included.
 TEST(ModelInteropConfig, RoundTripThroughSafetensorsAndBinKeepsEveryAttribute) {
-  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   const auto cfg = unusual_config();
   DDiT m(cfg);
@@ -328,7 +328,7 @@ TEST(ModelInteropConfig, RoundTripThroughSafetensorsAndBinKeepsEveryAttribute) {
 // A config.json that describes other weights is refused naming both files and the field, and
 // writes nothing; flags override what the config says.
 TEST(ModelInteropConfig, ConfigIsCheckedAgainstTheWeightsAndFlagsOverrideIt) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   const auto cfg = unusual_config();
   DDiT m(cfg);
@@ -376,7 +376,7 @@ TEST(ModelInteropConfig, ConfigIsCheckedAgainstTheWeightsAndFlagsOverrideIt) {
 // The official training run: checkpoints-meta/checkpoint.pth ({'model', 'ema', 'step'}, DDP names)
 // and its Hydra config .hydra/config.yaml, which --config names.
 TEST(ModelInteropConfig, HydraConfigOfATrainingRunIsRead) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("torch", "numpy", "h5py", "safetensors");
   TempDir tmp;
   auto cfg = tiny_config();  // 2x16, 2 heads, cond 8, 11 tokens, L=6
   DDiT m(cfg);

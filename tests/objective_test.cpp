@@ -15,6 +15,7 @@
 #include "io/error.h"
 #include "io/fs.h"
 #include "model/objective.h"
+#include "recipes.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -234,19 +235,9 @@ double unigram_entropy(const torch::Tensor& tokens, int64_t vocab) {
 
 std::string objective_train(const std::string& data, const std::string& dir, const std::string& objective,
                             int64_t steps) {
-  return fmt::format(
-      "{} -np 2 {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 16 --model.hidden_size 32 "
-      "--model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 8 --train.lr 3e-3 --train.warmup 2 "
-      "--train.log_every 1 --train.steps {} --model.scale_by_sigma false {}",
-      kMpirun, bin_dir(), data, dir, steps, objective);
+  return tiny_sedd().set("train.steps", steps).set("model.scale_by_sigma", "false").command(2, data, dir, objective);
 }
 
-std::vector<double> objective_losses(const std::string& dir) {
-  std::vector<double> v;
-  std::ifstream in(dir + "/metrics.jsonl");
-  for (std::string line; std::getline(in, line);) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-  return v;
-}
 }  // namespace
 
 // Each objective trains in the one engine (loss falls), resumes exactly, samples and evaluates.
@@ -266,7 +257,7 @@ TEST(ObjectiveTraining, EachObjectiveLearnsResumesSamplesAndEvaluates) {
     std::string dir = tmp / fmt::format("run{}", std::hash<std::string>{}(objective) % 100000);
     const int64_t steps = 150, window = 15;
     ASSERT_EQ(run(objective_train(data, dir, objective, steps), &out), 0) << objective << "\n" << out;
-    auto a = objective_losses(dir);
+    auto a = run_losses(dir);
     ASSERT_EQ(a.size(), static_cast<size_t>(steps));
     double first = 0, last = 0;
     for (int64_t i = 0; i < window; ++i) first += a[i] / window, last += a[steps - 1 - i] / window;
@@ -278,7 +269,7 @@ TEST(ObjectiveTraining, EachObjectiveLearnsResumesSamplesAndEvaluates) {
     ASSERT_EQ(run(objective_train(data, straight, objective, 8), &out), 0) << out;
     ASSERT_EQ(run(objective_train(data, cut, objective, 4), &out), 0) << out;
     ASSERT_EQ(run(objective_train(data, cut, objective, 8), &out), 0) << out;
-    auto s = objective_losses(straight), c = objective_losses(cut);
+    auto s = run_losses(straight), c = run_losses(cut);
     ASSERT_EQ(s.size(), c.size());
     for (size_t i = 0; i < s.size(); ++i) EXPECT_NEAR(s[i], c[i], 1e-6 * std::abs(s[i])) << objective << " step " << i + 1;
     ASSERT_EQ(run(fmt::format("{} -np 2 {}/sedd-sample --checkpoint {} --device cpu --num-samples 3 --steps 10 --fix 0=5,1=6 --out {}",
@@ -353,13 +344,13 @@ TEST(ObjectiveTimeSampling, StratifiedAndAntitheticTimesReduceTheLossVariance) {
   }
   std::cout << "variance reduction: stratified " << stats["iid"].second / stats["stratified"].second
             << "x, antithetic " << stats["iid"].second / stats["antithetic"].second << "x\n";
-  // The figures the README states (stratified 2.6x, antithetic 1.5x). Every draw is keyed (network
+  // The figures docs/training.md states (stratified 2.6x, antithetic 1.5x). Every draw is keyed (network
   // seed 3, data, times and corruption keyed by seed 11 and the step), so the ratios are fixed up to
   // the summation order of the CPU's threads (measured 2.60x and 1.49x on every run); the margins
   // (2.0x, 1.2x) are about 1.5 standard deviations of a ratio of two 200-step variances (~14%),
   // should the draws ever change.
-  EXPECT_GE(stats["iid"].second / stats["stratified"].second, 2.0) << "README: stratified times cut the variance 2.6x";
-  EXPECT_GE(stats["iid"].second / stats["antithetic"].second, 1.2) << "README: antithetic times cut it 1.5x";
+  EXPECT_GE(stats["iid"].second / stats["stratified"].second, 2.0) << "docs/training.md: stratified times cut the variance 2.6x";
+  EXPECT_GE(stats["iid"].second / stats["antithetic"].second, 1.2) << "docs/training.md: antithetic times cut it 1.5x";
   // Stratified times cover [0, 1) once per batch, whatever the ranks: one time per B-th.
   auto u = time_uniforms("stratified", 1, 5, rows, B);
   EXPECT_TRUE(torch::equal((u * B).floor().to(torch::kLong), rows));

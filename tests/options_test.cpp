@@ -15,6 +15,7 @@
 #include "io/fs.h"
 #include "train/config.h"
 #include "train/fingerprint.h"
+#include "recipes.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -264,10 +265,15 @@ TEST(OptionsObjectiveDefaults, WarmupFromZeroIsMdlmsScheduleOneStepLater) {
 namespace {
 
 std::string options_train(const std::string& data, const std::string& dir, const std::string& extra) {
-  return fmt::format("{} -np 1 {}/sedd-train --data.train {} --run.dir {} --run.device cpu --data.seq_len 16 "
-                     "--data.prefetch 0 --train.batch_size 4 --model.hidden_size 16 --model.n_heads 2 "
-                     "--model.n_blocks 1 --model.cond_dim 8 --train.log_every 1 --diffusion.objective mdlm {}",
-                     kMpirun, bin_dir(), data, dir, extra);
+  return tiny("mdlm")
+      .set("data.prefetch", 0)
+      .set("train.batch_size", 4)
+      .set("model.hidden_size", 16)
+      .set("model.n_blocks", 1)
+      .set("model.cond_dim", 8)
+      .erase("train.lr")
+      .erase("train.warmup")
+      .command(1, data, dir, extra);
 }
 
 nlohmann::json options_latest_fingerprint(const std::string& dir) {

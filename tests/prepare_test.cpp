@@ -54,7 +54,6 @@ std::vector<int64_t> prep_concat(const std::map<std::string, std::vector<int64_t
 }
 
 void prep_python(const TempDir& tmp, const std::string& script) {
-  ASSERT_FALSE(python().empty()) << "configure with -DSEDD_PYTHON=<venv>/bin/python";
   std::ofstream(tmp / "make.py") << script;
   std::string out;
   ASSERT_EQ(run(fmt::format("cd {} && {} make.py", tmp.path, python()), &out), 0) << out;

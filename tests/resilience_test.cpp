@@ -16,6 +16,7 @@
 #include "io/fs.h"
 #include "io/hdf5.h"
 #include "model/weights.h"
+#include "recipes.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
 
@@ -34,11 +35,7 @@ std::string make_random_data(const TempDir& tmp) {
 
 // A run slow enough (tens of ms per step) to be interrupted mid-way.
 std::string slow_train_cmd(int np, const std::string& data, const std::string& dir, int64_t steps, const std::string& extra = "") {
-  return fmt::format(
-      "{} -np {} {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 32 "
-      "--model.hidden_size 64 --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 12 "
-      "--train.lr 1e-3 --train.warmup 5 --train.schedule constant --train.log_every 1 --train.steps {} {}",
-      kMpirun, np, bin_dir(), data, dir, steps, extra);
+  return slow_steps().set("train.steps", steps).command(np, data, dir, extra);
 }
 
 // Starts `cmd` in the background; its exit status lands in <dir>/rc.
@@ -60,19 +57,6 @@ int wait_rc(const std::string& dir, std::chrono::seconds limit) {
 int64_t metric_lines(const std::string& run_dir) {
   std::ifstream in(run_dir + "/metrics.jsonl");
   return std::count(std::istreambuf_iterator<char>(in), {}, '\n');
-}
-
-std::vector<double> losses(const std::string& run_dir) {
-  std::vector<double> v;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line);
-    int64_t step = j["step"].get<int64_t>();
-    if (static_cast<int64_t>(v.size()) < step) v.resize(step, std::nan(""));
-    v[step - 1] = j["loss"].get<double>();
-  }
-  return v;
 }
 
 std::vector<int> rank_pids(const std::string& run_dir) {
@@ -135,7 +119,7 @@ TEST(Resilience, SigtermThenResumeLogsTheSameLossCurve) {
   std::cout << "SIGTERM after " << at << " logged steps; checkpoint " << *latest << "\n";
   ASSERT_EQ(run(slow_train_cmd(2, data, cut, steps), &out), 0) << out;
   EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
-  auto a = losses(straight), b = losses(cut);
+  auto a = run_losses(straight), b = run_losses(cut);
   ASSERT_EQ(a.size(), static_cast<size_t>(steps));
   ASSERT_EQ(b.size(), a.size());
   for (size_t i = 0; i < a.size(); ++i)
@@ -201,7 +185,7 @@ TEST(Resilience, KillNineDuringCheckpointWritesNeverBreaksLatest) {
     EXPECT_NO_THROW(nlohmann::json::parse(fs::read_text(*latest + "/state.json"))) << *latest;
   }
   // ... and training resumes from it.
-  ASSERT_EQ(run(slow_train_cmd(2, data, dir, losses(dir).size() + 2), &out), 0) << out;
+  ASSERT_EQ(run(slow_train_cmd(2, data, dir, run_losses(dir).size() + 2), &out), 0) << out;
   EXPECT_NE(out.find("resumed from"), std::string::npos);
 }
 
@@ -288,12 +272,12 @@ TEST(Resilience, SigtermToMpirunLeavesARequeueMarkerThatTheResumeRemoves) {
   EXPECT_EQ(wait_rc(tmp / "bg2", 90s), 3) << fs::read_text(tmp / "bg2/log");
 
   // Every step logged before and after the interruption matches an uninterrupted run.
-  auto b = losses(cut);
+  auto b = run_losses(cut);
   const int64_t steps = static_cast<int64_t>(b.size());
   ASSERT_GT(steps, stopped_at);
   std::string straight = tmp / "straight";
   ASSERT_EQ(run(slow_train_cmd(2, data, straight, steps), &out), 0) << out;  // logs every step
-  auto a = losses(straight);
+  auto a = run_losses(straight);
   ASSERT_EQ(a.size(), b.size());
   int compared = 0, after_resume = 0;
   for (size_t i = 0; i < a.size(); ++i) {

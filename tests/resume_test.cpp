@@ -11,6 +11,7 @@
 #include "io/fs.h"
 #include "io/hdf5.h"
 #include "model/weights.h"
+#include "recipes.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
 
@@ -32,28 +33,7 @@ std::string resume_data(const TempDir& tmp, const std::string& name = "d", int s
 
 // Options given in `extra` replace the defaults below (the command line takes each option once).
 std::string resume_train(int np, const std::string& data, const std::string& dir, const std::string& extra) {
-  std::string defaults;
-  for (const char* opt : {"--data.seq_len 16", "--train.batch_size 8", "--train.lr 3e-3", "--train.log_every 1"}) {
-    std::string name = std::string(opt).substr(0, std::string(opt).find(' '));
-    if (extra.find(name + " ") == std::string::npos) defaults += std::string(" ") + opt;
-  }
-  return fmt::format(
-      "{} -np {} {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --model.hidden_size 32 "
-      "--model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.warmup 2 --train.ema 0.9{} {}",
-      kMpirun, np, bin_dir(), data, dir, defaults, extra);
-}
-
-std::vector<nlohmann::json> resume_metrics(const std::string& dir) { return read_jsonl(dir + "/metrics.jsonl"); }
-
-StateDict resume_weights(const std::string& dir) {
-  h5::File f(resolve_model_file(dir), h5::Mode::Read);
-  return read_state_dict(f, "/model");
-}
-
-double resume_max_diff(const StateDict& a, const StateDict& b) {
-  double worst = 0;
-  for (const auto& [k, v] : a) worst = std::max(worst, (v - b.at(k)).abs().max().item<double>());
-  return worst;
+  return tiny_sedd().set("train.ema", "0.9").command(np, data, dir, extra);
 }
 
 }  // namespace
@@ -107,7 +87,7 @@ TEST(ResumeFallback, DamagedLatestFallsBackToThePreviousCheckpoint) {
   EXPECT_NE(out.find("cannot resume from it: " + model), std::string::npos) << out;
   EXPECT_NE(out.find("resumed from " + dir + "/checkpoints/step_3 (an older checkpoint)"), std::string::npos) << out;
   EXPECT_TRUE(stdfs::exists(model)) << "the damaged checkpoint was deleted";
-  auto rows = resume_metrics(dir);
+  auto rows = run_metrics(dir);
   ASSERT_FALSE(rows.empty());
   EXPECT_EQ(rows.back()["step"].get<int64_t>(), 8);
   // latest pointing nowhere: the newest complete checkpoint is used.
@@ -122,12 +102,12 @@ TEST(ResumeState, ElapsedTimeContinuesAndUnknownFormatVersionsAreRefused) {
   TempDir tmp;
   std::string data = resume_data(tmp), out, dir = tmp / "run";
   ASSERT_EQ(run(resume_train(1, data, dir, "--train.steps 4"), &out), 0) << out;
-  double first = resume_metrics(dir).back()["elapsed_s"].get<double>();
+  double first = run_metrics(dir).back()["elapsed_s"].get<double>();
   auto state = nlohmann::json::parse(fs::read_text(dir + "/checkpoints/step_4/state.json"));
   EXPECT_GE(state["elapsed_s"].get<double>(), first);
   EXPECT_TRUE(state["fingerprint"].is_object());
   ASSERT_EQ(run(resume_train(1, data, dir, "--train.steps 6"), &out), 0) << out;
-  auto rows = resume_metrics(dir);
+  auto rows = run_metrics(dir);
   EXPECT_GT(rows[4]["elapsed_s"].get<double>(), first) << "elapsed_s restarted after the resume";
   // state.json from a newer release.
   std::string st = dir + "/checkpoints/step_6/state.json";
@@ -155,10 +135,10 @@ TEST(ResumeDropout, DropoutRunsDoNotDependOnTheNumberOfRanks) {
   const std::string opts = "--model.dropout 0.1 --train.precision fp64 --train.micro_batch_size 2";
   for (int np : {1, 2})
     ASSERT_EQ(run(resume_train(np, data, tmp / fmt::format("w{}", np), "--train.steps 6 " + opts), &out), 0) << out;
-  // README: "tested to the last bit in float64, dropout included". The float64 state is compared
+  // docs/cluster.md: W ranks match 1 rank in float64, dropout included. The float64 state is compared
   // through the Adam moments (saved in float64; model.h5 holds float32 weights): not bit for bit,
   // another rank count sums in another order (measured ~1e-15 relative), bound 1e-12.
-  double d = resume_max_diff(resume_weights(tmp / "w1"), resume_weights(tmp / "w2"));
+  double d = max_abs_diff(run_weights(tmp / "w1"), run_weights(tmp / "w2"));
   const torch::Tensor m1 = checkpoint_moments(tmp / "w1"), m2 = checkpoint_moments(tmp / "w2");
   ASSERT_EQ(m1.scalar_type(), torch::kDouble);
   std::cout << "dropout 0.1: W=1 vs W=2 max |dw| = " << d << ", float64 Adam moments " << moments_rel_diff(m1, m2)
@@ -167,12 +147,12 @@ TEST(ResumeDropout, DropoutRunsDoNotDependOnTheNumberOfRanks) {
   EXPECT_LE(moments_rel_diff(m1, m2), 1e-12);
   // The same with dropout off differs: dropout really acted.
   ASSERT_EQ(run(resume_train(1, data, tmp / "nodrop", "--train.steps 6 --train.precision fp64"), &out), 0) << out;
-  EXPECT_GT(resume_max_diff(resume_weights(tmp / "w1"), resume_weights(tmp / "nodrop")), 1e-4);
+  EXPECT_GT(max_abs_diff(run_weights(tmp / "w1"), run_weights(tmp / "nodrop")), 1e-4);
   // Resume on another world size: 3 steps on 2 ranks, then 3 more on 1.
   std::string cut = tmp / "cut";
   ASSERT_EQ(run(resume_train(2, data, cut, "--train.steps 3 " + opts), &out), 0) << out;
   ASSERT_EQ(run(resume_train(1, data, cut, "--train.steps 6 " + opts), &out), 0) << out;
-  auto a = resume_metrics(tmp / "w1"), b = resume_metrics(cut);
+  auto a = run_metrics(tmp / "w1"), b = run_metrics(cut);
   ASSERT_EQ(a.size(), b.size());
   double dl = 0;
   for (size_t i = 0; i < a.size(); ++i) {
@@ -184,7 +164,7 @@ TEST(ResumeDropout, DropoutRunsDoNotDependOnTheNumberOfRanks) {
   // resumed steps continue from weights rounded to float32, so they differ from the straight run by
   // float32 rounding (measured: weights 1 float32 ulp, moments 6e-8 relative), not by float64 ulps.
   const torch::Tensor mc = checkpoint_moments(cut);
-  const double dw = resume_max_diff(resume_weights(tmp / "w1"), resume_weights(cut));
+  const double dw = max_abs_diff(run_weights(tmp / "w1"), run_weights(cut));
   std::cout << "resumed W=2 -> W=1: max |dw| = " << dw << ", float64 Adam moments " << moments_rel_diff(m1, mc)
             << ", losses " << dl << " (relative)\n";
   EXPECT_LE(dw, 1e-6);
@@ -194,7 +174,7 @@ TEST(ResumeDropout, DropoutRunsDoNotDependOnTheNumberOfRanks) {
 // The tokenizer travels: shards hold its full definition, checkpoints a tokenizer.json beside
 // model.h5; a checkpoint copied elsewhere samples with --prefix, and evaluation needs no tokenizer.
 TEST(ResumeTokenizer, TheTokenizerTravelsWithDataAndCheckpoints) {
-  ASSERT_FALSE(python().empty());
+  SEDD_REQUIRE_PYTHON("tokenizers");
   TempDir tmp;
   std::string out;
   // A small byte-level BPE tokenizer.json trained with the `tokenizers` package.

@@ -1,6 +1,7 @@
 // One job per run folder: <run.dir>/LOCK. The rules on the lock itself, then two real sedd-train
 // jobs on one folder (the second refused, naming the first) and a lock left by kill -9 taken over.
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -233,7 +234,15 @@ TEST(RunStart, ShardTailsShorterThanAWindowAreReportedOncePerSplit) {
 // A rank's intra-op threads come from the CPUs it may run on (its affinity mask, narrowed here by
 // taskset and by mpirun's own binding), shared by the local ranks that overlap it.
 TEST(RunStart, ThreadsFollowTheCpusTheRankMayRunOn) {
-  if (std::thread::hardware_concurrency() < 2) GTEST_SKIP() << "needs 2 CPUs";
+  // the CPUs this test may run on (a cluster job or CI's cgroup may hold any of them): never CPU 0 by name
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(mask), &mask), 0);
+  std::vector<int> allowed;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &mask)) allowed.push_back(c);
+  if (allowed.size() < 2) GTEST_SKIP() << "needs 2 CPUs in this process's affinity mask";
+  const std::string one = std::to_string(allowed[0]), two = one + "," + std::to_string(allowed[1]);
   TempDir tmp;
   torch::manual_seed(8);
   write_shard(tmp / "d.h5", torch::randint(60, {4000}), 64, 63, "byte");
@@ -243,9 +252,9 @@ TEST(RunStart, ThreadsFollowTheCpusTheRankMayRunOn) {
   };
   const std::string root = "env -u SEDD_CORES OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 ";
   const std::vector<Case> cases = {
-      {root + "taskset -c 0 mpirun --oversubscribe --bind-to none", 1, 1, 1},
-      {root + "taskset -c 0,1 mpirun --oversubscribe --bind-to none", 1, 2, 2},
-      {root + "taskset -c 0,1 mpirun --oversubscribe --bind-to none", 2, 1, 2},
+      {root + "taskset -c " + one + " mpirun --oversubscribe --bind-to none", 1, 1, 1},
+      {root + "taskset -c " + two + " mpirun --oversubscribe --bind-to none", 1, 2, 2},
+      {root + "taskset -c " + two + " mpirun --oversubscribe --bind-to none", 2, 1, 2},
       {root + "mpirun --bind-to core", 1, 1, 1},  // Open MPI's own binding: one core, one thread
   };
   int k = 0;

@@ -15,6 +15,7 @@
 #include "model/weights.h"
 #include "train/checkpoint.h"
 #include "io/error.h"
+#include "recipes.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -306,13 +307,7 @@ TEST(SamplerCli, SamplesAreTheSameForAnyBatchSizeAndRankCount) {
   std::vector<int64_t> ids(text.begin(), text.end());
   write_shard(tmp / "d.h5", torch::tensor(ids, torch::kLong), 257, 256, "byte");
   std::string out;
-  ASSERT_EQ(run(fmt::format("{} -np 1 {}/sedd-train --data.train {} --run.dir {} --run.device cpu --data.seq_len 32 "
-                            "--model.hidden_size 32 --model.n_heads 2 --model.n_blocks 1 --model.cond_dim 16 "
-                            "--train.batch_size 4 --train.steps 3 --train.log_every 1",
-                            kMpirun, bin_dir(), tmp / "d.h5", tmp / "run"),
-                &out),
-            0)
-      << out;
+  ASSERT_EQ(train_in_process(one_block().set("train.steps", 3).set("train.log_every", 1), tmp / "d.h5", tmp / "run"), 3);
   auto sample_cmd = [&](int np, int batch, const std::string& file) {
     return fmt::format("{} -np {} {}/sedd-sample --checkpoint {} --device cpu --num-samples 7 --steps 16 --batch-size {} "
                        "--prefix 'The ' --suffix 'dog.' --fix 10=120 --seed 5 --out {}",
@@ -546,6 +541,7 @@ TEST(ElboCli, SeveralDatasetsInOneTableAndJson) {
 // shape may sum in another order and move a draw across a boundary of its distribution).
 TEST(SamplerCliGpu, ToolsOnTheGpuTrackTheirCpuRuns) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (auto why = gpu_children_unavailable(); !why.empty()) GTEST_SKIP() << why;
   TwoModels t;
   std::string out;
   auto eval = [&](const std::string& device, const std::string& json) {

@@ -12,6 +12,7 @@
 #include "io/fs.h"
 #include "model/weights.h"
 #include "train/checkpoint.h"
+#include "recipes.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -256,12 +257,9 @@ struct ScoreCliModels {
     for (auto [dir, extra] : {std::pair{sedd, std::string()},
                               std::pair{ar, std::string("--diffusion.objective ar --model.time_conditioning false "
                                                         "--model.scale_by_sigma false")}}) {
-      int rc = run(fmt::format("{} -np 1 {}/sedd-train --data.train {} --run.dir {} --run.device cpu --data.seq_len 32 "
-                               "--model.hidden_size 32 --model.n_heads 2 --model.n_blocks 1 --model.cond_dim 16 "
-                               "--train.batch_size 8 --train.steps 10 --train.lr 3e-3 {}",
-                               kMpirun, bin_dir(), tmp / "a.h5", dir, extra),
-                   &out);
-      EXPECT_EQ(rc, 0) << out;
+      EXPECT_EQ(train_in_process(one_block().set("train.batch_size", 8).set("train.steps", 10).set("train.lr", "3e-3"),
+                                 tmp / "a.h5", dir, extra),
+                10);
     }
   }
 };

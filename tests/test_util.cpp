@@ -7,6 +7,10 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
+#include <cstring>
+#include <unistd.h>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -44,17 +48,75 @@ std::string golden_path() {
   if (const char* p = std::getenv("SEDD_GOLDEN")) return p;
   return SEDD_GOLDEN_DEFAULT;
 }
+namespace {
+std::string variable_name(const char* entry) {
+  const char* eq = std::strchr(entry, '=');
+  return eq ? std::string(entry, eq) : std::string(entry);
+}
+// The variables this process started with, read at static initialisation (before any MPI_Init).
+const std::set<std::string> g_start_environment = [] {
+  std::set<std::string> names;
+  for (char** e = environ; *e; ++e) names.insert(variable_name(*e));
+  return names;
+}();
+// Removes the MPI/PMIx variables an MPI_Init in this process added (a test that trains in process
+// is an MPI singleton): a child mpirun that inherited them would try to join this process's job and
+// hang. The connection they described is made by then.
+void forget_added_mpi_environment() {
+  std::vector<std::string> added;
+  for (char** e = environ; *e; ++e) {
+    const std::string name = variable_name(*e);
+    if (g_start_environment.count(name)) continue;
+    for (const char* prefix : {"PMIX_", "OMPI_", "ORTE_", "OPAL_"})
+      if (name.rfind(prefix, 0) == 0) added.push_back(name);
+  }
+  for (const auto& name : added) unsetenv(name.c_str());
+}
+}  // namespace
+
 Runtime& child_runtime(const std::string& device) {
   int argc = 1;
   static char arg0[] = "child";
   static char* args[] = {arg0, nullptr};
   char** argv = args;
-  return Runtime::init(&argc, &argv, device);
+  Runtime& rt = Runtime::init(&argc, &argv, device);
+  forget_added_mpi_environment();
+  return rt;
 }
 
 std::string source_dir() { return SEDD_SOURCE_DIR; }
 std::string bin_dir() { return SEDD_BIN_DIR; }
-std::string python() { return SEDD_PYTHON; }
+std::string python() {
+  if (const char* p = std::getenv("SEDD_PYTHON"); p && *p) return p;
+  std::error_code ec;
+  if (std::string configured = SEDD_PYTHON; !configured.empty() && fs::exists(configured, ec)) return configured;
+  return "python3";
+}
+
+std::string python_lacks(const std::vector<std::string>& modules) {
+  // one answer per module set: each check starts a python
+  static std::map<std::vector<std::string>, std::string> known;
+  if (auto it = known.find(modules); it != known.end()) return it->second;
+  std::string why;
+  for (const auto& m : modules) {
+    std::string out;
+    if (run(fmt::format("{} -c 'import {}'", python(), m), &out) != 0) {
+      why += (why.empty() ? fmt::format("{} lacks ", python()) : ", ") + m;
+    }
+  }
+  return known[modules] = why;
+}
+
+std::string gpu_children_unavailable() {
+  if (!torch::cuda::is_available()) return "no CUDA device";
+  std::string mode;
+  if (run("nvidia-smi --query-gpu=compute_mode --format=csv,noheader", &mode) == 0 &&
+      mode.find("Exclusive_Process") != std::string::npos) {
+    return "the GPU is in exclusive-process compute mode: the tools this test starts cannot share it (nvidia-smi: " +
+           mode.substr(0, mode.find('\n')) + ")";
+  }
+  return "";
+}
 
 std::vector<nlohmann::json> read_jsonl(const std::string& file) {
   std::vector<nlohmann::json> rows;
@@ -62,6 +124,7 @@ std::vector<nlohmann::json> read_jsonl(const std::string& file) {
   for (std::string line; std::getline(in, line);) rows.push_back(nlohmann::json::parse(line));
   return rows;
 }
+
 
 int run(const std::string& cmd, std::string* output) {
   std::string full = cmd + " 2>&1";
@@ -101,6 +164,29 @@ double chi_square(const torch::Tensor& samples, const torch::Tensor& p) {
     chi2 += ((counts - e).pow(2) / e).sum().item<double>();
   }
   return chi2;
+}
+
+std::vector<nlohmann::json> run_metrics(const std::string& run_dir) { return read_jsonl(run_dir + "/metrics.jsonl"); }
+
+std::vector<double> run_losses(const std::string& run_dir) {
+  std::vector<double> v;
+  for (const auto& j : run_metrics(run_dir)) {
+    const int64_t step = j["step"].get<int64_t>();
+    if (static_cast<int64_t>(v.size()) < step) v.resize(step, std::nan(""));
+    v[step - 1] = j["loss"].get<double>();
+  }
+  return v;
+}
+
+StateDict run_weights(const std::string& run_dir, const std::string& group) {
+  h5::File f(resolve_model_file(run_dir), h5::Mode::Read);
+  return read_state_dict(f, group);
+}
+
+double max_abs_diff(const StateDict& a, const StateDict& b) {
+  double worst = 0;
+  for (const auto& [k, v] : a) worst = std::max(worst, (v - b.at(k)).abs().max().item<double>());
+  return worst;
 }
 
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale) {

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "model/weights.h"
+
 namespace sedd {
 struct Runtime;
 }
@@ -23,7 +25,21 @@ struct TempDir {
 std::string golden_path();      // $SEDD_GOLDEN or tests/data/sedd_reference.h5
 std::string source_dir();
 std::string bin_dir();
-std::string python();           // the virtualenv's python (may be empty)
+// The python for interop tests: $SEDD_PYTHON, else the configured virtualenv's (when it exists),
+// else python3 on PATH (a relocated build, e.g. on a GPU node, has no virtualenv).
+std::string python();
+// Empty when python() imports every module; else why not ("python3 lacks h5py").
+std::string python_lacks(const std::vector<std::string>& modules);
+// Skips the test, saying why, unless python() imports every named module.
+#define SEDD_REQUIRE_PYTHON(...)                                                         \
+  do {                                                                                   \
+    const std::string sedd_python_why = ::sedd::test::python_lacks({__VA_ARGS__});       \
+    if (!sedd_python_why.empty()) GTEST_SKIP() << sedd_python_why;                       \
+  } while (0)
+
+// Why a test that starts GPU work in child processes cannot run here, or empty: no CUDA device,
+// or a GPU in exclusive-process compute mode (a second process on it fails with "busy").
+std::string gpu_children_unavailable();
 
 // Runs a shell command; returns its exit status and fills `output` with stdout+stderr.
 int run(const std::string& cmd, std::string* output = nullptr);
@@ -44,6 +60,16 @@ std::string error_of(const std::function<void()>& fn);
 torch::Tensor position_marginals(int64_t L, int64_t N);
 // Summed chi-square of per-position token counts of samples [n, L] against p [L, N] (L (N-1) dof).
 double chi_square(const torch::Tensor& samples, const torch::Tensor& p);
+
+// A run folder's metrics.jsonl rows.
+std::vector<nlohmann::json> run_metrics(const std::string& run_dir);
+// The loss of every step by step number (a resumed run's rows replace the earlier ones; NaN where
+// no row was logged).
+std::vector<double> run_losses(const std::string& run_dir);
+// The weights of a run folder's latest model file: group "/model" (raw) or "/ema".
+StateDict run_weights(const std::string& run_dir, const std::string& group = "/model");
+// Largest |a - b| over every tensor of two state dicts with the same keys.
+double max_abs_diff(const StateDict& a, const StateDict& b);
 
 // Largest elementwise |a-b| / (|b| + atol_scale) over two tensors of equal shape.
 double max_rel_error(const torch::Tensor& a, const torch::Tensor& b, double atol_scale = 1e-12);

@@ -14,6 +14,7 @@
 #include "io/hdf5.h"
 #include "model/ddit.h"
 #include "model/weights.h"
+#include "recipes.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
 
@@ -58,14 +59,12 @@ const Models& models() {
     write_shard(m.tmp / "d.h5", torch::tensor(ids, torch::kLong), 257, 256, "byte");
     m.data = m.tmp / "d.h5";
     auto train = [&](const std::string& name, const std::string& extra) {
-      std::string out, dir = m.tmp / name;
-      int rc = run(mpi(1, "sedd-train",
-                       fmt::format("--data.train {} --run.dir {} --run.device cpu --model.hidden_size 32 "
-                                   "--model.n_heads 2 --model.n_blocks 1 --model.cond_dim 16 --train.batch_size 4 "
-                                   "--train.steps 2 --train.log_every 1 {}",
-                                   m.data, dir, extra)),
-                   &out);
-      if (rc != 0) m.error += name + ": " + out;
+      const std::string dir = m.tmp / name;
+      try {
+        train_in_process(one_block().set("train.steps", 2).set("train.log_every", 1), m.data, dir, extra);
+      } catch (const std::exception& e) {
+        m.error += name + ": " + e.what();
+      }
       return dir;
     };
     m.sedd = train("sedd", "--data.seq_len 16");
@@ -276,11 +275,19 @@ TEST(ToolsBench, SampleBenchmarkRefusesBadOptionsAndFailsAFailedIdentityCheck) {
   if (!gpu_visible()) EXPECT_EQ(bench("--device cuda"), 2) << out;
   const std::string small = "--device cpu --samples 2 --length 16 --steps 4 --json " + (tmp / "s.json");
   ASSERT_EQ(bench(small), 0) << out;
-  EXPECT_TRUE(read_json(tmp / "s.json")["results"][0]["identical"].get<bool>());
-  // A failed identity check ("identical: NO") is a failure: exit 1.
+  auto j = read_json(tmp / "s.json");
+  EXPECT_TRUE(j["results"][0]["identical"].get<bool>());
+  // On the CPU the rule is bit-identity: every token equal.
+  EXPECT_EQ(j["check_rule"], "bit-identical") << j;
+  EXPECT_EQ(j["results"][0]["equal_token_fraction"].get<double>(), 1.0) << j;
+  EXPECT_TRUE(j["results"][0]["check_passed"].get<bool>()) << j;
+  // A failed identity check ("passed: NO") is a failure: exit 1, also with 31 of 32 tokens equal.
   EXPECT_EQ(bench(small + " --debug.alter-cached"), 1) << out;
   EXPECT_NE(out.find("NO"), std::string::npos) << out;
-  EXPECT_FALSE(read_json(tmp / "s.json")["results"][0]["identical"].get<bool>());
+  j = read_json(tmp / "s.json");
+  EXPECT_FALSE(j["results"][0]["identical"].get<bool>());
+  EXPECT_FALSE(j["results"][0]["check_passed"].get<bool>());
+  EXPECT_EQ(j["results"][0]["equal_token_fraction"].get<double>(), 31.0 / 32.0) << j;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -511,7 +518,7 @@ TEST(ToolsExitCodes, BadValuesExit2AndPrintOnce) {
   }
 }
 
-// Missing or damaged input data exits 2 (the README's promise), on every rank count, printed once.
+// Missing or damaged input data exits 2 (docs/cli.md, "Exit codes"), on every rank count, printed once.
 TEST(ToolsExitCodes, MissingOrBadInputDataExits2) {
   const Models& m = models();
   ASSERT_TRUE(m.error.empty()) << m.error;

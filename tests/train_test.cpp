@@ -14,6 +14,7 @@
 #include "io/hdf5.h"
 #include "model/weights.h"
 #include "train/checkpoint.h"
+#include "recipes.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -34,26 +35,12 @@ std::string make_data(const TempDir& tmp, int64_t vocab = 40) {
 
 std::string train_cmd(int np, const std::string& data, const std::string& dir, const std::string& extra,
                       int hidden = 32) {
-  return fmt::format(
-      "{} -np {} {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 16 "
-      "--model.hidden_size {} --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 8 "
-      "--train.lr 3e-3 --train.warmup 2 --train.log_every 1 --train.ema 0.9 --train.bucket_elems 4000 {}",
-      kMpirun, np, bin_dir(), data, dir, hidden, extra);
+  return tiny_sedd()
+      .set("model.hidden_size", hidden)
+      .set("train.ema", "0.9")
+      .set("train.bucket_elems", 4000)
+      .command(np, data, dir, extra);
 }
-
-StateDict final_weights(const std::string& run_dir, const std::string& group = "/model") {
-  auto file = resolve_model_file(run_dir);
-  h5::File f(file, h5::Mode::Read);
-  return read_state_dict(f, group);
-}
-
-double max_abs_diff(const StateDict& a, const StateDict& b) {
-  double worst = 0;
-  for (const auto& [k, v] : a) worst = std::max(worst, (v - b.at(k)).abs().max().item<double>());
-  return worst;
-}
-
-std::vector<nlohmann::json> metrics(const std::string& run_dir) { return read_jsonl(run_dir + "/metrics.jsonl"); }
 
 }  // namespace
 
@@ -70,12 +57,12 @@ TEST(TrainEquivalence, SameWeightsOnOneTwoAndFourRanks) {
       std::string dir = tmp / fmt::format("run{}{}", np, accum[0] ? "acc" : "");
       ASSERT_EQ(run(train_cmd(np, data, dir, std::string("--train.steps 5 --train.precision fp64 ") + accum), &out), 0)
           << out;
-      weights[np] = final_weights(dir);
-      emas[np] = final_weights(dir, "/ema");
+      weights[np] = run_weights(dir);
+      emas[np] = run_weights(dir, "/ema");
       moments[np] = checkpoint_moments(dir);
-      logs[np] = metrics(dir);
+      logs[np] = run_metrics(dir);
     }
-    // README: "tested to the last bit in float64". model.h5 stores float32 weights, so the float64
+    // docs/cluster.md: W ranks match 1 rank in float64 to 1e-12. model.h5 stores float32 weights, so the float64
     // state is compared through the Adam moments (saved in float64, a function of every step's
     // gradients) and the logged float64 loss and gradient norm of every step. They are not bit for
     // bit equal: another rank count sums the batch in another order, which moves the last bits
@@ -120,7 +107,7 @@ TEST(TrainLearning, TwoRanksLowerTheLossOnTheDemoCorpus) {
       "--train.steps 150 --train.eval_every 150 --train.ckpt_every 0",
       source_dir(), kMpirun, bin_dir(), source_dir(), tmp / "run", tmp / "demo/train/*.h5", tmp / "demo/valid/*.h5");
   ASSERT_EQ(run(cmd, &out), 0) << out;
-  auto rows = metrics(tmp / "run");
+  auto rows = run_metrics(tmp / "run");
   ASSERT_GE(rows.size(), 10u);
   double first = rows.front()["loss"].get<double>();
   double last = 0;
@@ -186,14 +173,14 @@ TEST(TrainFaults, NonFiniteLossIsSkippedAndNeverReachesTheWeights) {
   std::string data = make_data(tmp), out, dir = tmp / "run";
   ASSERT_EQ(run(train_cmd(2, data, dir, "--train.steps 8 --debug.nan_at_step 4"), &out), 0) << out;
   EXPECT_NE(out.find("SKIPPED (non-finite)"), std::string::npos) << out;
-  auto rows = metrics(dir);
+  auto rows = run_metrics(dir);
   ASSERT_EQ(rows.size(), 8u);
   EXPECT_EQ(rows[3]["step"].get<int64_t>(), 4);
   EXPECT_EQ(rows[3].value("skipped", int64_t{0}), 1);
   for (size_t i = 0; i < rows.size(); ++i)
     if (i != 3) EXPECT_TRUE(std::isfinite(rows[i]["loss"].get<double>())) << "step " << i + 1;
   for (const char* group : {"/model", "/ema"})
-    for (const auto& [k, v] : final_weights(dir, group))
+    for (const auto& [k, v] : run_weights(dir, group))
       EXPECT_TRUE(torch::isfinite(v).all().item<bool>()) << group << "/" << k << " holds non-finite values";
   // The optimizer counted 7 updates in 8 steps.
   h5::File f(dir + "/checkpoints/step_8/optim/rank_0.h5", h5::Mode::Read);
@@ -203,12 +190,17 @@ TEST(TrainFaults, NonFiniteLossIsSkippedAndNeverReachesTheWeights) {
 namespace {
 // The GPU life cycle's training command: bf16 on cuda:0 through the NCCL communicator.
 std::string gpu_train_cmd(const std::string& data, const std::string& dir, int64_t steps, const std::string& extra = "") {
-  return fmt::format(
-      "{} -np 1 {}/sedd-train --data.train '{}' --run.dir {} --run.device cuda --train.precision bf16 "
-      "--data.seq_len 32 --model.hidden_size 64 --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 32 "
-      "--train.batch_size 16 --train.steps {} --train.lr 3e-3 --train.warmup 5 --train.log_every 1 "
-      "--train.ckpt_every 10 {}",
-      kMpirun, bin_dir(), data, dir, steps, extra);
+  return tiny_sedd()
+      .set("run.device", "cuda")
+      .set("train.precision", "bf16")
+      .set("data.seq_len", 32)
+      .set("model.hidden_size", 64)
+      .set("model.cond_dim", 32)
+      .set("train.batch_size", 16)
+      .set("train.steps", steps)
+      .set("train.warmup", 5)
+      .set("train.ckpt_every", 10)
+      .command(1, data, dir, extra);
 }
 }  // namespace
 
@@ -217,13 +209,14 @@ std::string gpu_train_cmd(const std::string& data, const std::string& dir, int64
 // the GPU-trained checkpoint on the GPU.
 TEST(TrainGpu, LifeCycleOnGpuTrainCheckpointPreemptResumeSampleEval) {
   if (!nccl_available()) GTEST_SKIP() << "no CUDA device (or a build without NCCL)";
+  if (auto why = gpu_children_unavailable(); !why.empty()) GTEST_SKIP() << why;
   TempDir tmp;
   std::string data = make_data(tmp), out;
   const int64_t steps = 60;
   std::string straight = tmp / "straight";
   ASSERT_EQ(run(gpu_train_cmd(data, straight, steps), &out), 0) << out;
   EXPECT_NE(out.find("(nccl collectives)"), std::string::npos) << out;
-  auto a = metrics(straight);
+  auto a = run_metrics(straight);
   ASSERT_EQ(a.size(), static_cast<size_t>(steps));
   EXPECT_TRUE(a.back().contains("mfu")) << "GPU runs report model FLOPs utilisation";
   double first = 0, last = 0;
@@ -244,7 +237,7 @@ TEST(TrainGpu, LifeCycleOnGpuTrainCheckpointPreemptResumeSampleEval) {
   EXPECT_EQ(std::stoi(fs::read_text(bg + "/rc")), 3) << fs::read_text(bg + "/log");
   ASSERT_EQ(run(gpu_train_cmd(data, cut, steps), &out), 0) << out;
   EXPECT_NE(out.find("resumed from"), std::string::npos) << out;
-  auto b = metrics(cut);
+  auto b = run_metrics(cut);
   ASSERT_EQ(b.size(), a.size());
   double worst = 0;
   for (size_t i = 0; i < a.size(); ++i) {
@@ -259,7 +252,7 @@ TEST(TrainGpu, LifeCycleOnGpuTrainCheckpointPreemptResumeSampleEval) {
   std::string nan_dir = tmp / "nan";
   ASSERT_EQ(run(gpu_train_cmd(data, nan_dir, 10, "--debug.nan_at_step 5"), &out), 0) << out;
   EXPECT_NE(out.find("SKIPPED"), std::string::npos) << out;
-  for (const auto& [k, v] : final_weights(nan_dir)) EXPECT_TRUE(torch::isfinite(v).all().item<bool>()) << k;
+  for (const auto& [k, v] : run_weights(nan_dir)) EXPECT_TRUE(torch::isfinite(v).all().item<bool>()) << k;
 
   // Sample and evaluate the GPU-trained checkpoint on the GPU.
   ASSERT_EQ(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} --device cuda --num-samples 4 --steps 32 --out {}",
@@ -280,6 +273,31 @@ TEST(TrainGpu, LifeCycleOnGpuTrainCheckpointPreemptResumeSampleEval) {
   EXPECT_LT(e["nats_per_token"].get<double>(), std::log(40.0) + 0.5);
 }
 
+// The in-process recipe runner (tests/recipes.h) is sedd-train on one rank: the same losses and
+// the same weights, bit for bit, as the executable under mpirun.
+TEST(TrainRecipe, InProcessRunEqualsTheExecutable) {
+  TempDir tmp;
+  const std::string data = make_data(tmp);
+  const Recipe recipe = exact_tiny().set("train.steps", 3);
+  std::string out;
+  ASSERT_EQ(run(recipe.command(1, data, tmp / "exe"), &out), 0) << out;
+  ASSERT_EQ(train_in_process(recipe, data, tmp / "in"), 3);
+  const auto a = run_metrics(tmp / "exe"), b = run_metrics(tmp / "in");
+  ASSERT_EQ(a.size(), 3u);
+  ASSERT_EQ(b.size(), a.size());
+  for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(a[k]["loss"].get<double>(), b[k]["loss"].get<double>()) << "step " << k + 1;
+  EXPECT_EQ(max_abs_diff(run_weights(tmp / "exe"), run_weights(tmp / "in")), 0.0);
+  EXPECT_EQ(max_abs_diff(run_weights(tmp / "exe", "/ema"), run_weights(tmp / "in", "/ema")), 0.0);
+  // a bad setting is reported as sedd-train reports it
+  std::string why = "<no error>";
+  try {
+    train_in_process(recipe, data, tmp / "bad", "--train.batch_size 0");
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  EXPECT_NE(why.find("train.batch_size"), std::string::npos) << why;
+}
+
 // Decoupled weight decay acts on matrices only: after one step with and without decay (the same
 // gradients), biases, LayerNorm and modulation vectors and the token embedding are identical, and
 // every other matrix differs.
@@ -292,7 +310,7 @@ TEST(TrainDecay, WeightDecayTouchesOnlyMatrices) {
                   &out),
               0)
         << out;
-  auto a = final_weights(tmp / "wd0"), b = final_weights(tmp / "wd0.5");
+  auto a = run_weights(tmp / "wd0"), b = run_weights(tmp / "wd0.5");
   int decayed = 0, kept = 0;
   for (const auto& [name, v] : a) {
     if (name.find("inv_freq") != std::string::npos) continue;  // a buffer

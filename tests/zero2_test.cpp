@@ -16,6 +16,7 @@
 #include "distributed/zero.h"
 #include "io/hdf5.h"
 #include "model/weights.h"
+#include "recipes.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
 
@@ -36,25 +37,8 @@ std::string zero2_data(const TempDir& tmp) {
 
 // Batch 12: 12, 6 and 4 rows per rank on 1, 2 and 3 ranks; accumulation in micro-batches of 2.
 std::string zero2_train(int np, const std::string& data, const std::string& dir, const std::string& extra) {
-  return fmt::format(
-      "SEDD_CORES=1 {} -np {} {}/sedd-train --data.train '{}' --run.dir {} --run.device cpu --data.seq_len 16 "
-      "--model.hidden_size 32 --model.n_heads 2 --model.n_blocks 2 --model.cond_dim 16 --train.batch_size 12 "
-      "--train.lr 3e-3 --train.warmup 2 --train.log_every 1 --train.ema 0.9 --train.bucket_elems 3000 "
-      "--train.precision fp64 {}",
-      kMpirun, np, bin_dir(), data, dir, extra);
-}
-
-std::vector<nlohmann::json> zero2_metrics(const std::string& dir) { return read_jsonl(dir + "/metrics.jsonl"); }
-
-StateDict zero2_weights(const std::string& dir, const std::string& group) {
-  h5::File f(resolve_model_file(dir), h5::Mode::Read);
-  return read_state_dict(f, group);
-}
-
-double zero2_max_diff(const StateDict& a, const StateDict& b) {
-  double worst = 0;
-  for (const auto& [k, v] : a) worst = std::max(worst, (v - b.at(k)).abs().max().item<double>());
-  return worst;
+  return "SEDD_CORES=1 " +
+         exact_tiny().set("train.batch_size", 12).set("train.bucket_elems", 3000).command(np, data, dir, extra);
 }
 
 // Largest relative difference of the logged float64 loss and gradient norm, step by step.
@@ -79,7 +63,7 @@ struct Zero2Run {
 };
 
 Zero2Run zero2_read(const std::string& dir) {
-  return {checkpoint_moments(dir), zero2_metrics(dir), zero2_weights(dir, "/model"), zero2_weights(dir, "/ema")};
+  return {checkpoint_moments(dir), run_metrics(dir), run_weights(dir, "/model"), run_weights(dir, "/ema")};
 }
 
 // a and b are the same run: float64 moments and losses within 1e-12 relative, float32 weights and
@@ -87,7 +71,7 @@ Zero2Run zero2_read(const std::string& dir) {
 void zero2_expect_same(const Zero2Run& a, const Zero2Run& b, const std::string& what) {
   ASSERT_EQ(a.moments.scalar_type(), torch::kDouble);
   const double dm = moments_rel_diff(a.moments, b.moments), dl = zero2_log_diff(a.log, b.log);
-  const double dw = zero2_max_diff(a.weights, b.weights), de = zero2_max_diff(a.ema, b.ema);
+  const double dw = max_abs_diff(a.weights, b.weights), de = max_abs_diff(a.ema, b.ema);
   std::cout << what << ": float64 moments " << dm << ", losses and gradient norms " << dl
             << " (relative); float32 weights " << dw << ", EMA " << de << "\n";
   EXPECT_LE(dm, 1e-12) << what;
@@ -165,7 +149,7 @@ TEST(ZeroStageResume, StageChangesOnResumeContinueTheSameRun) {
   for (size_t i = 0; i < a.size(); ++i)
     EXPECT_NEAR(a[i]["loss"].get<double>(), b[i]["loss"].get<double>(), 1e-5 * std::abs(a[i]["loss"].get<double>()))
         << "step " << a[i]["step"];
-  EXPECT_LE(zero2_max_diff(whole.weights, resumed.weights), 1e-4);
+  EXPECT_LE(max_abs_diff(whole.weights, resumed.weights), 1e-4);
 }
 
 namespace {
@@ -261,7 +245,9 @@ void zero2_child(Runtime& rt, Communicator& comm) {
   const int64_t peak_every = opts[1]->peak_gradient_bytes(), peak_once = opts[2]->peak_gradient_bytes();
   const int64_t bucket_bytes = full_bytes / 8;  // eight buckets of one size
   EXPECT_LE(peak_every, shard_bytes + 3 * bucket_bytes + 2 * bucket_bytes / W);
-  EXPECT_LE(peak_every, shard_bytes + full_bytes / 2);
+  // At W = 1 a receive buffer is a whole bucket (shard + 5 buckets): the half-gradient bound
+  // holds from two ranks on.
+  if (W >= 2) EXPECT_LE(peak_every, shard_bytes + full_bytes / 2);
   EXPECT_GE(peak_once, shard_bytes + full_bytes);
   std::printf("rank %d of %d: gradient bytes after a step: stage 1 %lld, stage 2 %lld (its shard); peak stage 2 "
               "%lld (reduced every micro-batch), %lld (reduced once)\n",
@@ -310,6 +296,7 @@ TEST(ZeroStageShard, StageTwoHoldsOnlyItsGradientShard) {
 // communication stream).
 TEST(ZeroStageGpu, NcclStageTwoEqualsStageOne) {
   if (!nccl_available()) GTEST_SKIP() << "no CUDA device (or a build without NCCL)";
+  if (auto why = gpu_children_unavailable(); !why.empty()) GTEST_SKIP() << why;
   if (std::getenv("SEDD_ZERO2_GPU_CHILD")) {
     auto& rt = child_runtime("cuda");
     auto comm = make_nccl_communicator(rt.device.index());

@@ -45,6 +45,12 @@ std::vector<int64_t> parse_steps(const std::string& list) {
   return out;
 }
 
+bool asks_for_help(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") return true;
+  return false;
+}
+
 std::string make_temp_dir() {
   std::string pattern = (std::filesystem::temp_directory_path() / "sedd-parity.XXXXXX").string();
   if (!mkdtemp(pattern.data())) throw std::runtime_error("cannot create a temporary folder under /tmp");
@@ -60,6 +66,10 @@ int record(int argc, char** argv) {
       "snapshots", po::value(&snapshots)->default_value(snapshots), "steps whose full vectors are kept (comma list)");
   std::vector<int64_t> snaps;
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");  // MPI first: usage errors are printed by rank 0 only
+  if (asks_for_help(argc, argv)) {  // before parsing: --out is required
+    if (rt.is_root()) std::cout << opts.desc << "\n";
+    return tools::kExitOk;
+  }
   try {
     tools::parse_train_options(opts, argc, argv);
     snaps = parse_steps(snapshots);
@@ -104,6 +114,10 @@ int compare(int argc, char** argv) {
   tools::OptionTable opts;
   tools::build_train_options(opts, cfg);
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");  // MPI first: usage errors are printed by rank 0 only
+  if (asks_for_help(argc, argv)) {  // before parsing: --reference is required
+    if (rt.is_root()) std::cout << desc << "\n";
+    return tools::kExitOk;
+  }
   std::string work = make_temp_dir();
   try {
     po::variables_map vm;

@@ -27,7 +27,7 @@
 
 namespace sedd::tools {
 
-// Exit codes, the same for every executable and every number of ranks (README, "Exit codes").
+// Exit codes, the same for every executable and every number of ranks (docs/cli.md, "Exit codes").
 constexpr int kExitOk = 0;
 constexpr int kExitFailure = 1;    // a failure while running: I/O error, a failed check, a lost rank, MPI_Abort
 constexpr int kExitBadInput = 2;   // bad arguments, missing or bad input data, refused settings

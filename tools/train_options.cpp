@@ -49,7 +49,7 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "model.dropout", &c.model.dropout, "dropout probability");
   add(t, "model.scale_by_sigma", &c.model.scale_by_sigma, "absorbing graph: shift the score by -log(e^sigma - 1)");
   add(t, "model.time_conditioning", &c.model.time_conditioning, "feed sigma to the network (absorbing: may be off)");
-  add(t, "diffusion.objective", &c.model.objective, "sedd | mdlm | d3pm | ar (see the README's objectives)");
+  add(t, "diffusion.objective", &c.model.objective, "sedd | mdlm | d3pm | ar (see docs/training.md, Objectives)");
   add(t, "diffusion.graph", &c.model.graph, "absorb | uniform");
   add(t, "diffusion.noise", &c.model.noise.kind, "loglinear | geometric | cosine");
   add(t, "diffusion.timesteps", &c.model.timesteps, "d3pm: steps T of the discrete chain");

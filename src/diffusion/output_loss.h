@@ -4,7 +4,9 @@
 // a step. This function takes the rows' features [R, D] and the layer's weight [V, D] and bias [V]
 // and computes, chunk by chunk, logits -> loss per row; backward recomputes each chunk's logits
 // instead of keeping them. Memory stays O(chunk x V); the values and gradients equal those of
-// "logits = features W^T + b, then the loss" (tests compare both).
+// "logits = features W^T + b, then the loss" (tests compare both). The token columns are padded
+// to a multiple of 8 inside (aligned rows for cuBLASLt; the padding columns are -inf logits and get
+// no gradient); the weight and bias keep their shape.
 //
 // Row losses, with s = logits of the row and N the number of token columns used:
 //  - SeddAbsorb (masked rows of the absorbing graph), a = score shift (scale_by_sigma, else 0),

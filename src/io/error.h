@@ -1,6 +1,6 @@
 // sedd::Error: the one exception type of the library. Messages name the file (or rank) and the
 // problem, and end with a hint where one helps; executables print what() and exit non-zero
-// (README, "Exit codes": 2 for OptionError and InputError, 1 for any other error).
+// (docs/cli.md, "Exit codes": 2 for OptionError and InputError, 1 for any other error).
 #pragma once
 #include <fmt/format.h>
 #include <stdexcept>

@@ -5,6 +5,7 @@
 #include <ATen/autocast_mode.h>
 
 #include <cmath>
+#include <optional>
 
 #include "model/fused_ops.h"
 
@@ -28,30 +29,43 @@ torch::Tensor rotate_half(const torch::Tensor& x) {
   return torch::cat({-halves[1], halves[0]}, -1);
 }
 
+// Sets one device type's autocast state (on or off, and its dtype) for the guard's lifetime and
+// puts the previous state back after, so a caller's autocast region and dtype survive us.
+struct AutocastState {
+  AutocastState(at::DeviceType device, bool enabled, at::ScalarType dtype)
+      : device_(device),
+        enabled_(enabled),
+        prev_(at::autocast::is_autocast_enabled(device)),
+        prev_dtype_(at::autocast::get_autocast_dtype(device)) {
+    at::autocast::set_autocast_enabled(device_, enabled_);
+    at::autocast::set_autocast_dtype(device_, dtype);
+    if (enabled_) at::autocast::increment_nesting();
+  }
+  ~AutocastState() {
+    if (enabled_ && at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(device_, prev_);
+    at::autocast::set_autocast_dtype(device_, prev_dtype_);
+  }
+  AutocastState(const AutocastState&) = delete;
+  AutocastState& operator=(const AutocastState&) = delete;
+  at::DeviceType device_;
+  bool enabled_, prev_;
+  at::ScalarType prev_dtype_;
+};
+
 // bf16 autocast on CUDA for the transformer body; LayerNorm and the log-score stay in fp32.
 struct CudaAutocast {
-  explicit CudaAutocast(bool on) : on_(on) {
-    if (!on_) return;
-    prev_ = at::autocast::is_autocast_enabled(at::kCUDA);
-    prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::increment_nesting();
+  explicit CudaAutocast(bool on) {
+    if (on) state_.emplace(at::kCUDA, true, at::kBFloat16);
   }
-  ~CudaAutocast() {
-    if (!on_) return;
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(at::kCUDA, prev_);
-    at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);  // a caller's autocast dtype survives us
-  }
-  bool on_, prev_ = false;
-  at::ScalarType prev_dtype_ = at::kBFloat16;
+  std::optional<AutocastState> state_;
 };
 
 // A checkpointed block: forward runs without a graph and saves only the block's inputs; backward
-// runs the block again with grad on detached inputs, under the autocast state of the forward, and
-// differentiates it. The block's parameters are inputs of the node, so their gradients reach their
-// accumulators (and the optimizer's hooks on them) through ordinary autograd accumulation.
+// runs the block again with grad on detached inputs, under the autocast state of the forward (on or
+// off, whatever the state around the backward call), and differentiates it. The block's parameters
+// are inputs of the node, so their gradients reach their accumulators (and the optimizer's hooks on
+// them) through ordinary autograd accumulation.
 // Dropout is keyed, so the recomputation draws the same masks: no RNG state is saved.
 struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, DDiTBlockImpl* block, const Rotary* rotary,
@@ -61,8 +75,11 @@ struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
     ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
     ctx->saved_data["rotary"] = reinterpret_cast<int64_t>(rotary);
     ctx->saved_data["fused"] = fused;
-    ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(at::kCUDA);
-    ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCUDA));
+    // The autocast state of the inputs' device type: the recomputation sets it, on or off.
+    const auto device = x.device().type();
+    ctx->saved_data["autocast_device"] = static_cast<int64_t>(device);
+    ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(device);
+    ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_dtype(device));
     ctx->saved_data["has_key"] = key != nullptr;
     if (key) {
       ctx->saved_data["seed"] = static_cast<int64_t>(key->seed);
@@ -95,21 +112,12 @@ struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
     torch::Tensor y;
     {
       torch::AutoGradMode grad_on(true);
-      const bool autocast = ctx->saved_data["autocast"].toBool();
-      const auto prev = at::autocast::is_autocast_enabled(at::kCUDA);
-      const auto prev_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
-      if (autocast) {
-        at::autocast::set_autocast_enabled(at::kCUDA, true);
-        at::autocast::set_autocast_dtype(at::kCUDA,
-                                         static_cast<at::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
-        at::autocast::increment_nesting();
-      }
+      // The forward's state, also when it had autocast off and backward runs inside an autocast
+      // region; the caller's state is back for the differentiation, as on the plain path.
+      AutocastState autocast(static_cast<at::DeviceType>(ctx->saved_data["autocast_device"].toInt()),
+                             ctx->saved_data["autocast"].toBool(),
+                             static_cast<at::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
       y = block->forward(x, *rotary, c, has_key ? &key : nullptr, ctx->saved_data["fused"].toBool());
-      if (autocast) {
-        if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-        at::autocast::set_autocast_enabled(at::kCUDA, prev);
-        at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype);
-      }
     }
     auto grads = torch::autograd::grad({y}, wrt, {grad_out[0]}, /*retain_graph=*/false, /*create_graph=*/false,
                                        /*allow_unused=*/true);

@@ -104,7 +104,7 @@ struct TrainingConfig {
 // blocks -> 1, every:K -> K. Throws sedd::Error naming the key for anything else.
 int64_t checkpoint_interval(const std::string& setting);
 
-// The settings whose paper value depends on the objective (README "Objectives"), as (key, value)
+// The settings whose paper value depends on the objective (docs/training.md, "Objectives"), as (key, value)
 // in option spelling: sedd (Lou et al.) conditions on time, scales the absorbing score by sigma and
 // draws times iid; mdlm (Sahoo et al.) has no time input and draws stratified times (their
 // antithetic_sampling: t_k = (k + U_k) / B), starts its warmup at lr 0 and takes the gradient of the

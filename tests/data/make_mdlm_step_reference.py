@@ -16,7 +16,7 @@ install it: use a virtual environment that has it.)
 1. Synthetic Markov tokens (9 ids, the last one end-of-text) become one shard.
 2. `sedd-parity record` trains our model for --steps steps on it with `diffusion.objective = mdlm`
    and nothing else of the recipe given: time conditioning, scale_by_sigma, the time sampling and
-   the warmup's start come from the objective's defaults (README "Objectives"). It writes the data,
+   the warmup's start come from the objective's defaults (docs/training.md, "Objectives"). It writes the data,
    the initial weights and every step's batch x0, times t and noisy inputs xt.
 3. The authors' Diffusion object is built with Diffusion.__new__ (its __init__ downloads an
    evaluation tokenizer) and the attributes its methods read, with models.dit.DIT as backbone;
