@@ -92,6 +92,14 @@ for a in "$@"; do [[ $prev == --json ]] && json=$a; prev=$a; done
 echo "{\"tokens\": 65536, \"seconds\": 2.0, \"nats_per_token\": 3.1, \"tokens_x_draws_per_s\": 65536.0, \"mc_samples\": 2}" > "$json"'
 fake_tool sedd-sample 'exit 0'
 
+three_files_and_no_process_left() {  # CASE: --out holds exactly the three files; no fake process runs
+  local files left
+  files=$(cd "$work/$1" && ls -A | sort | tr '\n' ' ')
+  [[ $files == "gpu-check.json logs.tar.gz report.txt " ]] || fail "($1) --out holds '$files', not exactly the three files"
+  left=$(pgrep -f "$fake" | grep -v "^$$\$")
+  [[ -z $left ]] || fail "($1) processes outlived the check: $(ps -o pid,args -p "${left//$'\n'/,}" 2>/dev/null)"
+}
+
 fake_env=(env PATH="$fake:$PATH" SEDD_BIN="$fake" SEDD_PYTHON="$fake/python-torch" SEDD_CHECK_BENCH_STEPS=5)
 
 # (e) a whole run on the fake node
@@ -102,10 +110,7 @@ echo "--- (e): exit $rc in $took s"
 cat "$work/e.out"
 ((rc == 1)) || fail "(e) exit $rc, expected 1 (a part hung and a benchmark failed)"
 ((took <= 60)) || fail "(e) took $took s, over the 60 s budget"
-files=$(cd "$work/e" && ls -A | sort | tr '\n' ' ')
-[[ $files == "gpu-check.json logs.tar.gz report.txt " ]] || fail "(e) --out holds '$files', not exactly the three files"
-left=$(pgrep -f "$fake" | grep -v "^$$\$")
-[[ -z $left ]] || fail "(e) processes outlived the check: $(ps -o pid,args -p "${left//$'\n'/,}" 2>/dev/null)"
+three_files_and_no_process_left e
 tail -c 12000 "$work/e.out" | grep -q "^GPU tests: " || fail "(e) the last 12,000 characters have no GPU section"
 tail -c 12000 "$work/e.out" | grep -q "^PROBLEMS" || fail "(e) the last 12,000 characters have no problem list"
 (( $(wc -c < "$work/e/report.txt") <= 10000 )) || fail "(e) report.txt is over 10,000 characters"
@@ -146,10 +151,7 @@ echo "--- (f): exit $rc in $took s"
 tail -n 30 "$work/f.out"
 ((rc == 143)) || fail "(f) exit $rc after TERM, expected 143"
 ((took <= 30)) || fail "(f) took $took s to stop"
-files=$(cd "$work/f" && ls -A | sort | tr '\n' ' ')
-[[ $files == "gpu-check.json logs.tar.gz report.txt " ]] || fail "(f) --out holds '$files', not exactly the three files"
-left=$(pgrep -f "$fake" | grep -v "^$$\$")
-[[ -z $left ]] || fail "(f) processes outlived the check: $(ps -o pid,args -p "${left//$'\n'/,}" 2>/dev/null)"
+three_files_and_no_process_left f
 python3 - "$work/f/gpu-check.json" <<'PY' || fail "(f) gpu-check.json"
 import json, sys
 j = json.load(open(sys.argv[1]))

@@ -17,6 +17,16 @@ bin=${1:?bin dir}; src=${2:?source dir}; build=${3:?build dir}
 src=$(cd "$src" && pwd); build=$(cd "$build" && pwd); bin=$(cd "$bin" && pwd)
 skip() { echo "SKIPPED: $*"; exit 77; }
 fail() { echo "FAILED: $*"; [[ -f ${log:-} ]] && { echo "--- $log"; tail -40 "$log"; }; exit 1; }
+# expect_missing RC LOG NAME WHEN DEBIAN MODULE: setup.sh exited 2 naming NAME (alone) as missing,
+# with its Debian, module, Spack and conda names.
+expect_missing() {
+  local rc=$1 log=$2 name=$3 when=$4 debian=$5 module=$6 hint
+  [[ $rc -eq 2 ]] || fail "setup.sh $when exited $rc, not 2"
+  grep -q "missing: $name\$" "$log" || fail "setup.sh $when did not name $name (alone) as missing"
+  for hint in "$debian" "module load $module" "spack install $module" "conda install -c conda-forge $module"; do
+    grep -qF "$hint" "$log" || fail "setup.sh's message $when lacks '$hint'"
+  done
+}
 t0=$SECONDS
 stamp() { echo "[install] $* ($((SECONDS - t0)) s)"; }
 
@@ -104,12 +114,7 @@ log=$user/check-no-mpi.log
 # The whole script as a user would run it (no SEDD_CHECK_ONLY): it must stop before the virtualenv.
 as_user "${uenv[@]}" PATH="$nompi" SEDD_SKIP_BUILD=1 SEDD_VENV="$venv" SEDD_BUILD="$user/never-made-build" \
   bash "$usrc/launch/setup.sh" > "$log" 2>&1
-rc=$?
-[[ $rc -eq 2 ]] || fail "setup.sh without mpicxx/mpirun exited $rc, not 2"
-grep -q "missing: mpi$" "$log" || fail "setup.sh did not name mpi (alone) as missing"
-for hint in "libopenmpi-dev" "module load openmpi" "spack install openmpi" "conda install -c conda-forge openmpi"; do
-  grep -qF "$hint" "$log" || fail "setup.sh's message lacks '$hint'"
-done
+expect_missing $? "$log" mpi "without mpicxx/mpirun" libopenmpi-dev openmpi
 [[ ! -e $user/never-made-build ]] || fail "setup.sh went on past the missing dependency"
 if [[ -f $user/sudo.log ]] && grep -qv '^-n true$' "$user/sudo.log"; then
   fail "setup.sh called sudo for more than 'sudo -n true': $(tr '\n' ';' < "$user/sudo.log")"
@@ -120,12 +125,7 @@ sed 's/^/    /' "$log"
 log=$user/check-no-hdf5.log
 as_user "${uenv[@]}" PATH="$upath" SEDD_CHECK_ONLY=1 SEDD_VENV="$venv" \
   SEDD_CMAKE_ARGS="-DCMAKE_DISABLE_FIND_PACKAGE_HDF5=ON" bash "$usrc/launch/setup.sh" > "$log" 2>&1
-rc=$?
-[[ $rc -eq 2 ]] || fail "setup.sh with HDF5 hidden from CMake exited $rc, not 2"
-grep -q "missing: hdf5$" "$log" || fail "setup.sh did not name hdf5 (alone) as missing"
-for hint in "libhdf5-dev" "module load hdf5" "spack install hdf5" "conda install -c conda-forge hdf5"; do
-  grep -qF "$hint" "$log" || fail "setup.sh's message lacks '$hint'"
-done
+expect_missing $? "$log" hdf5 "with HDF5 hidden from CMake" libhdf5-dev hdf5
 stamp "setup.sh with HDF5 hidden from CMake: exit 2 naming hdf5"
 sed 's/^/    /' "$log"
 

@@ -107,15 +107,17 @@ std::string python_lacks(const std::vector<std::string>& modules) {
   return known[modules] = why;
 }
 
+std::string exclusive_compute_mode() {
+  std::string mode;
+  if (run("nvidia-smi --query-gpu=compute_mode --format=csv,noheader", &mode) != 0) return "";
+  if (mode.find("Exclusive_Process") == std::string::npos) return "";
+  return "the GPU is in exclusive-process compute mode: the tools this test starts cannot share it (nvidia-smi: " +
+         mode.substr(0, mode.find('\n')) + ")";
+}
+
 std::string gpu_children_unavailable() {
   if (!torch::cuda::is_available()) return "no CUDA device";
-  std::string mode;
-  if (run("nvidia-smi --query-gpu=compute_mode --format=csv,noheader", &mode) == 0 &&
-      mode.find("Exclusive_Process") != std::string::npos) {
-    return "the GPU is in exclusive-process compute mode: the tools this test starts cannot share it (nvidia-smi: " +
-           mode.substr(0, mode.find('\n')) + ")";
-  }
-  return "";
+  return exclusive_compute_mode();
 }
 
 std::vector<nlohmann::json> read_jsonl(const std::string& file) {

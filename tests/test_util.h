@@ -40,6 +40,9 @@ std::string python_lacks(const std::vector<std::string>& modules);
 // Why a test that starts GPU work in child processes cannot run here, or empty: no CUDA device,
 // or a GPU in exclusive-process compute mode (a second process on it fails with "busy").
 std::string gpu_children_unavailable();
+// The exclusive-process part of that: nvidia-smi's compute mode, or empty when it is not exclusive
+// (or there is no nvidia-smi).
+std::string exclusive_compute_mode();
 
 // Runs a shell command; returns its exit status and fills `output` with stdout+stderr.
 int run(const std::string& cmd, std::string* output = nullptr);

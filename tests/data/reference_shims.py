@@ -1,8 +1,8 @@
 """Stand-ins for the third-party modules that the authors' SEDD code imports at module level but that
 a CPU machine without network does not have (einops, flash_attn, huggingface_hub, omegaconf), and a
 no-op CUDA autocast where there is no GPU. Import this module first, then the authors' own modules
-(from $SEDD_REF), unchanged. Used by the reference generators in this folder only; the tests never
-import it."""
+(from $SEDD_REF), unchanged. Used by the reference generators in this folder and by
+tools/fidelity/sedd_ref_train.py; the tests never import it."""
 import contextlib
 import importlib.machinery
 import importlib.util

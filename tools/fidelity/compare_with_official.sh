@@ -7,8 +7,8 @@
 #   SEDD_REF=DIR bash tools/fidelity/compare_with_official.sh [--steps N] [--seeds "21 22 ..."] \
 #        [--out DIR] [--time-sampling iid|antithetic|stratified]
 #
-# SEDD_REF: an unpacked copy of the authors' code (louaaron/Score-Entropy-Discrete-Diffusion); the
-# authors' modules are used unchanged (sedd_ref_train.py drives them on our shards, sedd_shims.py
+# SEDD_REF: an unpacked copy of the authors' code (louaaron/Score-Entropy-Discrete-Diffusion); their
+# modules are used unchanged (sedd_ref_train.py drives them on our shards; tests/data/reference_shims.py
 # stands in for their GPU-only imports). Needs the project's .venv (torch, h5py) and build/bin.
 # Results: OUT/results.tsv (seed, official, ours, seconds official, seconds ours) and each run's
 # loss curve (OUT/official<seed>.jsonl, OUT/ours<seed>/metrics.jsonl). Seeds already in
