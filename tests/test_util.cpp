@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <map>
 #include <set>
 #include <cstring>
@@ -139,6 +140,17 @@ int run(const std::string& cmd, std::string* output) {
   int status = pclose(pipe);
   if (output) *output = out;
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::vector<RunResult> run_all(const std::vector<std::string>& cmds, int parallel) {
+  std::vector<RunResult> results(cmds.size());
+  for (size_t first = 0; first < cmds.size(); first += parallel) {
+    std::vector<std::future<void>> wave;
+    for (size_t i = first; i < std::min(cmds.size(), first + parallel); ++i)
+      wave.push_back(std::async(std::launch::async, [&, i] { results[i].rc = run(cmds[i], &results[i].output); }));
+    for (auto& f : wave) f.get();
+  }
+  return results;
 }
 
 std::string error_of(const std::function<void()>& fn) {

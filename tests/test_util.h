@@ -46,6 +46,13 @@ std::string exclusive_compute_mode();
 
 // Runs a shell command; returns its exit status and fills `output` with stdout+stderr.
 int run(const std::string& cmd, std::string* output = nullptr);
+// Runs independent commands `parallel` at a time (an mpirun start mostly waits, so short runs
+// overlap well); returns each one's exit status and output, in order.
+struct RunResult {
+  int rc;
+  std::string output;
+};
+std::vector<RunResult> run_all(const std::vector<std::string>& cmds, int parallel = 4);
 // One JSON value per line of a JSONL file (metrics.jsonl, sample and score outputs).
 std::vector<nlohmann::json> read_jsonl(const std::string& file);
 

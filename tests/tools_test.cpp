@@ -461,12 +461,14 @@ TEST(ToolsEval, ExactRowsCountOneDrawPerToken) {
 
 TEST(ToolsExitCodes, UsageErrorsExit2AndPrintOnceOnEveryRankCount) {
   std::string out;
+  std::vector<std::string> cmds;
   for (const char* tool : {"sedd-train", "sedd-sample", "sedd-eval", "sedd-compare", "sedd-prepare",
-                           "sedd-bench-train", "sedd-bench-reader", "sedd-bench-sample", "sedd-parity compare"}) {
-    for (int np : {1, 2}) {
-      EXPECT_EQ(run(mpi(np, tool, "--no-such-option 1"), &out), 2) << tool << " -np " << np << ": " << out;
-      EXPECT_EQ(occurrences(out, "no-such-option"), 1) << tool << " -np " << np << ": " << out;
-    }
+                           "sedd-bench-train", "sedd-bench-reader", "sedd-bench-sample", "sedd-parity compare"})
+    for (int np : {1, 2}) cmds.push_back(mpi(np, tool, "--no-such-option 1"));
+  const auto results = run_all(cmds);
+  for (size_t i = 0; i < cmds.size(); ++i) {
+    EXPECT_EQ(results[i].rc, 2) << cmds[i] << ": " << results[i].output;
+    EXPECT_EQ(occurrences(results[i].output, "no-such-option"), 1) << cmds[i] << ": " << results[i].output;
   }
   EXPECT_EQ(run(bin_dir() + "/sedd-bench-model --no-such-option 1", &out), 2) << out;
   EXPECT_EQ(run(mpi(2, "sedd-parity", "nonsense"), &out), 2) << out;
@@ -477,7 +479,6 @@ TEST(ToolsExitCodes, BadValuesExit2AndPrintOnce) {
   const Models& m = models();
   ASSERT_TRUE(m.error.empty()) << m.error;
   TempDir tmp;
-  std::string out;
   struct Case {
     const char* tool;
     std::string args, message;
@@ -500,11 +501,12 @@ TEST(ToolsExitCodes, BadValuesExit2AndPrintOnce) {
       {"sedd-eval", fmt::format("--checkpoint {} --device tpu --data {}", m.sedd, m.data),
        "device must be cpu, cuda or auto"},
   };
+  std::vector<std::string> cmds, messages;
   for (const auto& c : cases)
     for (int np : {1, 2}) {
       if (std::string(c.tool) == "sedd-train" && c.message.find("divisible") != std::string::npos && np == 1) continue;
-      EXPECT_EQ(run(mpi(np, c.tool, c.args), &out), 2) << c.tool << " " << c.args << " -np " << np << "\n" << out;
-      EXPECT_EQ(occurrences(out, c.message), 1) << c.tool << " -np " << np << ": " << out;
+      cmds.push_back(mpi(np, c.tool, c.args));
+      messages.push_back(c.message);
     }
   if (!gpu_visible()) {  // Runtime's device errors: a message and exit 2 on every tool
     for (const std::string& cmd :
@@ -512,9 +514,14 @@ TEST(ToolsExitCodes, BadValuesExit2AndPrintOnce) {
           fmt::format("sedd-eval --checkpoint {} --device cuda --data {}", m.sedd, m.data),
           fmt::format("sedd-train --data.train {} --run.device cuda", m.data),
           std::string("sedd-bench-sample --device cuda")}) {
-      EXPECT_EQ(run(mpi(1, cmd, ""), &out), 2) << cmd << ": " << out;
-      EXPECT_EQ(occurrences(out, "no GPU is visible"), 1) << cmd << ": " << out;
+      cmds.push_back(mpi(1, cmd, ""));
+      messages.push_back("no GPU is visible");
     }
+  }
+  const auto results = run_all(cmds);
+  for (size_t i = 0; i < cmds.size(); ++i) {
+    EXPECT_EQ(results[i].rc, 2) << cmds[i] << "\n" << results[i].output;
+    EXPECT_EQ(occurrences(results[i].output, messages[i]), 1) << cmds[i] << ": " << results[i].output;
   }
 }
 
@@ -524,7 +531,6 @@ TEST(ToolsExitCodes, MissingOrBadInputDataExits2) {
   ASSERT_TRUE(m.error.empty()) << m.error;
   TempDir tmp;
   std::ofstream(tmp / "garbage.h5") << "not an HDF5 file";
-  std::string out;
   struct Case {
     const char* tool;
     std::string args, message;
@@ -544,11 +550,21 @@ TEST(ToolsExitCodes, MissingOrBadInputDataExits2) {
       {"sedd-train", fmt::format("--data.train {} --run.dir {} --run.device cpu", tmp / "garbage.h5", tmp / "run"),
        "not an HDF5 file"},
   };
+  std::vector<std::string> cmds, messages;
   for (const auto& c : cases)
     for (int np : {1, 2}) {
-      EXPECT_EQ(run(mpi(np, c.tool, c.args), &out), 2) << c.tool << " " << c.args << " -np " << np << "\n" << out;
-      EXPECT_EQ(occurrences(out, c.message), 1) << c.tool << " -np " << np << ": " << out;
+      // each run its own run folder: the runs overlap
+      std::string args = c.args;
+      if (auto at = args.find(tmp / "run"); at != std::string::npos)
+        args.replace(at, (tmp / "run").size(), tmp / fmt::format("run-{}-{}", cmds.size(), np));
+      cmds.push_back(mpi(np, c.tool, args));
+      messages.push_back(c.message);
     }
+  const auto results = run_all(cmds);
+  for (size_t i = 0; i < cmds.size(); ++i) {
+    EXPECT_EQ(results[i].rc, 2) << cmds[i] << "\n" << results[i].output;
+    EXPECT_EQ(occurrences(results[i].output, messages[i]), 1) << cmds[i] << ": " << results[i].output;
+  }
 }
 
 // A failure while running (here a full disk) is exit 1, at every rank count.
