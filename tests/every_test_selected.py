@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Every GoogleTest test of every test binary is selected by some CTest entry, and every GPU test
 by an entry labelled gpu (so launch/gpu-check.sh, which runs the gpu entries, cannot lose one).
-Also: no entry selects nothing (a filter that matches no test is a typo).
+Also: no entry selects nothing (a filter that matches no test is a typo), and a test whose source
+skips for want of a GPU (a GTEST_SKIP line naming CUDA, NCCL or a GPU) is named as a GPU test,
+so that a renamed GPU test cannot slip into a CPU entry and skip there unseen.
 
-    every_test_selected.py ENTRIES_TSV BIN_DIR
+    every_test_selected.py ENTRIES_TSV BIN_DIR [TEST_SOURCE_DIR]
 
 ENTRIES_TSV is bin/sedd-test-entries.tsv, written by tests/CMakeLists.txt (name, labels, binary,
 ranks, filter). Exit 0 when all holds, 1 naming each test no entry selects, by suite.
 """
 import fnmatch
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -33,10 +37,27 @@ def listed(binary, gtest_filter=None):
     return names
 
 
+def gpu_skips_outside_gpu_names(source_dir):
+    """Tests whose body has a GTEST_SKIP line about CUDA/NCCL/GPUs but whose name is no GPU name."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(source_dir, "*_test.cpp"))):
+        src = open(path).read()
+        for m in re.finditer(r"^TEST(?:_F|_P)?\((\w+),\s*(\w+)\)", src, re.M):
+            rest = src[m.end():]
+            end = re.search(r"^(TEST(?:_F|_P)?\(|int main\()", rest, re.M)
+            body = rest[:end.start()] if end else rest
+            name = m.group(1) + "." + m.group(2)
+            if any("GTEST_SKIP" in line and re.search(r"(?i)cuda|nccl|gpu", line) for line in body.split("\n")) and \
+                    not any(fnmatch.fnmatchcase(name, p) for p in GPU_PATTERNS):
+                found.append("%s (%s) skips without a GPU but is not named *Gpu* or *Nccl*"
+                             % (name, os.path.basename(path)))
+    return found
+
+
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
-    entries_tsv, bin_dir = sys.argv[1:]
+    entries_tsv, bin_dir = sys.argv[1:3]
     entries = []
     with open(entries_tsv) as f:
         for line in f:
@@ -67,6 +88,8 @@ def main():
                             (binary, suite, len(tests), ", ".join(tests[:4]) + (" ..." if len(tests) > 4 else "")))
         print("%s: %d tests, %d selected by %d entries" % (binary, len(every), len(by),
                                                           sum(e["binary"] == binary for e in entries)))
+    if len(sys.argv) == 4:
+        problems += gpu_skips_outside_gpu_names(sys.argv[3])
     for p in problems:
         print("NOT SELECTED: " + p if "selected by no" in p else "PROBLEM: " + p)
     if problems:
