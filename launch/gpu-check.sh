@@ -221,6 +221,12 @@ have() {  # NAME...: every binary or tool present?
   return 0
 }
 
+not_run() {  # NAME REASON: a part that did not start, recorded as "not run: REASON"
+  printf '%s\t\t0\t0\tnot run: %s\n' "$1" "$2" >> "$work/parts.tsv"
+  say "$1: not run ($2)"
+  write_json
+}
+
 # part NAME CAP NEEDS CMD...: runs CMD in a session of its own under a timeout (CAP seconds at the
 # default 300 s budget, scaled to this one, and within what is left), logs to logs/NAME.log, records
 # a row in parts.tsv (name, exit, seconds, timeout, state) and rewrites gpu-check.json.
@@ -233,15 +239,11 @@ part() {
   t=$((cap < left ? cap : left))
   # shellcheck disable=SC2086  # NEEDS is a word list
   if ! have $needs; then
-    printf '%s\t\t0\t0\tnot run: missing %s\n' "$name" "$needs" >> "$work/parts.tsv"
-    say "$name: not run (missing one of: $needs)"
-    write_json
+    not_run "$name" "missing one of: $needs"
     return 1
   fi
   if ((t < 3)); then
-    printf '%s\t\t0\t0\tnot run: budget spent\n' "$name" >> "$work/parts.tsv"
-    say "$name: not run (the ${budget} s budget is spent)"
-    write_json
+    not_run "$name" "budget spent"
     return 1
   fi
   part_start=$SECONDS
@@ -262,10 +264,6 @@ part() {
   say "$name: exit $rc ($state) in $((SECONDS - part_start)) s"
   write_json
   return "$rc"
-}
-not_run() {  # NAME REASON
-  printf '%s\t\t0\t0\tnot run: %s\n' "$1" "$2" >> "$work/parts.tsv"
-  say "$1: not run ($2)"
 }
 
 # --- is there a GPU? ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${SEDD_VENV:-$repo/.venv}
 build=${SEDD_BUILD:-$repo/build}
-build_tests=${SEDD_BUILD_TESTS:-1}
+testing=ON; [[ ${SEDD_BUILD_TESTS:-1} == 0 ]] && testing=OFF   # CMake's BUILD_TESTING
 read -r -a extra_cmake_args <<< "${SEDD_CMAKE_ARGS:-}"
 py=${PYTHON:-python3}
 
@@ -81,7 +81,7 @@ check_dependencies() {
   [[ -x $venv/bin/python ]] || "$py" -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=" python"
   if [[ "$missing " != *" compiler "* && "$missing " != *" cmake "* ]]; then
     if ! cmake -S "$repo" -B "$tmp/build" -G "$generator" -DSEDD_DEPENDENCY_CHECK=ON \
-           -DBUILD_TESTING="$([[ $build_tests == 0 ]] && echo OFF || echo ON)" \
+           -DBUILD_TESTING="$testing" \
            ${cmake_prefix_env:+-DCMAKE_PREFIX_PATH="${cmake_prefix_env//:/;}"} \
            ${extra_cmake_args[@]+"${extra_cmake_args[@]}"} > "$tmp/configure.log" 2>&1; then
       if [[ ! -f $tmp/build/sedd-missing.txt ]]; then
@@ -165,7 +165,6 @@ prefix=$("$venv/bin/python" -c "import torch.utils; print(torch.utils.cmake_pref
 cmake_prefix=$prefix${cmake_prefix_env:+;${cmake_prefix_env//:/;}}
 torch_args=(-DCMAKE_PREFIX_PATH="$cmake_prefix")
 [[ -n ${Torch_DIR:-} ]] && torch_args+=(-DTorch_DIR="$Torch_DIR")
-testing=ON; [[ $build_tests == 0 ]] && testing=OFF
 # A build folder configured for another torch (or other prefixes, or without tests) is configured
 # afresh.
 stamp="torch $torch_version ${Torch_DIR:-wheel}${cmake_prefix_env:+ prefixes $cmake_prefix_env}"

@@ -22,8 +22,10 @@ fail() { echo "FAILED: $*"; failures=$((failures + 1)); }
 mkdir -p "$fake"
 cp "$bin/sedd-test-entries.tsv" "$fake/"
 
+# Every fake starts with value_of OPTION ARGS...: the value given after OPTION, or nothing.
+fake_prologue='value_of() { local want=$1 prev="" a; shift; for a; do [[ $prev == "$want" ]] && { echo "$a"; return; }; prev=$a; done; }'
 fake_tool() {  # NAME BODY: a bash script in the fake bin folder
-  printf '#!/usr/bin/env bash\n%s\n' "$2" > "$fake/$1"
+  printf '#!/usr/bin/env bash\n%s\n%s\n' "$fake_prologue" "$2" > "$fake/$1"
   chmod +x "$fake/$1"
 }
 fake_tool nvidia-smi '
@@ -67,28 +69,23 @@ exit 0'
 fake_tool sedd_tests "$gtest_body"
 fake_tool sedd_mpi_tests "$gtest_body"
 fake_tool sedd-bench-train '
-json=""; prev=""
-for a in "$@"; do [[ $prev == --bench.json ]] && json=$a; prev=$a; done
+json=$(value_of --bench.json "$@")
 [[ $* == *"fused_loss false"* ]] && { echo "sedd-bench-train: error: out of memory (canned)"; exit 1; }
 sleep 1
 echo "[{\"tokens_per_s\": 250000.0, \"mfu\": 0.21, \"peak_memory_gb\": 21.5, \"split_data\": 0.01, \"split_forward_backward\": 0.9, \"split_optimizer_and_communication\": 0.09}]" > "$json"'
 fake_tool sedd-bench-sample '
-json=""; prev=""
-for a in "$@"; do [[ $prev == --json ]] && json=$a; prev=$a; done
+json=$(value_of --json "$@")
 for i in $(seq 500); do echo "progress line $i"; done
 sleep 1
 echo "{\"results\": [{\"plain_seconds\": 9.0, \"cached_seconds\": 3.0, \"cached_tokens_per_s\": 5461.0, \"identical\": true, \"equal_token_fraction\": 1.0}]}" > "$json"'
 fake_tool sedd-prepare '
-out=""; prev=""
-for a in "$@"; do [[ $prev == --out ]] && out=$a; prev=$a; done
+out=$(value_of --out "$@")
 mkdir -p "$out" && echo data > "$out/shard-00000.h5"'
 fake_tool sedd-train '
-dir=""; prev=""
-for a in "$@"; do [[ $prev == --run.dir ]] && dir=$a; prev=$a; done
+dir=$(value_of --run.dir "$@")
 mkdir -p "$dir" && echo "{}" > "$dir/metrics.jsonl"'
 fake_tool sedd-eval '
-json=""; prev=""
-for a in "$@"; do [[ $prev == --json ]] && json=$a; prev=$a; done
+json=$(value_of --json "$@")
 echo "{\"tokens\": 65536, \"seconds\": 2.0, \"nats_per_token\": 3.1, \"tokens_x_draws_per_s\": 65536.0, \"mc_samples\": 2}" > "$json"'
 fake_tool sedd-sample 'exit 0'
 

@@ -97,6 +97,18 @@ std::map<std::string, torch::Tensor> memtest_autocast_grads(DDiT& m, int64_t che
   return g;
 }
 
+// The checkpointing tests' model: 20 tokens, 16 wide, 2 heads, cond 8.
+ModelConfig memtest_config(int64_t n_blocks, double dropout) {
+  ModelConfig cfg;
+  cfg.tokens = 20;
+  cfg.hidden_size = 16;
+  cfg.n_heads = 2;
+  cfg.n_blocks = n_blocks;
+  cfg.cond_dim = 8;
+  cfg.dropout = dropout;
+  return cfg;
+}
+
 std::string memtest_data(const TempDir& tmp, int64_t vocab, int64_t tokens) {
   torch::manual_seed(7);
   for (int i = 0; i < 2; ++i) {
@@ -126,13 +138,7 @@ TEST(CheckpointingGradients, BitIdenticalToThePlainPathWithDropout) {
     ModelConfig cfg;
   };
   std::vector<Variant> variants;
-  ModelConfig base;
-  base.tokens = 20;
-  base.hidden_size = 16;
-  base.n_heads = 2;
-  base.n_blocks = 3;
-  base.cond_dim = 8;
-  base.dropout = 0.3;
+  const ModelConfig base = memtest_config(3, 0.3);
   variants.push_back({"sedd", base});
   ModelConfig no_time = base;
   no_time.time_conditioning = false;
@@ -165,14 +171,7 @@ TEST(CheckpointingGradients, BitIdenticalToThePlainPathWithDropout) {
 // must switch autocast off), and a forward under autocast with a backward outside it (it must
 // switch autocast on). Either way the gradients equal the plain path's bit for bit.
 TEST(CheckpointingGradients, RecomputationKeepsTheForwardsAutocastState) {
-  ModelConfig cfg;
-  cfg.tokens = 20;
-  cfg.hidden_size = 16;
-  cfg.n_heads = 2;
-  cfg.n_blocks = 3;
-  cfg.cond_dim = 8;
-  cfg.dropout = 0.3;
-  DDiT m = memtest_model(cfg);
+  DDiT m = memtest_model(memtest_config(3, 0.3));
   m->to(torch::kFloat);
   for (bool autocast_forward : {false, true}) {
     const char* name = autocast_forward ? "autocast in forward" : "autocast in backward";
@@ -195,12 +194,7 @@ TEST(CheckpointingGradients, RecomputationKeepsTheForwardsAutocastState) {
 
 // Checkpointing keeps only the blocks' inputs: a graph without the blocks' intermediate tensors.
 TEST(CheckpointingGradients, OffWithoutGradAndOutputUnchanged) {
-  ModelConfig cfg;
-  cfg.tokens = 20;
-  cfg.hidden_size = 16;
-  cfg.n_heads = 2;
-  cfg.n_blocks = 2;
-  cfg.cond_dim = 8;
+  const ModelConfig cfg = memtest_config(2, 0.0);
   DDiT m = memtest_model(cfg);
   auto idx = torch::randint(cfg.vocab_dim(), {2, 8});
   auto sigma = torch::full({2}, 0.5, torch::kDouble);

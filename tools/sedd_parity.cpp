@@ -45,12 +45,6 @@ std::vector<int64_t> parse_steps(const std::string& list) {
   return out;
 }
 
-bool asks_for_help(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") return true;
-  return false;
-}
-
 std::string make_temp_dir() {
   std::string pattern = (std::filesystem::temp_directory_path() / "sedd-parity.XXXXXX").string();
   if (!mkdtemp(pattern.data())) throw std::runtime_error("cannot create a temporary folder under /tmp");
@@ -66,12 +60,12 @@ int record(int argc, char** argv) {
       "snapshots", po::value(&snapshots)->default_value(snapshots), "steps whose full vectors are kept (comma list)");
   std::vector<int64_t> snaps;
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");  // MPI first: usage errors are printed by rank 0 only
-  if (asks_for_help(argc, argv)) {  // before parsing: --out is required
-    if (rt.is_root()) std::cout << opts.desc << "\n";
-    return tools::kExitOk;
-  }
   try {
     tools::parse_train_options(opts, argc, argv);
+    if (opts.help) {
+      if (rt.is_root()) std::cout << opts.desc << "\n";
+      return tools::kExitOk;
+    }
     snaps = parse_steps(snapshots);
     if (rt.world != 1) throw OptionError(fmt::format("records run on one rank (got {})", rt.world));
     tools::check_writable(out, "--out");
@@ -100,7 +94,8 @@ int compare(int argc, char** argv) {
   double tolerance = 1e-12;
   int64_t steps = 0, micro_batch = 0, zero_stage = 1;
   po::options_description desc("sedd-parity compare options");
-  desc.add_options()("reference", po::value(&reference)->required(), "parity reference file (with /authors)")(
+  desc.add_options()("help,h", "show this help")(
+      "reference", po::value(&reference)->required(), "parity reference file (with /authors)")(
       "fused-loss", po::value(&fused_loss)->default_value(fused_loss), "masked-rows fused loss (true) or full logits")(
       "tolerance", po::value(&tolerance)->default_value(tolerance), "largest relative error accepted")(
       "steps", po::value(&steps)->default_value(steps), "compare the first N steps (0: all the reference holds)")(
@@ -114,15 +109,9 @@ int compare(int argc, char** argv) {
   tools::OptionTable opts;
   tools::build_train_options(opts, cfg);
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");  // MPI first: usage errors are printed by rank 0 only
-  if (asks_for_help(argc, argv)) {  // before parsing: --reference is required
-    if (rt.is_root()) std::cout << desc << "\n";
-    return tools::kExitOk;
-  }
+  if (int rc = tools::parse_options("sedd-parity compare", desc, argc, argv, rt.is_root()); rc >= 0) return rc;
   std::string work = make_temp_dir();
   try {
-    po::variables_map vm;
-    po::store(po::command_line_parser(argc, argv).options(desc).positional({}).run(), vm);
-    po::notify(vm);
     if (fused_loss != "true" && fused_loss != "false") throw std::runtime_error("--fused-loss takes true or false");
     settings = parity_settings(reference);
     std::ofstream(work + "/settings.ini") << settings;

@@ -106,6 +106,11 @@ void parse_train_options(OptionTable& t, int argc, char** argv) {
   po::store(po::command_line_parser(argc, argv).options(t.desc).positional({}).run(), vm);
   for (const auto& [key, value] : vm)
     if (!value.defaulted()) t.command_line.insert(key);
+  // --help answers before any check, also where a tool requires an option (sedd-parity record's --out).
+  if (vm.count("help") && vm["help"].as<bool>()) {
+    t.help = true;
+    return;
+  }
   if (vm.count("config")) {
     std::string file = vm["config"].as<std::string>();
     std::ifstream in(file);
