@@ -15,7 +15,7 @@
 #include "eval/elbo.h"
 #include "io/fs.h"
 #include "io/hdf5.h"
-#include "model/score.h"
+#include "objectives/score.h"
 #include "model/weights.h"
 #include "recipes.h"
 #include "test_util.h"
@@ -282,7 +282,7 @@ TEST(CliChecksEval, StratifiedSamplingIsAValidBound) {
     std::vector<double> v;
     for (int s = 0; s < seeds; ++s) {
       ElboConfig ec{K, mode, static_cast<uint64_t>(s)};
-      ec.objective = ObjectiveSpec{model->cfg.objective, model->cfg.timesteps, model->cfg.bos};
+      ec.model = model->cfg;
       v.push_back(elbo_batch(*graph, *noise, score, x0, 0, ec, torch::kCPU).bound.sum().item<double>() / (n * L));
     }
     est[mode] = torch::tensor(v, torch::kDouble);

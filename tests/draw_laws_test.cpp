@@ -20,7 +20,9 @@
 #include "diffusion/keyed_random.h"
 #include "diffusion/loss.h"
 #include "diffusion/noise.h"
-#include "model/objective.h"
+#include "objectives/mdlm.h"
+#include "objectives/rows.h"
+#include "objectives/sedd.h"
 #include "test_util.h"
 
 namespace sedd::draw_laws {

@@ -18,7 +18,7 @@
 #include "io/fs.h"
 #include "io/hdf5.h"
 #include "model/ddit.h"
-#include "model/score.h"
+#include "objectives/score.h"
 #include "model/weights.h"
 #include "test_util.h"
 
@@ -244,7 +244,7 @@ TEST(EvalProtocolElbo, LossMaskIsHonouredByEveryObjective) {
     auto g = make_graph(m->cfg.graph, V);
     auto noise = make_noise(m->cfg.noise);
     ElboConfig ec{8, "antithetic", 7};
-    ec.objective = ObjectiveSpec{objective, m->cfg.timesteps, m->cfg.bos};
+    ec.model = m->cfg;
     auto bound = [&](const torch::Tensor& mk) { return elbo_batch(*g, *noise, score, x0, 0, ec, torch::kCPU, mk).bound; };
     auto plain = elbo_batch(*g, *noise, score, x0, 0, ec, torch::kCPU).bound;
     auto all = bound(torch::ones_like(mask)), part = bound(mask), rest = bound(mask.logical_not());
@@ -312,7 +312,7 @@ TEST(EvalProtocolCli, PreparedShardsGiveTheReferenceCounts) {
   auto g = make_graph(ar->cfg.graph, V);
   auto noise = make_noise(ar->cfg.noise);
   ElboConfig ec{2, "antithetic", 0};
-  ec.objective = ObjectiveSpec{"ar", 0, ar->cfg.bos};
+  ec.model = test::objective_config("ar", 0, ar->cfg.bos);
   double nats = 0;
   int64_t count = 0;
   for (int64_t n = 2; n <= L; ++n) {  // the windows with n scored tokens, all at once

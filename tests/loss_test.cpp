@@ -12,7 +12,9 @@
 #include "distributed/runtime.h"
 #include "distributed/watchdog.h"
 #include "distributed/zero.h"
-#include "model/objective.h"
+#include "objectives/mdlm.h"
+#include "objectives/rows.h"
+#include "objectives/sedd.h"
 #include "model/weights.h"
 #include "test_util.h"
 

@@ -11,7 +11,7 @@
 
 #include "io/hdf5.h"
 #include "model/ddit.h"
-#include "model/score.h"
+#include "objectives/score.h"
 #include "model/weights.h"
 #include "test_util.h"
 

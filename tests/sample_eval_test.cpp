@@ -8,10 +8,10 @@
 
 #include "data/shard.h"
 #include "diffusion/categorical.h"
-#include "diffusion/sampler.h"
+#include "objectives/sampling.h"
 #include "eval/elbo.h"
 #include "io/fs.h"
-#include "model/score.h"
+#include "objectives/score.h"
 #include "model/weights.h"
 #include "train/checkpoint.h"
 #include "io/error.h"
@@ -568,7 +568,7 @@ TEST(SamplerCliGpu, ToolsOnTheGpuTrackTheirCpuRuns) {
   auto g = make_graph(scorer->cfg.graph, scorer->cfg.tokens);
   auto noise = make_noise(scorer->cfg.noise);
   ElboConfig ec{2, "antithetic", 0};
-  ec.objective = ObjectiveSpec{"ar", 0, scorer->cfg.bos};
+  ec.model = test::objective_config("ar", 0, scorer->cfg.bos);
   auto sample = [&](const std::string& device, int batch, const std::string& file) {
     EXPECT_EQ(run(fmt::format("{} -np 1 {}/sedd-sample --checkpoint {} {} --num-samples 5 --steps 12 --batch-size {} "
                               "--prefix 'the ' --seed 3 --score-with {} --out {}",

@@ -160,7 +160,7 @@ TEST(ScoreConditional, AutoregressiveScoreIsTheExactMarkovConditional) {
   auto noise = make_noise(NoiseConfig{"loglinear"});
   ScoreMarkovNextToken oracle(chain);
   ScoreOptions o;
-  o.elbo.objective = ObjectiveSpec{"ar", 1000, ScoreChain::N};
+  o.elbo.model = test::objective_config("ar", 1000, ScoreChain::N);
   o.window = L;
   o.pad_id = ScoreChain::N;
   int64_t truncated = 0, greedy = 0;
@@ -208,7 +208,7 @@ TEST(ScoreConditional, DiffusionBoundIsTightWithTheExactDenoiserAndTightensWithK
   for (const char* objective : {"sedd", "mdlm", "d3pm"}) {
     ScoreMarkovDenoiser oracle(chain, std::string(objective) == "sedd", L);
     ScoreOptions o;
-    o.elbo.objective = ObjectiveSpec{objective, 1000, -1};
+    o.elbo.model = test::objective_config(objective, 1000, -1);
     o.window = L;
     o.pad_id = ScoreChain::N;
     o.batch_size = 16;

@@ -22,6 +22,15 @@ struct TempDir {
   std::string operator/(const std::string& name) const { return path + "/" + name; }
 };
 
+// The config samplers and bounds read of a model of `objective` (its chain length and first token).
+inline ModelConfig objective_config(const std::string& objective, int64_t timesteps = 1000, int64_t bos = -1) {
+  ModelConfig m;
+  m.objective = objective;
+  m.timesteps = timesteps;
+  m.bos = bos;
+  return m;
+}
+
 std::string golden_path();      // $SEDD_GOLDEN or tests/data/sedd_reference.h5
 std::string source_dir();
 std::string bin_dir();

@@ -17,7 +17,7 @@
 #include <sstream>
 
 #include "distributed/runtime.h"
-#include "model/score.h"
+#include "objectives/score.h"
 #include "tool_common.h"
 
 using namespace sedd;

@@ -10,7 +10,8 @@
 #include "data/shard.h"
 #include "distributed/control.h"
 #include "eval/evaluate.h"
-#include "model/score.h"
+#include "objectives/objective.h"
+#include "objectives/score.h"
 #include "tool_common.h"
 
 namespace po = boost::program_options;
@@ -68,7 +69,7 @@ int main(int argc, char** argv) {
       const auto& cfg = m.model->cfg;
       EvalOptions o;
       o.elbo = ElboConfig{mc, "antithetic", static_cast<uint64_t>(seed)};
-      o.elbo.objective = tools::objective_of(cfg);
+      o.elbo.model = cfg;
       o.batch_size = batch;
       o.max_sequences = max_sequences;
       o.model_tokenizer = m.info.tokenizer;
@@ -77,7 +78,7 @@ int main(int argc, char** argv) {
       for (const auto& d : data) {
         auto [name, glob] = parse_named_dataset(d);
         if (rt.is_root()) std::fprintf(stderr, "[compare] %s on %s\n", m.path.c_str(), name.c_str());
-        rows.push_back({ckpt, m.path, cfg.objective + (cfg.objective == "sedd" || cfg.objective == "d3pm" ? "-" + cfg.graph : ""),
+        rows.push_back({ckpt, m.path, objective_of(cfg).describe(cfg),
                         m.model->parameter_count(), m.info.tokens_seen,
                         evaluate_dataset(score, cfg, name, glob, o, rt.device, control)});
       }

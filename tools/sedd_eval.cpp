@@ -13,7 +13,8 @@
 #include "data/shard.h"
 #include "distributed/control.h"
 #include "eval/evaluate.h"
-#include "model/score.h"
+#include "objectives/objective.h"
+#include "objectives/score.h"
 #include "tool_common.h"
 
 namespace po = boost::program_options;
@@ -75,18 +76,19 @@ int main(int argc, char** argv) {
     for (const auto& d : datasets) expand_shard_list(d.glob);  // missing data: refused now
     rt.select_device(device);
     m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
-    o.elbo.objective = tools::objective_of(m.model->cfg);
+    o.elbo.model = m.model->cfg;
     o.model_tokenizer = m.info.tokenizer;
   });
   if (refused >= 0) return refused;
   try {
     const auto& cfg = m.model->cfg;
+    const bool exact = objective_of(cfg).exact();
     DDiTScore score(m.model, /*cache=*/false);
     const std::string weights = raw_weights || !m.info.has_ema ? "raw" : "EMA";
     if (rt.is_root())
       std::fprintf(stderr, "[eval] %s (%s, %s weights) on %zu dataset(s); %s; %d ranks on %s (%s)\n", m.path.c_str(),
                    cfg.objective.c_str(), weights.c_str(), datasets.size(),
-                   cfg.objective == "ar" ? "exact likelihood"
+                   exact ? "exact likelihood"
                                          : fmt::format("{} {} draws per sequence", mc, sampling).c_str(),
                    rt.world, rt.device_name().c_str(), m.model->bf16 ? "bf16" : "fp32");
     std::vector<EvalSummary> results;
@@ -104,9 +106,9 @@ int main(int argc, char** argv) {
       results.push_back(evaluate_dataset(score, cfg, name, d.glob, od, rt.device, control, progress));
     }
     if (rt.is_root()) {
-      const char* bound = cfg.objective == "ar" ? "=" : "<=";
+      const char* bound = exact ? "=" : "<=";
       std::printf("%-16s %10s %18s %10s %14s %10s %10s\n", "dataset", "tokens", "nats/token", "bits/tok",
-                  cfg.objective == "ar" ? "perplexity" : "ppl bound", "s.e. MC", "s.e. data");
+                  exact ? "perplexity" : "ppl bound", "s.e. MC", "s.e. data");
       for (const auto& s : results)
         std::printf("%-16s %10lld %10.4f +- %.4f %10.4f %3s %10.3f %10.4f %10.4f\n", s.name.c_str(),
                     static_cast<long long>(s.tokens), s.nats_per_token, s.stderr_total(),

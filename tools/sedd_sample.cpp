@@ -9,10 +9,12 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "diffusion/sampler.h"
 #include "distributed/control.h"
 #include "eval/elbo.h"
-#include "model/score.h"
+#include "io/fs.h"
+#include "objectives/objective.h"
+#include "objectives/sampling.h"
+#include "objectives/score.h"
 #include "tool_common.h"
 
 namespace po = boost::program_options;
@@ -51,7 +53,7 @@ std::string check_scorer(const tools::LoadedModel& scorer, const tools::LoadedMo
   SEDD_CHECK_OPTION(s.bos < 0 || m.bos < 0 || s.bos == m.bos,
                     "--score-with {}: the scorer's end-of-text id is {}, the sampled model's {}: other packing rules",
                     scorer.path, s.bos, m.bos);
-  if (s.objective == "ar")
+  if (s.causal())
     SEDD_CHECK_OPTION(length <= s.length,
                       "--score-with {}: the samples have {} tokens, more than the autoregressive scorer's window of {}",
                       scorer.path, length, s.length);
@@ -79,7 +81,8 @@ int main(int argc, char** argv) {
   std::string score_with, stats_json;
   int64_t num_samples = 4, steps = 128, length = 0, seed = 0, batch = 16, block_size = 0, score_mc = 8;
   double temperature = 1.0, top_p = 1.0;
-  bool float64 = false, no_cache = false, raw_weights = false;
+  bool float64 = false, no_cache = false, raw_weights = false, float32_draws = false;
+  std::string corrector;
   po::options_description desc("sedd-sample: text from a trained SEDD model");
   desc.add_options()("help,h", "show this help")(
       "checkpoint", po::value(&checkpoint)->required(), "run folder, checkpoint folder or model.h5")(
@@ -105,6 +108,10 @@ int main(int argc, char** argv) {
       "device", po::value(&device)->default_value("auto"), "cpu | cuda | auto (GPU = local rank)")(
       "precision", po::value(&precision)->default_value("auto"), "network in bf16 or fp32 (auto: bf16 on GPUs)")(
       "float64", po::bool_switch(&float64), "probabilities and categorical weights in float64")(
+      "corrector", po::value(&corrector),
+      "flow matching models: divergence-free corrector c(t) = A t^B (1-t)^C, given as A,B,C (e.g. 12,2,0.25)")(
+      "float32-draws", po::bool_switch(&float32_draws),
+      "flow matching models: categorical draws in float32 (default float64)")(
       "no-cache", po::bool_switch(&no_cache), "disable exact caching (models without time conditioning)")(
       "no-ema", po::bool_switch(&raw_weights), "use the raw weights instead of the EMA")(
       "out", po::value(&out), "JSONL output (default: print to stdout)");
@@ -127,14 +134,10 @@ int main(int argc, char** argv) {
     m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
     const auto& cfg = m.model->cfg;
     // Options for another kind of model are refused, never silently ignored.
-    SEDD_CHECK_OPTION(cfg.objective == "sedd" || !set("predictor"),
-                      "--predictor: {} is a {} model, which samples {}; --predictor applies to sedd (score entropy) "
-                      "models only",
-                      m.path, cfg.objective, cfg.objective == "ar" ? "left to right" : "ancestrally");
-    for (const char* opt : {"temperature", "top-p"})
-      SEDD_CHECK_OPTION(cfg.objective == "ar" || !set(opt),
-                        "--{}: {} is a {} model; --{} applies to autoregressive models only", opt, m.path,
-                        cfg.objective, opt);
+    std::set<std::string> sampler_options;
+    for (const char* opt : {"predictor", "temperature", "top-p", "corrector", "float32-draws"})
+      if (set(opt)) sampler_options.insert(opt);
+    check_sampler_options(cfg, sampler_options, m.path);
     if (length <= 0) length = cfg.length;
     auto encode = [&](const std::string& text, const char* opt) {
       SEDD_CHECK_OPTION(m.tokenizer() != nullptr,
@@ -151,12 +154,24 @@ int main(int argc, char** argv) {
         cons.positions.push_back(length - static_cast<int64_t>(ids.size()) + static_cast<int64_t>(i)), cons.tokens.push_back(ids[i]);
     }
     if (!fixed.empty()) parse_fixed(fixed, cons);
-    sc.objective = tools::objective_of(cfg);
+    sc.model = cfg;
     sc.temperature = temperature;
     sc.top_p = top_p;
     sc.predictor = predictor;
     sc.steps = steps;
     sc.float64 = float64;
+    sc.float32_draws = float32_draws;
+    if (!corrector.empty()) {
+      std::vector<double> abc;
+      for (const auto& part : fs::split_nonempty(corrector, ',')) {
+        char* end = nullptr;
+        abc.push_back(std::strtod(part.c_str(), &end));
+        SEDD_CHECK_OPTION(end && *end == '\0', "--corrector: '{}' is not a number", part);
+      }
+      SEDD_CHECK_OPTION(abc.size() == 1 || abc.size() == 3, "--corrector takes A or A,B,C, got '{}'", corrector);
+      sc.corrector_a = abc[0];
+      if (abc.size() == 3) sc.corrector_b = abc[1], sc.corrector_c = abc[2];
+    }
     sc.seed = static_cast<uint64_t>(seed);
     sc.validate();
     cons.validate(length, cfg.tokens);
@@ -174,8 +189,8 @@ int main(int argc, char** argv) {
   try {
     const auto& cfg = m.model->cfg;
     // What drew the samples (the rows' "predictor"): a predictor for sedd models only.
-    const std::string sampler =
-        cfg.objective == "sedd" ? predictor : cfg.objective == "ar" ? "autoregressive" : "ancestral";
+    const Objective& objective = objective_of(cfg);
+    const std::string sampler = objective.sampler_name(sc);
     if (rt.is_root() && !scorer_note.empty()) std::fprintf(stderr, "[sample] --score-with: %s\n", scorer_note.c_str());
     auto graph = make_graph(cfg.graph, cfg.tokens);
     auto noise = make_noise(cfg.noise);
@@ -184,8 +199,7 @@ int main(int argc, char** argv) {
     if (rt.is_root())
       std::fprintf(stderr, "[sample] %s: %lld samples x %lld tokens, %s, %lld steps, %d ranks on %s (%s)%s\n",
                    m.path.c_str(), static_cast<long long>(num_samples), static_cast<long long>(length),
-                   cfg.objective == "sedd" ? predictor.c_str() : cfg.objective.c_str(),
-                   static_cast<long long>(cfg.objective == "ar" ? length : steps), rt.world, rt.device_name().c_str(),
+                   sampler.c_str(), static_cast<long long>(objective.sampler_steps(sc, length)), rt.world, rt.device_name().c_str(),
                    m.model->bf16 ? "bf16" : "fp32", score.caching() ? ", exact caching" : "");
     const bool tty = isatty(STDERR_FILENO);
     auto start = std::chrono::steady_clock::now();
@@ -224,7 +238,7 @@ int main(int argc, char** argv) {
       auto snoise = make_noise(scfg.noise);
       DDiTScore sscore(scorer.model, false);
       ElboConfig ec{std::max<int64_t>(2, score_mc + score_mc % 2), "antithetic", static_cast<uint64_t>(seed)};
-      ec.objective = tools::objective_of(scfg);
+      ec.model = scfg;
       auto all_mine = torch::tensor(ids, torch::kLong).view({mine_n, length});
       for (int64_t i = 0; i < mine_n; i += batch) {
         auto xb = all_mine.narrow(0, i, std::min(batch, mine_n - i));
@@ -285,7 +299,7 @@ int main(int argc, char** argv) {
         stats["gen_perplexity_sd"] = p_sd;
         stats["gen_nats_per_token_sd"] = nll_sd;
         std::fprintf(stderr, "[sample] generative perplexity under %s (%s): %.3f (per sample %.3f +- %.3f)\n",
-                     scorer.path.c_str(), scorer.model->cfg.objective == "ar" ? "exact" : "its bound", std::exp(nll),
+                     scorer.path.c_str(), objective_of(scorer.model->cfg).exact() ? "exact" : "its bound", std::exp(nll),
                      p, p_sd);
       }
       std::fprintf(stderr, "[sample] unigram entropy per sample: %.3f +- %.3f nats\n", h, h_sd);

@@ -9,7 +9,8 @@
 
 #include "distributed/control.h"
 #include "eval/conditional.h"
-#include "model/score.h"
+#include "objectives/objective.h"
+#include "objectives/score.h"
 #include "tool_common.h"
 
 namespace po = boost::program_options;
@@ -58,11 +59,11 @@ int main(int argc, char** argv) {
     m = tools::load_checkpoint(checkpoint, !raw_weights, rt.device, tools::use_bf16(precision, rt.device));
     const auto& cfg = m.model->cfg;
     o.elbo = ElboConfig{mc, sampling, static_cast<uint64_t>(seed)};
-    o.elbo.objective = tools::objective_of(cfg);
+    o.elbo.model = cfg;
     o.batch_size = batch;
     o.window = cfg.length;
     o.pad_id = cfg.bos >= 0 ? cfg.bos : m.tokenizer() ? m.tokenizer()->eot_id() : -1;
-    o.uniform_graph = cfg.objective != "ar" && cfg.graph == "uniform";
+    o.uniform_graph = !cfg.network().mask_state && !objective_of(cfg).exact();
     o.validate();
     requests = read_score_requests(requests_path, m.tokenizer(), cfg.tokens, cfg.length);
   });
@@ -96,7 +97,7 @@ int main(int argc, char** argv) {
     if (rt.is_root())
       std::fprintf(stderr, "[score] %s (%s): %zu requests (%lld refused); %s; %d ranks on %s (%s)\n", m.path.c_str(),
                    cfg.objective.c_str(), requests.size(), static_cast<long long>(bad),
-                   cfg.objective == "ar" ? "exact likelihood"
+                   objective_of(cfg).exact() ? "exact likelihood"
                                          : fmt::format("bound, {} {} draws per request", mc, sampling).c_str(),
                    rt.world, rt.device_name().c_str(), m.model->bf16 ? "bf16" : "fp32");
     auto start = std::chrono::steady_clock::now();

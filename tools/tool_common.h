@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "data/tokenizer.h"
-#include "diffusion/sampler.h"
+#include "objectives/sampling.h"
 #include "distributed/runtime.h"
 #include "io/error.h"
 #include "model/weights.h"
@@ -166,8 +166,6 @@ inline bool use_bf16(const std::string& precision, const torch::Device& device) 
                     "--precision bf16 needs a GPU (--device cuda); CPUs run fp32");
   return device.is_cuda() && precision != "fp32";
 }
-
-inline ObjectiveSpec objective_of(const ModelConfig& c) { return ObjectiveSpec{c.objective, c.timesteps, c.bos}; }
 
 inline LoadedModel load_checkpoint(const std::string& arg, bool use_ema, torch::Device device, bool bf16) {
   LoadedModel m;

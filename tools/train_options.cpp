@@ -49,11 +49,14 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "model.dropout", &c.model.dropout, "dropout probability");
   add(t, "model.scale_by_sigma", &c.model.scale_by_sigma, "absorbing graph: shift the score by -log(e^sigma - 1)");
   add(t, "model.time_conditioning", &c.model.time_conditioning, "feed sigma to the network (absorbing: may be off)");
-  add(t, "diffusion.objective", &c.model.objective, "sedd | mdlm | d3pm | ar (see docs/training.md, Objectives)");
+  add(t, "diffusion.objective", &c.model.objective, "sedd | mdlm | d3pm | ar | dfm (see docs/training.md, Objectives)");
   add(t, "diffusion.graph", &c.model.graph, "absorb | uniform");
   add(t, "diffusion.noise", &c.model.noise.kind, "loglinear | geometric | cosine");
   add(t, "diffusion.timesteps", &c.model.timesteps, "d3pm: steps T of the discrete chain");
   add(t, "diffusion.lambda_ce", &c.train.lambda_ce, "d3pm: weight of the auxiliary cross entropy");
+  add(t, "diffusion.source", &c.model.source, "dfm: mask | uniform (default mask; sets the graph)");
+  add(t, "diffusion.kappa_power", &c.model.kappa_power, "dfm: n of the scheduler kappa_t = t^n (default 1)");
+  add(t, "diffusion.dfm_loss", &c.model.dfm_loss, "dfm: generalized_kl | cross_entropy (default generalized_kl)");
   add(t, "diffusion.eps", &c.model.noise.eps, "log-linear / cosine schedule epsilon");
   add(t, "diffusion.sigma_min", &c.model.noise.sigma_min, "geometric schedule sigma_min");
   add(t, "diffusion.sigma_max", &c.model.noise.sigma_max, "geometric schedule sigma_max");

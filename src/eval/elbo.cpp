@@ -3,10 +3,9 @@
 
 #include <cmath>
 
-#include "diffusion/discrete.h"
 #include "diffusion/keyed_random.h"
-#include "diffusion/loss.h"
 #include "io/error.h"
+#include "objectives/objective.h"
 
 namespace sedd {
 
@@ -35,18 +34,6 @@ torch::Tensor elbo_times(const ElboConfig& cfg, const torch::Tensor& indices) {
   return u.clamp(1e-6, 1 - 1e-6);
 }
 
-double prior_kl_per_token(const Graph& graph, const Noise& noise) {
-  const double s1 = noise.total(torch::ones({1}, torch::kDouble)).item<double>();
-  const double keep = std::exp(-s1), n = static_cast<double>(graph.tokens());
-  if (graph.absorbing()) {
-    // p_1(.|x0): keep on x0, (1-keep) on the mask. p_base: keep/n on each token, (1-keep) on the mask.
-    return keep > 0 ? keep * std::log(n) : 0.0;
-  }
-  // p_1(.|x0) = keep onehot + (1-keep)/n; p_base uniform 1/n.
-  const double on = keep + (1 - keep) / n, off = (1 - keep) / n;
-  return on * std::log(on * n) + (n - 1) * (off > 0 ? off * std::log(off * n) : 0.0);
-}
-
 namespace {
 
 // The bound of elbo_batch; with `scored_in` defined, the conditional one (conditional_elbo_batch).
@@ -68,40 +55,27 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
   auto times = elbo_times(cfg, indices);  // [B, K]
   torch::Tensor values = torch::empty({B, K}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
-  const auto& obj = cfg.objective.name;
+  const Objective& obj = objective_of(cfg.model);
+  const Process proc{graph, noise, cfg.model};
   auto flat_x0 = x0.reshape({-1});
   auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(device);
-  if (obj == "ar") {  // exact: one pass, the same value in every column (no Monte Carlo error)
-    auto input = torch::cat({torch::full({B, 1}, cfg.objective.bos, x0.options()), x0.narrow(1, 0, L - 1)}, 1);
-    model.evaluate(input, torch::zeros({B}, dopts));
-    auto per_seq = torch::zeros({B}, dopts);
+  if (obj.exact()) {  // one pass, the same value in every column (no Monte Carlo error)
     auto all = masked ? flat_loss_mask.nonzero().squeeze(1) : torch::arange(B * L, lopts);
-    for (int64_t i = 0; i < all.size(0); i += chunk) {
-      auto r = all.narrow(0, i, std::min(chunk, all.size(0) - i));
-      auto logp = model.rows(r).to(torch::kDouble);
-      per_seq.index_add_(0, torch::div(r, L, "floor"), -logp.gather(1, flat_x0.index_select(0, r).unsqueeze(1)).squeeze(1));
-    }
-    values.copy_(per_seq.unsqueeze(1).expand({B, K}));
+    values.copy_(obj.exact_nll(proc, model, x0, all, chunk).unsqueeze(1).expand({B, K}));
   }
-  for (int64_t k = 0; k < K && obj != "ar"; ++k) {
+  const bool masked_rows_only = obj.bound_on_masked_rows(proc);
+  for (int64_t k = 0; k < K && !obj.exact(); ++k) {
     auto u = times.select(1, k).contiguous();
-    torch::Tensor t = u, sigma, sigma_prev, step;
-    if (obj == "d3pm") {
-      step = discrete_step(u, cfg.objective.timesteps);
-      sigma = discrete_sigma(noise, step, cfg.objective.timesteps);
-      sigma_prev = discrete_sigma(noise, step - 1, cfg.objective.timesteps);
-    } else {
-      sigma = noise.total(t);
-    }
     auto offset = torch::full({B}, k * L, lopts);
-    auto xt = graph.corrupt(x0, sigma, RandomStream{cfg.seed, purpose::kEvalCorrupt, 0},
-                            RandomStream{cfg.seed, purpose::kEvalRedraw, 0}, indices, offset);
-    if (conditional) xt = torch::where(scored, xt, x0);  // the condition stays clean at every time
-    model.evaluate(xt, sigma);
-    auto flat_xt = xt.view({-1});
+    KeyedCorruption keys{RandomStream{cfg.seed, purpose::kEvalCorrupt, 0}, RandomStream{cfg.seed, purpose::kEvalRedraw, 0},
+                         indices, offset};
+    BoundPoint pt = obj.bound_point(proc, u, x0, keys);
+    if (conditional) pt.xt = torch::where(scored, pt.xt, x0);  // the condition stays clean at every time
+    model.evaluate(pt.xt, pt.conditioning);
+    auto flat_xt = pt.xt.view({-1});
     // Unscored positions (loss_mask false) are corrupted and seen like the others, never scored.
-    torch::Tensor rows = graph.absorbing() ? (masked ? (flat_xt == graph.tokens()).logical_and(flat_loss_mask)
-                                                     : (flat_xt == graph.tokens())).nonzero().squeeze(1)
+    torch::Tensor rows = masked_rows_only ? (masked ? (flat_xt == graph.tokens()).logical_and(flat_loss_mask)
+                                                    : (flat_xt == graph.tokens())).nonzero().squeeze(1)
                          : conditional ? scored.reshape({-1}).nonzero().squeeze(1)
                          : masked      ? flat_loss_mask.nonzero().squeeze(1)
                                        : torch::arange(B * L, lopts);
@@ -110,36 +84,23 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
       auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
       auto batch = torch::div(r, L, "floor");
       auto out = model.rows(r).to(torch::kDouble);
-      auto x_r = flat_xt.index_select(0, r), x0_r = flat_x0.index_select(0, r);
-      torch::Tensor l;
-      if (obj == "sedd") {
-        l = graph.score_entropy(out, sigma.index_select(0, batch), x_r, x0_r);
-      } else if (obj == "mdlm") {
-        l = -out.gather(1, x0_r.unsqueeze(1)).squeeze(1);
-      } else {  // d3pm: KL between the true and the model's posterior over x_{t-1}
-        auto ss = sigma_prev.index_select(0, batch), st = sigma.index_select(0, batch);
-        auto q = graph.posterior(x_r, x0_r, ss, st), p = graph.model_posterior(x_r, out.exp(), ss, st);
-        l = (torch::xlogy(q, q) - q * torch::log(p.clamp_min(1e-300))).sum(1);
-      }
-      per_seq.index_add_(0, batch, l);
+      per_seq.index_add_(0, batch,
+                         obj.bound_terms(proc, pt, out, batch, flat_xt.index_select(0, r), flat_x0.index_select(0, r)));
     }
-    torch::Tensor weight;
-    if (obj == "sedd") weight = noise.rate(t);
-    else if (obj == "mdlm") weight = noise.rate(t) / torch::expm1(sigma);
-    else weight = torch::full({B}, static_cast<double>(cfg.objective.timesteps), dopts);
-    values.select(1, k).copy_(weight * per_seq);
+    values.select(1, k).copy_(pt.weight * per_seq);
   }
   values = values.cpu();
   ElboResult r;
-  r.prior_nats = cfg.objective.name == "ar" ? 0.0 : prior_kl_per_token(graph, noise) * static_cast<double>(L);
-  const bool per_row_prior = conditional || (masked && cfg.objective.name != "ar");
+  const double prior_per_token = obj.prior_nats_per_token(proc);
+  r.prior_nats = prior_per_token * static_cast<double>(L);
+  const bool per_row_prior = conditional || (masked && !obj.exact());
   if (per_row_prior) {  // each row's own prior term, in its draws, so the results below include it
-    r.prior_nats = prior_kl_per_token(graph, noise);
+    r.prior_nats = prior_per_token;
     const auto& counted = conditional ? scored : loss_mask;
     values += (counted.sum(1).to(torch::kDouble).cpu() * r.prior_nats).unsqueeze(1);
   }
   const double prior_added = per_row_prior ? 0.0 : r.prior_nats;
-  if (cfg.objective.name == "ar") {  // exact: no Monte Carlo error
+  if (obj.exact()) {  // no Monte Carlo error
     r.bound = values.select(1, 0).clone();
     r.mc_variance = torch::zeros_like(r.bound);
   } else if (cfg.sampling == "antithetic" && K > 2) {  // the independent units are the pairs
@@ -172,7 +133,8 @@ ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model,
 ElboResult conditional_elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
                                   const torch::Tensor& scored, const torch::Tensor& indices, const ElboConfig& cfg,
                                   torch::Device device) {
-  SEDD_CHECK(cfg.objective.name != "ar", "conditional_elbo_batch: the autoregressive likelihood is exact; no bound");
+  SEDD_CHECK(!objective_of(cfg.model).exact(), "conditional_elbo_batch: the {} likelihood is exact; no bound",
+             cfg.model.objective);
   SEDD_CHECK(scored.sizes() == x0.sizes() && indices.size(0) == x0.size(0),
              "conditional_elbo_batch: scored must be shaped like x0 and indices hold one key per row");
   return elbo_keyed_rows(graph, noise, model, x0, indices, scored, torch::Tensor(), cfg, device);

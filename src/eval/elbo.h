@@ -1,8 +1,7 @@
-// The likelihood bound (docs/DESIGN.md, "Likelihood bound") of each objective, for a sequence x0:
-//   sedd: -log p(x0) <= int_0^1 sigma'(t) sum_l E[l_l(x_t)] dt + KL(p_1(.|x0) || p_base)
-//   mdlm: the same with sigma'(t) / (e^sigma - 1) sum_{masked l} -log p(x0_l | x_t) as integrand
-//   d3pm: T E_t[KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t))] + KL(q(x_T|x0) || p_base), t ~ U{1..T}
-//   ar:   the exact negative log-likelihood sum_l -log p(x0_l | bos, x0_<l) (no Monte Carlo)
+// The likelihood bound (docs/DESIGN.md, "Likelihood bound") of a model for a sequence x0:
+//   -log p(x0) <= E_t[w(t) sum_l term_l(x_t)] + KL(p_1(.|x0) || p_base)
+// with the weight, terms and prior of the model's objective (src/objectives; the autoregressive
+// model's likelihood is exact: one pass, no Monte Carlo),
 // the integral estimated by Monte Carlo over t (iid, antithetic pairs or stratified), with the
 // times and corruptions of sequence i keyed by (seed, i, draw): a sequence's estimate never
 // depends on the batch, rank or device that computed it. Only positions with a non-zero loss are
@@ -16,7 +15,8 @@
 
 #include "diffusion/graph.h"
 #include "diffusion/noise.h"
-#include "diffusion/sampler.h"
+#include "model/config.h"
+#include "objectives/sampling.h"
 
 namespace sedd {
 
@@ -25,7 +25,7 @@ struct ElboConfig {
   std::string sampling = "antithetic";  // iid | antithetic | stratified
   uint64_t seed = 0;
   int64_t chunk_elems = int64_t{1} << 27;  // bound on rows x dim per model call
-  ObjectiveSpec objective;                 // the model's (sedd, mdlm, d3pm; ar is exact)
+  ModelConfig model;                       // the model's config: its objective and settings
   void validate() const;
 };
 
@@ -39,8 +39,6 @@ struct ElboResult {            // per sequence of the batch
 // Times t in (0, 1) [B, K] for the sequences `indices` [B] (antithetic: u and 1-u; stratified:
 // (k + u_k)/K), on indices' device.
 torch::Tensor elbo_times(const ElboConfig& cfg, const torch::Tensor& indices);
-// KL(p_1(.|x0) || p_base) for one position.
-double prior_kl_per_token(const Graph& graph, const Noise& noise);
 // x0 [B, L]; first_index: global index of row 0 (keys the draws). Results on the CPU.
 // loss_mask [B, L] bool (optional; MDLM's attention_mask of padded windows): only its positions are
 // scored, by every objective; the others (padding) are still fed to the network and corrupted like

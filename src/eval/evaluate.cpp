@@ -10,6 +10,7 @@
 
 #include "data/tokenizer.h"
 #include "io/error.h"
+#include "objectives/objective.h"
 
 namespace sedd {
 
@@ -68,7 +69,7 @@ EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const st
                                   describe_tokenizer(o.model_tokenizer), describe_tokenizer(info.tokenizer));
   const bool packed = o.protocol.name == "packed";
   const ProtocolIds ids =
-      protocol_ids(info.tokenizer, info.eot_id, cfg.vocab_dim() > cfg.tokens ? cfg.tokens : -1, cfg.objective == "ar");
+      protocol_ids(info.tokenizer, info.eot_id, cfg.vocab_dim() > cfg.tokens ? cfg.tokens : -1, cfg.causal());
   WindowPlan plan;  // packed needs the shards' lengths only; the others find the documents
   try {
     plan = plan_windows(packed ? dataset.shard_layout() : dataset.documents(), o.protocol, ids, cfg.length,
@@ -125,8 +126,9 @@ EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const st
   // (with equal window lengths: the standard error of the per-window nats/token).
   const double residual = std::max(0.0, total[3] - 2 * ratio * total[4] + ratio * ratio * total[5]);
   s.stderr_data = windows > 1 ? std::sqrt(residual * windows / (windows - 1)) / tokens : 0.0;
-  s.prior_nats_per_token = o.elbo.objective.name == "ar" ? 0.0 : prior_kl_per_token(*graph, *noise);
-  s.exact = o.elbo.objective.name == "ar";
+  const Objective& objective = objective_of(o.elbo.model);
+  s.prior_nats_per_token = objective.prior_nats_per_token(Process{*graph, *noise, o.elbo.model});
+  s.exact = objective.exact();
   s.tokenizer_check = tokenizer_check;
   s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return s;

@@ -87,6 +87,9 @@ ModelConfig read_model_config(const h5::File& f, const std::string& obj) {
   if (f.has_attr(obj, "objective")) c.objective = f.attr_string(obj, "objective");  // absent: SEDD weights
   if (f.has_attr(obj, "timesteps")) c.timesteps = f.attr_int(obj, "timesteps");
   if (f.has_attr(obj, "bos")) c.bos = f.attr_int(obj, "bos");
+  if (f.has_attr(obj, "source")) c.source = f.attr_string(obj, "source");
+  if (f.has_attr(obj, "kappa_power")) c.kappa_power = f.attr_double(obj, "kappa_power");
+  if (f.has_attr(obj, "dfm_loss")) c.dfm_loss = f.attr_string(obj, "dfm_loss");
   try {
     c.validate();
   } catch (const Error& e) {
@@ -113,6 +116,11 @@ void write_model_config(h5::File& f, const std::string& obj, const ModelConfig& 
   f.set_attr(obj, "objective", c.objective);
   f.set_attr(obj, "timesteps", c.timesteps);
   f.set_attr(obj, "bos", c.bos);
+  if (!c.source.empty()) {  // dfm's settings (the other objectives leave them unset)
+    f.set_attr(obj, "source", c.source);
+    f.set_attr(obj, "kappa_power", c.kappa_power);
+    f.set_attr(obj, "dfm_loss", c.dfm_loss);
+  }
 }
 
 void save_model_file(const std::string& path, const ModelConfig& cfg, const StateDict& weights,

@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "io/error.h"
+#include "objectives/objective.h"
 
 namespace sedd {
 
@@ -115,14 +116,7 @@ std::string flag_text(bool b) { return b ? "true" : "false"; }
 }  // namespace
 
 std::vector<std::pair<std::string, std::string>> objective_defaults(const ModelConfig& m) {
-  // MDLM's recipe (its config.yaml and diffusion.py) where it differs; the SEDD code's otherwise. An
-  // unknown objective gets sedd's values: validate() refuses it by name.
-  const bool mdlm = m.objective == "mdlm", ar = m.objective == "ar", d3pm = m.objective == "d3pm";
-  return {{"model.time_conditioning", flag_text(!mdlm && !ar)},
-          {"model.scale_by_sigma", flag_text(!mdlm && !ar && !d3pm && m.graph == "absorb")},
-          {"train.time_sampling", mdlm ? "stratified" : "iid"},
-          {"train.warmup_from_zero", flag_text(mdlm)},
-          {"train.loss_mean", mdlm ? "token" : "sequence"}};
+  return objective_of(m).defaults(m);
 }
 
 void set_objective_setting(TrainingConfig& c, const std::string& key, const std::string& value) {
@@ -135,7 +129,14 @@ void set_objective_setting(TrainingConfig& c, const std::string& key, const std:
   else if (key == "train.time_sampling") c.train.time_sampling = value;
   else if (key == "train.warmup_from_zero") c.train.warmup_from_zero = as_bool();
   else if (key == "train.loss_mean") c.train.loss_mean = value;
-  else fail("{} is not a setting with an objective default", key);
+  else if (key == "diffusion.graph") c.model.graph = value;
+  else if (key == "diffusion.source") c.model.source = value;
+  else if (key == "diffusion.dfm_loss") c.model.dfm_loss = value;
+  else if (key == "diffusion.kappa_power") {
+    char* end = nullptr;
+    c.model.kappa_power = std::strtod(value.c_str(), &end);
+    SEDD_CHECK(end && *end == '\0' && !value.empty(), "{}: '{}' is not a number", key, value);
+  } else fail("{} is not a setting with an objective default", key);
 }
 
 std::string objective_setting(const TrainingConfig& c, const std::string& key) {
@@ -144,6 +145,10 @@ std::string objective_setting(const TrainingConfig& c, const std::string& key) {
   if (key == "train.time_sampling") return c.train.time_sampling;
   if (key == "train.warmup_from_zero") return flag_text(c.train.warmup_from_zero);
   if (key == "train.loss_mean") return c.train.loss_mean;
+  if (key == "diffusion.graph") return c.model.graph;
+  if (key == "diffusion.source") return c.model.source;
+  if (key == "diffusion.dfm_loss") return c.model.dfm_loss;
+  if (key == "diffusion.kappa_power") return fmt::format("{}", c.model.kappa_power);
   fail("{} is not a setting with an objective default", key);
 }
 

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "io/error.h"
+#include "objectives/objective.h"
 #include "io/fs.h"
 
 namespace sedd {
@@ -12,6 +13,7 @@ namespace sedd {
 namespace {
 
 const char* const kKeys[] = {"diffusion.objective", "diffusion.timesteps",  "diffusion.lambda_ce",
+                             "diffusion.source",    "diffusion.kappa_power", "diffusion.dfm_loss",
                              "model.hidden_size",   "model.n_heads",        "model.n_blocks",
                              "model.cond_dim",      "model.dropout",        "model.scale_by_sigma",
                              "model.time_conditioning", "diffusion.graph",  "diffusion.noise",
@@ -66,12 +68,9 @@ nlohmann::json settings_fingerprint(const TrainingConfig& c) {
                       {"train.batch_size", c.train.batch_size},
                       {"run.seed", c.run.seed},
                       {"train.time_sampling", c.train.time_sampling}};
-  // Only d3pm reads the chain length and the cross-entropy weight (it changes the loss): other
-  // objectives leave them out, so a resume never trips over a setting it does not use.
-  if (m.objective == "d3pm") {
-    f["diffusion.timesteps"] = m.timesteps;
-    f["diffusion.lambda_ce"] = c.train.lambda_ce;
-  }
+  // The settings only some objectives read (d3pm's chain length, dfm's path): the others leave
+  // them out, so a resume never trips over a setting it does not use.
+  objective_of(m).fingerprint(m, c.train.lambda_ce, f);
   return f;
 }
 

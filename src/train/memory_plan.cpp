@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
+#include "objectives/objective.h"
+
 #include "io/error.h"
 
 #ifdef SEDD_HAVE_CUDA
@@ -61,7 +63,7 @@ int64_t activation_bytes(const TrainingConfig& cfg, int64_t b, int64_t checkpoin
   // loss's intermediate. Absorbing diffusion scores the masked positions only: half of them on
   // average under the log-linear schedule (the mean of t), and a micro-batch's share concentrates
   // there as b grows; the other objectives score every position.
-  const bool masked_rows = m.graph == "absorb" && m.objective != "ar" && m.objective != "d3pm";
+  const bool masked_rows = objective_of(m).loss_on_masked_rows(m);
   const int64_t R = masked_rows ? (b * L + 1) / 2 : b * L;
   int64_t head = N * e + 6 * R * D * e, loss_transient = 0;
   if (cfg.train.fused_loss)

@@ -53,7 +53,7 @@ ParityRecorder::ParityRecorder(const std::string& path, Trainer& trainer, const 
   file_->set_attr("/init", "order", order);
   previous_params_ = flat_parameters(*trainer.model());
   trainer.observe_steps([this](const StepTrace& tr) {
-    SEDD_CHECK(tr.t.defined(), "parity records are for the sedd and mdlm objectives");
+    SEDD_CHECK(tr.t.defined(), "parity records need a diffusion time and a noisy input; this objective draws none");
     x0_.push_back(tr.x0);
     t_.push_back(tr.t);
     xt_.push_back(tr.xt);

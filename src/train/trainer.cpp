@@ -443,12 +443,13 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
       tr.lr = lr;
       tr.first_row = comm_.rank() * rows;
       tr.x0 = x0.cpu();
-      // The draws micro_batch() made, recomputed for all rows at once (mdlm draws t and xt as sedd does).
-      if (cfg_.model.objective == "sedd" || cfg_.model.objective == "mdlm") {
-        auto ids = torch::arange(tr.first_row, tr.first_row + rows, x0.options());
-        auto u = time_uniforms(cfg_.train.time_sampling, cfg_.run.seed, static_cast<uint64_t>(step), ids, B);
-        auto d = sedd_training_draws(*graph_, *noise_, x0, LossDraws{cfg_.run.seed, static_cast<uint64_t>(step), ids, u});
-        tr.t = d.t.cpu();
+      // The draws micro_batch() made, recomputed for all rows at once (an objective without a
+      // time, ar, leaves them out).
+      auto ids = torch::arange(tr.first_row, tr.first_row + rows, x0.options());
+      auto u = time_uniforms(cfg_.train.time_sampling, cfg_.run.seed, static_cast<uint64_t>(step), ids, B);
+      auto d = training_draw(cfg_.model, *graph_, *noise_, x0, LossDraws{cfg_.run.seed, static_cast<uint64_t>(step), ids, u});
+      if (d.t.defined()) {
+        tr.t = d.t.to(torch::kCPU, torch::kDouble);
         tr.xt = d.xt.cpu();
       }
       tr.loss = st.loss_sum.item<double>() / static_cast<double>(B);

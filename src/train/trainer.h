@@ -21,7 +21,7 @@
 #include "distributed/runtime.h"
 #include "distributed/zero.h"
 #include "model/ddit.h"
-#include "model/objective.h"
+#include "objectives/objective.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/run_lock.h"

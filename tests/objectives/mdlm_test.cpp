@@ -17,9 +17,14 @@
 #include "diffusion/noise.h"
 #include "golden.h"
 #include "io/hdf5.h"
-#include "model/objective.h"
-#include "model/score.h"
+#include "objectives/mdlm.h"
+#include "objectives/rows.h"
+#include "objectives/sedd.h"
+#include "objectives/score.h"
 #include "model/weights.h"
+#include "eval/elbo.h"
+#include "objectives/oracles.h"
+#include "objectives/sampling.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -297,3 +302,11 @@ TEST(GoldenMdlm, DetectsOnePercentError) {
     EXPECT_TRUE(named) << "a 1% error in " << ds << " at entry " << at << " went unnoticed";
   }
 }
+
+// With the exact clean-token posterior, the masked-diffusion bound is tight (equal to the entropy
+// within Monte Carlo error), and its ancestral sampler reproduces the marginals.
+TEST(ObjectiveOracle, MdlmBoundIsTightAndItsSamplerReproducesTheMarginals) {
+  expect_clean_token_oracle_is_exact("mdlm", "absorb");
+}
+
+TEST(ObjectiveTraining, Mdlm) { expect_objective_learns("--diffusion.objective mdlm"); }

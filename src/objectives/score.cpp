@@ -1,8 +1,16 @@
 // DDiTScore; see score.h.
-#include "model/score.h"
+#include "objectives/score.h"
 
 
 namespace sedd {
+
+DDiTScore::DDiTScore(DDiT model, bool cache)
+    : model_(std::move(model)), cache_(cache && !model_->cfg.time_conditioning) {
+  const NetworkShape shape = model_->cfg.network();
+  log_score_ = shape.log_score;
+  // The clean-token distribution's columns: the vocabulary, or (dfm) everything the network outputs.
+  width_ = shape.log_score ? model_->cfg.vocab_dim() : model_->cfg.tokens + (shape.mask_in_softmax ? 1 : 0);
+}
 
 void DDiTScore::evaluate(const torch::Tensor& x, const torch::Tensor& sigma) {
   torch::NoGradGuard ng;
@@ -33,7 +41,7 @@ torch::Tensor DDiTScore::rows(const torch::Tensor& rows) {
   torch::NoGradGuard ng;
   const int64_t L = last_x_.size(1);
   auto raw = model_->output_logits(model_->output_features(hidden_, rows));  // [R, dim] float32
-  if (model_->cfg.objective != "sedd") return torch::log_softmax(raw.narrow(1, 0, model_->cfg.tokens), 1);
+  if (!log_score_) return torch::log_softmax(raw.narrow(1, 0, width_), 1);
   auto batch = torch::div(rows, L, "floor");
   if (model_->cfg.scale_by_sigma) raw = raw + model_->score_shift(sigma_.index_select(0, batch)).unsqueeze(1);
   auto current = last_x_.view({-1}).index_select(0, rows).unsqueeze(1);

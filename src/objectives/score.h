@@ -1,7 +1,7 @@
 // The DDiT as a ScoreModel for samplers and the likelihood bound, with exact caching. rows()
 // returns what the objective's sampler and bound read: log-scores [R, dim] (sedd), or
-// log-probabilities [R, N] of the clean token (mdlm, d3pm: the mask excluded) or of the next token
-// (ar).
+// log-probabilities of the clean token (mdlm, d3pm: [R, N], the mask excluded; dfm: [R, dim], the
+// mask included as in its authors' text model) or of the next token (ar).
 //
 // For a model trained without time conditioning the raw network output depends only on the
 // tokens, so a row whose tokens did not change since the last call reuses its raw output; the
@@ -13,7 +13,7 @@
 
 #include "diffusion/graph.h"
 #include "diffusion/noise.h"
-#include "diffusion/sampler.h"
+#include "objectives/sampling.h"
 #include "model/ddit.h"
 
 namespace sedd {
@@ -22,7 +22,7 @@ class DDiTScore final : public ScoreModel {
  public:
   // `cache`: reuse the body's output of samples whose tokens did not change (only for models
   // without time conditioning, where it is exact; ignored otherwise).
-  DDiTScore(DDiT model, bool cache) : model_(std::move(model)), cache_(cache && !model_->cfg.time_conditioning) {}
+  DDiTScore(DDiT model, bool cache);
   void evaluate(const torch::Tensor& x, const torch::Tensor& sigma) override;
   torch::Tensor rows(const torch::Tensor& rows) override;
   bool caching() const { return cache_; }
@@ -33,6 +33,8 @@ class DDiTScore final : public ScoreModel {
  private:
   DDiT model_;
   bool cache_;
+  bool log_score_;  // the network gives log-scores (else logits, softmaxed over width_ columns)
+  int64_t width_;
   torch::Tensor last_x_, sigma_;
   DDiTHidden hidden_;
   int64_t forwards_ = 0, rows_evaluated_ = 0, rows_reused_ = 0;

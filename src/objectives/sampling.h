@@ -1,5 +1,6 @@
-// Reverse-process samplers: Euler and analytic (Tweedie tau-leaping) predictors on the grid
-// linspace(1, eps, steps + 1), then the final denoising step.
+// Sampling from a model: what every objective's sampler shares (the network as samplers see it,
+// the options, conditioning, block generation). Each objective's reverse process is its own
+// (Objective::sample; docs/DESIGN.md, "Sampling").
 //
 // Keyed draws: the categorical draw of position l of sample i at step k is element
 // (i, l * dim + token) of the stream (seed, purpose::kSample, k), so a sample depends only on its
@@ -17,15 +18,9 @@
 
 #include "diffusion/graph.h"
 #include "diffusion/noise.h"
+#include "model/config.h"
 
 namespace sedd {
-
-// Which objective a model was trained with, as samplers and bounds need it (the model's config).
-struct ObjectiveSpec {
-  std::string name = "sedd";  // sedd | mdlm | d3pm | ar
-  int64_t timesteps = 1000;   // d3pm
-  int64_t bos = -1;           // ar: the first input token
-};
 
 // The network as samplers and the likelihood bound see it.
 class ScoreModel {
@@ -34,15 +29,15 @@ class ScoreModel {
   // Runs the network on x [B, L] (int64) at sigma [B]; rows() then serves its log-scores.
   virtual void evaluate(const torch::Tensor& x, const torch::Tensor& sigma) = 0;
   // For positions `rows` (int64 [R], flat indices into [B * L]) of the last evaluate(): log-scores
-  // [R, dim] (sedd; the current token's entry is 0), or log-probabilities [R, N] of the clean
-  // token (mdlm, d3pm) or of the next token (ar).
+  // [R, dim] (sedd; the current token's entry is 0), or log-probabilities of the clean token
+  // (mdlm, d3pm: [R, N]; dfm: [R, dim], its mask column included) or of the next token (ar).
   virtual torch::Tensor rows(const torch::Tensor& rows) = 0;
   // The whole log-score [B, L, dim].
   torch::Tensor log_score(const torch::Tensor& x, const torch::Tensor& sigma);
 };
 
 struct SamplerConfig {
-  ObjectiveSpec objective;
+  ModelConfig model;                   // the sampled model's config: its objective and settings
   std::string predictor = "analytic";  // sedd: euler | analytic (mdlm and d3pm sample ancestrally)
   int64_t steps = 128;
   bool denoise = true;
@@ -52,6 +47,11 @@ struct SamplerConfig {
   int64_t chunk_elems = int64_t{1} << 27;  // bound on rows x dim per model call
   double temperature = 1.0;            // ar: logits / temperature
   double top_p = 1.0;                  // ar: nucleus sampling (1: off)
+  // dfm: the divergence-free corrector coefficient c(t) = a t^b (1 - t)^c (a = 0: none; b > 0, as
+  // the solver divides by kappa_0 = 0 where c(0) > 0), and float32 categorical draws (float64 by
+  // default, as in the authors' text example).
+  double corrector_a = 0, corrector_b = 0, corrector_c = 0;
+  bool float32_draws = false;
   void validate() const;
 };
 
@@ -66,12 +66,9 @@ struct Constraint {
   int64_t context_length() const { return context.defined() ? context.size(1) : 0; }
 };
 
-// Draws the samples whose global indices are `sample_ids` (int64 [B]): returns [B, length] int64
-// token ids on `device`. `progress(step, steps)` is called after every step when given.
-//  - sedd: Euler or analytic predictor, then the final denoising step;
-//  - mdlm, d3pm: ancestral steps x_t -> x_s through the x0-parameterised posterior
-//    Graph::model_posterior (mdlm: `steps` times on [0, 1]; d3pm: min(steps, T) of the T steps);
-//  - ar: token by token, left to right (temperature, top-p); conditioning on a prefix only.
+// Draws the samples whose global indices are `sample_ids` (int64 [B]) with the reverse process of
+// cfg.model's objective: returns [B, length] int64 token ids on `device`. `progress(step, steps)`
+// is called after every step when given.
 torch::Tensor sample(const Graph& graph, const Noise& noise, ScoreModel& model, int64_t length,
                      const SamplerConfig& cfg, const Constraint& constraint, const torch::Tensor& sample_ids,
                      torch::Device device, const std::function<void(int64_t, int64_t)>& progress = {});
