@@ -13,6 +13,7 @@ struct NetworkShape {
   bool mask_state = false;  // a mask id after the vocabulary, in the input and output alphabet
   bool log_score = false;   // outputs are log concrete scores (else logits of the clean/next token)
   bool mask_in_softmax = false;  // the clean token's distribution keeps the mask column (dfm)
+  double embedding_std = 0;  // > 0: token embedding drawn N(0, std^2) (else kaiming uniform, as SEDD's)
 };
 
 struct ModelConfig {

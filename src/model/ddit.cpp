@@ -241,14 +241,20 @@ torch::Tensor FinalLayerImpl::features(const torch::Tensor& x, const torch::Tens
   return layer_norm_modulate(x.unsqueeze(1), norm_final->weight, shift.unsqueeze(1), scale.unsqueeze(1)).squeeze(1);
 }
 
-TokenEmbeddingImpl::TokenEmbeddingImpl(int64_t vocab_dim, int64_t dim) {
+TokenEmbeddingImpl::TokenEmbeddingImpl(int64_t vocab_dim, int64_t dim, double normal_std) {
   embedding = register_parameter("embedding", torch::empty({vocab_dim, dim}));
-  torch::nn::init::kaiming_uniform_(embedding, std::sqrt(5.0));
+  if (normal_std > 0) {
+    torch::NoGradGuard ng;
+    embedding.normal_(0, normal_std);
+  } else {
+    torch::nn::init::kaiming_uniform_(embedding, std::sqrt(5.0));
+  }
 }
 
 DDiTImpl::DDiTImpl(ModelConfig c) : cfg(std::move(c)) {
   cfg.validate();
-  vocab_embed = register_module("vocab_embed", TokenEmbedding(cfg.vocab_dim(), cfg.hidden_size));
+  vocab_embed =
+      register_module("vocab_embed", TokenEmbedding(cfg.vocab_dim(), cfg.hidden_size, cfg.network().embedding_std));
   sigma_map = register_module("sigma_map", SigmaEmbedder(cfg.cond_dim));
   rotary_emb = register_module("rotary_emb", Rotary(cfg.head_dim()));
   blocks = register_module("blocks", torch::nn::ModuleList());

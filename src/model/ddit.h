@@ -69,7 +69,7 @@ struct FinalLayerImpl : torch::nn::Module {
 TORCH_MODULE(FinalLayer);
 
 struct TokenEmbeddingImpl : torch::nn::Module {
-  TokenEmbeddingImpl(int64_t vocab_dim, int64_t dim);
+  TokenEmbeddingImpl(int64_t vocab_dim, int64_t dim, double normal_std = 0);  // normal_std > 0: N(0, std^2)
   torch::Tensor forward(const torch::Tensor& idx) { return embedding.index({idx}); }
   torch::Tensor embedding;  // [vocab_dim, dim]
 };

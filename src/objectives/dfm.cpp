@@ -89,7 +89,7 @@ class Dfm final : public Objective {
   std::string name() const override { return "dfm"; }
   NetworkShape network(const ModelConfig& m) const override {
     const bool mask = m.graph == "absorb";
-    return {false, mask, false, mask};
+    return {false, mask, false, mask, /*embedding_std=*/1.0};  // their text model's nn.Embedding
   }
   void check(const ModelConfig& m) const override {
     SEDD_CHECK(m.source == "mask" || m.source == "uniform", "diffusion.source must be mask or uniform, got '{}'",
@@ -110,7 +110,8 @@ class Dfm final : public Objective {
     SEDD_CHECK(m.kappa_power == 0, "diffusion.kappa_power belongs to diffusion.objective = dfm, not '{}'", m.objective);
     SEDD_CHECK(m.dfm_loss.empty(), "diffusion.dfm_loss belongs to diffusion.objective = dfm, not '{}'", m.objective);
   }
-  // Their text example: time-conditioned, the token mean of the loss.
+  // Their text example (examples/text/configs/config.yaml, train.py, logic/training.py):
+  // time-conditioned, the token mean of the loss, no EMA, Adam beta2 0.95, a cosine to 0.1 lr.
   std::vector<std::pair<std::string, std::string>> defaults(const ModelConfig& m) const override {
     return {{"diffusion.source", "mask"},
             {"diffusion.graph", m.source == "uniform" ? "uniform" : "absorb"},
@@ -120,7 +121,11 @@ class Dfm final : public Objective {
             {"model.scale_by_sigma", "false"},
             {"train.time_sampling", "iid"},
             {"train.warmup_from_zero", "false"},
-            {"train.loss_mean", "token"}};
+            {"train.loss_mean", "token"},
+            {"train.ema", "0"},
+            {"train.beta2", "0.95"},
+            {"train.schedule", "cosine"},
+            {"train.min_lr_ratio", "0.1"}};
   }
   void fingerprint(const ModelConfig& m, double, nlohmann::json& f) const override {
     f["diffusion.source"] = m.source;

@@ -124,6 +124,12 @@ void set_objective_setting(TrainingConfig& c, const std::string& key, const std:
     SEDD_CHECK(value == "true" || value == "false", "{}: '{}' is not true or false", key, value);
     return value == "true";
   };
+  auto as_number = [&] {
+    char* end = nullptr;
+    const double v = std::strtod(value.c_str(), &end);
+    SEDD_CHECK(end && *end == '\0' && !value.empty(), "{}: '{}' is not a number", key, value);
+    return v;
+  };
   if (key == "model.time_conditioning") c.model.time_conditioning = as_bool();
   else if (key == "model.scale_by_sigma") c.model.scale_by_sigma = as_bool();
   else if (key == "train.time_sampling") c.train.time_sampling = value;
@@ -132,11 +138,12 @@ void set_objective_setting(TrainingConfig& c, const std::string& key, const std:
   else if (key == "diffusion.graph") c.model.graph = value;
   else if (key == "diffusion.source") c.model.source = value;
   else if (key == "diffusion.dfm_loss") c.model.dfm_loss = value;
-  else if (key == "diffusion.kappa_power") {
-    char* end = nullptr;
-    c.model.kappa_power = std::strtod(value.c_str(), &end);
-    SEDD_CHECK(end && *end == '\0' && !value.empty(), "{}: '{}' is not a number", key, value);
-  } else fail("{} is not a setting with an objective default", key);
+  else if (key == "train.schedule") c.train.schedule = value;
+  else if (key == "diffusion.kappa_power") c.model.kappa_power = as_number();
+  else if (key == "train.ema") c.train.ema = as_number();
+  else if (key == "train.beta2") c.train.beta2 = as_number();
+  else if (key == "train.min_lr_ratio") c.train.min_lr_ratio = as_number();
+  else fail("{} is not a setting with an objective default", key);
 }
 
 std::string objective_setting(const TrainingConfig& c, const std::string& key) {
@@ -149,6 +156,10 @@ std::string objective_setting(const TrainingConfig& c, const std::string& key) {
   if (key == "diffusion.source") return c.model.source;
   if (key == "diffusion.dfm_loss") return c.model.dfm_loss;
   if (key == "diffusion.kappa_power") return fmt::format("{}", c.model.kappa_power);
+  if (key == "train.schedule") return c.train.schedule;
+  if (key == "train.ema") return fmt::format("{}", c.train.ema);
+  if (key == "train.beta2") return fmt::format("{}", c.train.beta2);
+  if (key == "train.min_lr_ratio") return fmt::format("{}", c.train.min_lr_ratio);
   fail("{} is not a setting with an objective default", key);
 }
 

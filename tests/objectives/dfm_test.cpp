@@ -17,6 +17,7 @@
 #include "objectives/oracles.h"
 #include "objectives/sampling.h"
 #include "recipes.h"
+#include "train/config.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -395,6 +396,30 @@ TEST(DfmOracle, EulerSamplerConvergesAndDrawsItsLaw) {
   }
 }
 
+// The dfm defaults are their text example's recipe; a given key is kept.
+TEST(DfmOptions, DefaultsAreTheirTextRecipe) {
+  TrainingConfig c;
+  c.model.objective = "dfm";
+  auto set = apply_objective_defaults(c, {"train.beta2"});
+  EXPECT_EQ(c.model.source, "mask");
+  EXPECT_EQ(c.model.graph, "absorb");
+  EXPECT_EQ(c.model.kappa_power, 1.0);
+  EXPECT_EQ(c.model.dfm_loss, "generalized_kl");
+  EXPECT_TRUE(c.model.time_conditioning);
+  EXPECT_EQ(c.train.loss_mean, "token");
+  EXPECT_EQ(c.train.ema, 0.0);
+  EXPECT_EQ(c.train.schedule, "cosine");
+  EXPECT_EQ(c.train.min_lr_ratio, 0.1);
+  EXPECT_EQ(c.train.beta2, TrainingConfig{}.train.beta2) << "given: kept";
+  EXPECT_EQ(std::count(set.begin(), set.end(), "train.beta2"), 0);
+  TrainingConfig u;
+  u.model.objective = "dfm";
+  u.model.source = "uniform";
+  apply_objective_defaults(u, {"diffusion.source"});
+  EXPECT_EQ(u.model.graph, "uniform") << "the uniform source's graph";
+  u.model.validate();
+}
+
 // Options checked up front, naming the key.
 TEST(DfmOptions, RefusedSettingsNameTheirKey) {
   auto refused = [](ModelConfig m, const std::string& key) {
@@ -449,9 +474,12 @@ TEST(DfmTraining, TrainsResumesSamplesAndEvaluates) {
   for (std::string source : {"mask", "uniform"}) {
     const std::string flags = "--diffusion.objective dfm --diffusion.source " + source +
                               (source == "uniform" ? " --diffusion.dfm_loss cross_entropy" : "");
-    auto train = [&](const std::string& dir, int64_t steps, int np) {
-      return tiny_sedd().set("train.steps", steps).set("model.scale_by_sigma", "false").command(np, data, dir, flags);
+    auto train = [&](const std::string& dir, int64_t steps, int np, const std::string& more = "") {
+      return tiny_sedd().set("train.steps", steps).set("model.scale_by_sigma", "false").command(np, data, dir,
+                                                                                                flags + more);
     };
+    // The resume checks run a constant rate: the default cosine depends on train.steps.
+    const std::string constant = " --train.schedule constant";
     const std::string dir = tmp / ("run-" + source);
     ASSERT_EQ(run(train(dir, 120, 2), &out), 0) << out;
     auto a = run_losses(dir);
@@ -460,15 +488,17 @@ TEST(DfmTraining, TrainsResumesSamplesAndEvaluates) {
     std::cout << "dfm-" << source << ": loss " << first << " -> " << last << "\n";
     EXPECT_LT(last, 0.85 * first) << source;
     // One rank equals two (the same global batch and keyed draws); resuming at 4 equals 8 straight.
-    ASSERT_EQ(run(train(dir + "-np1", 8, 1), &out), 0) << out;
-    ASSERT_EQ(run(train(dir + "-cut", 4, 2), &out), 0) << out;
-    ASSERT_EQ(run(train(dir + "-cut", 8, 2), &out), 0) << out;
-    auto one = run_losses(dir + "-np1"), cut = run_losses(dir + "-cut");
+    ASSERT_EQ(run(train(dir + "-straight", 8, 2, constant), &out), 0) << out;
+    ASSERT_EQ(run(train(dir + "-np1", 8, 1, constant), &out), 0) << out;
+    ASSERT_EQ(run(train(dir + "-cut", 4, 2, constant), &out), 0) << out;
+    ASSERT_EQ(run(train(dir + "-cut", 8, 2, constant), &out), 0) << out;
+    auto straight = run_losses(dir + "-straight"), one = run_losses(dir + "-np1"), cut = run_losses(dir + "-cut");
+    ASSERT_EQ(straight.size(), 8u);
     ASSERT_EQ(one.size(), 8u);
     ASSERT_EQ(cut.size(), 8u);
     for (size_t i = 0; i < 8; ++i) {
-      EXPECT_NEAR(one[i], a[i], 1e-4 * std::abs(a[i])) << source << " step " << i + 1;
-      EXPECT_NEAR(cut[i], a[i], 1e-6 * std::abs(a[i])) << source << " step " << i + 1;
+      EXPECT_NEAR(one[i], straight[i], 1e-4 * std::abs(straight[i])) << source << " step " << i + 1;
+      EXPECT_NEAR(cut[i], straight[i], 1e-6 * std::abs(straight[i])) << source << " step " << i + 1;
     }
     ASSERT_EQ(run(fmt::format("{} -np 2 {}/sedd-sample --checkpoint {} --device cpu --num-samples 3 --steps 10 --fix "
                               "0=5,15=6 --out {}",
@@ -498,6 +528,20 @@ TEST(DfmTraining, TrainsResumesSamplesAndEvaluates) {
     // The mask source's bound beats guessing; the uniform source's is valid but loose this early
     // (its tightness is the oracle test's subject).
     if (source == "mask") EXPECT_LT(e["nats_per_token"].get<double>(), std::log(40.0));
+    // Conditional scoring: -log p(continuation | context), a bound with its Monte Carlo error.
+    std::ofstream(tmp / "req.jsonl") << "{\"id\": \"a\", \"context_ids\": [1, 2, 3], \"continuation_ids\": [4, 5]}\n";
+    ASSERT_EQ(run(fmt::format("{}/sedd-score --checkpoint {} --requests {} --out {} --device cpu --mc-samples 8",
+                              bin_dir(), dir, tmp / "req.jsonl", tmp / "score.jsonl"),
+                  &out),
+              0)
+        << out;
+    auto row = nlohmann::json::parse(fs::read_text(tmp / "score.jsonl"));
+    EXPECT_LT(row["logprob"].get<double>(), 0.0) << row;
+    EXPECT_EQ(row["tokens"], 2) << row;
+    EXPECT_GT(row["stderr"].get<double>(), 0.0) << row;
+    // A resume may not change a DFM key: refused naming it.
+    EXPECT_EQ(run(train(dir, 130, 1) + " --diffusion.kappa_power 2", &out), 2) << out;
+    EXPECT_NE(out.find("diffusion.kappa_power"), std::string::npos) << out;
   }
   // Refused up front with exit 2, naming the key.
   EXPECT_EQ(run(tiny_sedd().set("train.steps", 2).command(1, data, tmp / "bad1", "--diffusion.kappa_power 2"), &out), 2);
