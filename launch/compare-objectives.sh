@@ -24,7 +24,7 @@ recipes=(
   "d3pm-absorb|--diffusion.objective d3pm"
   "ar|--diffusion.objective ar"
   "dfm-mask|--diffusion.objective dfm"
-  "dfm-uniform|--diffusion.objective dfm --diffusion.source uniform"
+  "dfm-uniform|--diffusion.objective dfm --diffusion.source uniform --diffusion.graph uniform"
 )
 wanted() { [ -z "${SEDD_OBJECTIVES:-}" ] || [[ " $SEDD_OBJECTIVES " == *" $1 "* ]]; }
 checkpoints=()
@@ -32,12 +32,17 @@ for recipe in "${recipes[@]}"; do
   name=${recipe%%|*}
   wanted "$name" || continue
   read -r -a opts <<<"${recipe#*|}"
+  checkpoints+=(--checkpoint "$out/$name")
+  steps=$(sed -n 's/^steps *= *//p' configs/tiny.ini | head -1)
+  if [ -d "$out/$name/checkpoints/step_$steps" ]; then  # finished earlier: compared again, not retrained
+    echo "== $name: trained earlier ($out/$name)"
+    continue
+  fi
   echo "== $name: ${opts[*]:-(defaults)}"
   start=$(date +%s)
   bash launch/sedd-mpirun -np "$ranks" build/bin/sedd-train --config configs/tiny.ini --run.dir "$out/$name" \
     "${opts[@]}" "$@" | { grep 'valid' || true; } | tail -1
   echo "   trained in $(( $(date +%s) - start )) s"
-  checkpoints+=(--checkpoint "$out/$name")
 done
 echo "== comparison on the validation split"
 bash launch/sedd-mpirun -np "$ranks" build/bin/sedd-compare "${checkpoints[@]}" --data 'demo-valid=datasets/demo/valid/*.h5' \

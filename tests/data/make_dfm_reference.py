@@ -128,15 +128,9 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import write_reference, compare  # noqa: E402
+from reference_common import write_reference, compare, stub_torchdiffeq  # noqa: E402
 
-try:
-    import torchdiffeq  # noqa: F401  (imported by flow_matching.solver.ode_solver; unused here)
-except ImportError:
-    def _no_odeint(*a, **k):
-        raise RuntimeError('torchdiffeq stand-in: the ODE solver is not used by this script')
-    sys.modules['torchdiffeq'] = types.ModuleType('torchdiffeq')
-    sys.modules['torchdiffeq'].odeint = _no_odeint
+stub_torchdiffeq()
 
 import flow_matching  # noqa: E402
 from flow_matching.path import MixtureDiscreteProbPath  # noqa: E402

@@ -112,15 +112,9 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat  # noqa: E402
+from reference_common import record_our_run, flat, stub_torchdiffeq, STEP_CONFIG_HEAD  # noqa: E402
 
-try:
-    import torchdiffeq  # noqa: F401  (imported by flow_matching.solver.ode_solver; unused here)
-except ImportError:
-    def _no_odeint(*a, **k):
-        raise RuntimeError('torchdiffeq stand-in: the ODE solver is not used by this script')
-    sys.modules['torchdiffeq'] = types.ModuleType('torchdiffeq')
-    sys.modules['torchdiffeq'].odeint = _no_odeint
+stub_torchdiffeq()
 
 
 def _stand_in(name, **members):
@@ -153,19 +147,7 @@ from logic.state import TrainState  # noqa: E402
 import model.transformer as their_model  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-CONFIG = """[run]
-seed = {seed}
-[data]
-train = {shard}
-seq_len = {L}
-prefetch = 0
-[model]
-hidden_size = 24
-n_heads = 2
-n_blocks = 2
-cond_dim = 8
-dropout = 0.0
-[diffusion]
+CONFIG = STEP_CONFIG_HEAD + """[diffusion]
 objective = dfm
 [train]
 steps = {steps}

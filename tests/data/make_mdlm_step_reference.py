@@ -48,7 +48,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype  # noqa: E402
+from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD  # noqa: E402
 import mdlm_shims  # noqa: F401,E402  (stand-ins for flash_attn/lightning/hydra/...; MDLM_REF on sys.path)
 import diffusion  # noqa: E402
 import models  # noqa: E402
@@ -58,19 +58,7 @@ import noise_schedule  # noqa: E402
 
 NS = types.SimpleNamespace
 
-CONFIG = """[run]
-seed = {seed}
-[data]
-train = {shard}
-seq_len = {L}
-prefetch = 0
-[model]
-hidden_size = 24
-n_heads = 2
-n_blocks = 2
-cond_dim = 8
-dropout = 0.0
-[diffusion]
+CONFIG = STEP_CONFIG_HEAD + """[diffusion]
 objective = mdlm
 graph = absorb
 noise = loglinear

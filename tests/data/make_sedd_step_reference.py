@@ -41,7 +41,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype  # noqa: E402
+from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD  # noqa: E402
 import reference_shims  # noqa: F401,E402  (stand-ins for einops/flash_attn/...; SEDD_REF on sys.path)
 import graph_lib, losses, noise_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -49,19 +49,7 @@ from model.ema import ExponentialMovingAverage  # noqa: E402
 
 NS = types.SimpleNamespace
 
-CONFIG = """[run]
-seed = {seed}
-[data]
-train = {shard}
-seq_len = {L}
-prefetch = 0
-[model]
-hidden_size = 24
-n_heads = 2
-n_blocks = 2
-cond_dim = 8
-dropout = 0.0
-scale_by_sigma = true
+CONFIG = STEP_CONFIG_HEAD + """scale_by_sigma = true
 [diffusion]
 objective = sedd
 graph = absorb

@@ -5,6 +5,7 @@ never import it."""
 import math
 import os
 import subprocess
+import sys
 import tempfile
 
 import h5py
@@ -117,3 +118,33 @@ def write_reference(path, out, seed, source):
             write(f.require_group(group), datasets,
                   {k: np.int64(v) if isinstance(v, (bool, int)) else v for k, v in (attrs or {}).items()})
     os.replace(tmp, path)
+
+
+# The start of every step reference's sedd-train config (run, data, the small model); each generator
+# adds its model and [diffusion]/[train] keys.
+STEP_CONFIG_HEAD = """[run]
+seed = {seed}
+[data]
+train = {shard}
+seq_len = {L}
+prefetch = 0
+[model]
+hidden_size = 24
+n_heads = 2
+n_blocks = 2
+cond_dim = 8
+dropout = 0.0
+"""
+
+
+def stub_torchdiffeq():
+    """flow_matching.solver imports torchdiffeq for its ODE solver, which the generators never call:
+    a stand-in that refuses to run, when the package is absent."""
+    import types
+    try:
+        import torchdiffeq  # noqa: F401
+    except ImportError:
+        def _no_odeint(*a, **k):
+            raise RuntimeError('torchdiffeq stand-in: the ODE solver is not used by this script')
+        sys.modules['torchdiffeq'] = types.ModuleType('torchdiffeq')
+        sys.modules['torchdiffeq'].odeint = _no_odeint
