@@ -18,7 +18,7 @@
 #include "data/token_stream.h"
 #include "diffusion/graph.h"
 #include "diffusion/keyed_random.h"
-#include "diffusion/loss.h"
+#include "diffusion/times.h"
 #include "diffusion/noise.h"
 #include "objectives/mdlm.h"
 #include "objectives/rows.h"

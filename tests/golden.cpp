@@ -7,7 +7,7 @@
 #include <set>
 
 #include "diffusion/graph.h"
-#include "diffusion/loss.h"
+#include "objectives/sedd.h"
 #include "diffusion/noise.h"
 #include "model/weights.h"
 #include "io/hdf5.h"

@@ -6,8 +6,8 @@
 #include <cstdlib>
 
 #include "diffusion/keyed_random.h"
-#include "diffusion/loss.h"
-#include "diffusion/output_loss.h"
+#include "diffusion/times.h"
+#include "objectives/output_loss.h"
 #include "distributed/communicator.h"
 #include "distributed/runtime.h"
 #include "distributed/watchdog.h"

@@ -6,7 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "diffusion/loss.h"
+#include "objectives/sedd.h"
 #include "golden.h"
 #include "io/error.h"
 #include "model/weights.h"

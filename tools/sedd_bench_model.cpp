@@ -13,7 +13,8 @@
 #include <sstream>
 #include <string>
 
-#include "diffusion/loss.h"
+#include "diffusion/times.h"
+#include "objectives/sedd.h"
 #include "model/ddit.h"
 #include "tool_common.h"
 

@@ -15,7 +15,7 @@
 
 #include <cmath>
 
-#include "diffusion/output_loss.h"
+#include "objectives/output_loss.h"
 #include "io/error.h"
 #include "objectives/rows.h"
 

@@ -5,7 +5,7 @@
 // x_t -> x_s through the x0-parameterised posterior on `steps` equal steps of [0, 1].
 #include "objectives/mdlm.h"
 
-#include "diffusion/loss.h"
+#include "diffusion/times.h"
 #include "io/error.h"
 #include "objectives/rows.h"
 

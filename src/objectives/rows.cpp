@@ -1,7 +1,7 @@
 // Machinery the objectives share; see rows.h.
 #include "objectives/rows.h"
 
-#include "diffusion/output_loss.h"
+#include "objectives/output_loss.h"
 #include "io/error.h"
 
 #ifdef SEDD_HAVE_CUDA

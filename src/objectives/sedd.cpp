@@ -7,12 +7,20 @@
 
 #include <optional>
 
-#include "diffusion/loss.h"
-#include "diffusion/output_loss.h"
+#include "diffusion/times.h"
+#include "objectives/output_loss.h"
 #include "io/error.h"
 #include "objectives/rows.h"
 
 namespace sedd {
+
+torch::Tensor sequence_loss(const Graph& graph, const Noise& noise, const torch::Tensor& log_score,
+                            const torch::Tensor& t, const torch::Tensor& xt, const torch::Tensor& x0) {
+  auto tt = t.to(log_score.scalar_type());
+  auto sigma = noise.total(tt), dsigma = noise.rate(tt);                       // [B]
+  auto per_pos = graph.score_entropy(log_score, sigma.unsqueeze(-1), xt, x0);  // [B, L]
+  return dsigma * per_pos.sum(-1);
+}
 
 torch::Tensor sedd_sequence_loss(DDiT& model, const Graph& graph, const Noise& noise, const torch::Tensor& xt,
                                  const torch::Tensor& x0, const torch::Tensor& t, const DropoutKey* dropout,

@@ -8,7 +8,7 @@
 #include <filesystem>
 
 #include "diffusion/keyed_random.h"
-#include "diffusion/loss.h"
+#include "diffusion/times.h"
 #include "io/error.h"
 #include "io/fs.h"
 #include "model/fused_ops.h"

@@ -112,7 +112,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat, stub_torchdiffeq, STEP_CONFIG_HEAD  # noqa: E402
+from reference_common import record_our_run, flat, stub_torchdiffeq, STEP_CONFIG_HEAD, write_authors  # noqa: E402
 
 stub_torchdiffeq()
 
@@ -337,19 +337,8 @@ def main():
                                % (os.environ.get('FM_REF_COMMIT', '11568d37'), flow_matching.__version__))
         dst.attrs['torch'] = str(torch.__version__)
         dst.attrs['generator'] = 'tests/data/make_dfm_step_reference.py'
-        g = dst.create_group('authors')
-        g.attrs['loss_per'] = 'token'  # MixturePathGeneralizedKL's mean over the batch's B L positions
-        for k, v in out.items():
-            g.create_dataset(k, data=np.array(v, dtype=np.float64))
-        for step, d in snaps.items():
-            sg = g.create_group('step_%06d' % step)
-            for k, v in d.items():
-                sg.create_dataset(k, data=v.numpy())
-        lg = dst.create_group('init_law')
-        lg.attrs['seeds'] = seeds
-        lg.attrs['cap_per_seed'] = cap
-        for n, parts in law.items():
-            lg.create_dataset(n, data=torch.cat(parts).float().numpy())  # float32 values
+        # loss per token: MixturePathGeneralizedKL's mean over the batch's B L positions
+        write_authors(dst, out, snaps, law, seeds, cap, loss_per='token')
     os.replace(tmp, a.out)
     with h5py.File(ours, 'r') as f:
         ours_loss = f['ours']['loss'][:a.steps] / L

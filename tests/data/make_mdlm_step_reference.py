@@ -48,7 +48,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD  # noqa: E402
+from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD, write_authors  # noqa: E402
 import mdlm_shims  # noqa: F401,E402  (stand-ins for flash_attn/lightning/hydra/...; MDLM_REF on sys.path)
 import diffusion  # noqa: E402
 import models  # noqa: E402
@@ -220,19 +220,8 @@ def main():
                                % (commit, importlib.import_module('transformers').__version__))
         dst.attrs['torch'] = str(torch.__version__)
         dst.attrs['generator'] = 'tests/data/make_mdlm_step_reference.py'
-        g = dst.create_group('authors')
-        g.attrs['loss_per'] = 'token'  # their token_nll: the batch's summed loss / its B L tokens
-        for k, v in out.items():
-            g.create_dataset(k, data=np.array(v, dtype=np.float64))
-        for step, d in snaps.items():
-            sg = g.create_group('step_%06d' % step)
-            for k, v in d.items():
-                sg.create_dataset(k, data=v.numpy())
-        lg = dst.create_group('init_law')
-        lg.attrs['seeds'] = seeds
-        lg.attrs['cap_per_seed'] = cap
-        for n, parts in law.items():
-            lg.create_dataset(n, data=torch.cat(parts).float().numpy())  # float32 values
+        # loss per token: their token_nll: the batch's summed loss / its B L tokens
+        write_authors(dst, out, snaps, law, seeds, cap, loss_per='token')
     os.replace(tmp, a.out)
     ours_loss = h5py.File(ours, 'r')['ours']['loss'][:a.steps] / L
     print(json.dumps(dict(out=a.out, steps=a.steps, loss=out['loss'], grad_norm=out['grad_norm'], lr=out['lr'],

@@ -41,7 +41,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD  # noqa: E402
+from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD, write_authors  # noqa: E402
 import reference_shims  # noqa: F401,E402  (stand-ins for einops/flash_attn/...; SEDD_REF on sys.path)
 import graph_lib, losses, noise_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -181,18 +181,7 @@ def main():
                                'LayerNorm and time features in the input dtype' % commit)
         dst.attrs['torch'] = str(torch.__version__)
         dst.attrs['generator'] = 'tests/data/make_sedd_step_reference.py'
-        g = dst.create_group('authors')
-        for k, v in out.items():
-            g.create_dataset(k, data=np.array(v, dtype=np.float64))
-        for step, d in snaps.items():
-            sg = g.create_group('step_%06d' % step)
-            for k, v in d.items():
-                sg.create_dataset(k, data=v.numpy())
-        lg = dst.create_group('init_law')
-        lg.attrs['seeds'] = seeds
-        lg.attrs['cap_per_seed'] = cap
-        for n, parts in law.items():
-            lg.create_dataset(n, data=torch.cat(parts).float().numpy())  # float32 values
+        write_authors(dst, out, snaps, law, seeds, cap)
     os.replace(tmp, a.out)
     ours_loss = h5py.File(ours, 'r')['ours']['loss'][()]
     print(json.dumps(dict(out=a.out, steps=a.steps,

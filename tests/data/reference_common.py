@@ -148,3 +148,22 @@ def stub_torchdiffeq():
             raise RuntimeError('torchdiffeq stand-in: the ODE solver is not used by this script')
         sys.modules['torchdiffeq'] = types.ModuleType('torchdiffeq')
         sys.modules['torchdiffeq'].odeint = _no_odeint
+
+
+def write_authors(dst, out, snaps, law, seeds, cap, loss_per=None):
+    """The authors' side of a step reference: /authors (per-step values, the snapshot steps' tensors)
+    and /init_law (their initial weights for `seeds`, the first `cap` values of each tensor)."""
+    g = dst.create_group('authors')
+    if loss_per:
+        g.attrs['loss_per'] = loss_per
+    for k, v in out.items():
+        g.create_dataset(k, data=np.array(v, dtype=np.float64))
+    for step, d in snaps.items():
+        sg = g.create_group('step_%06d' % step)
+        for k, v in d.items():
+            sg.create_dataset(k, data=v.numpy())
+    lg = dst.create_group('init_law')
+    lg.attrs['seeds'] = seeds
+    lg.attrs['cap_per_seed'] = cap
+    for n, parts in law.items():
+        lg.create_dataset(n, data=torch.cat(parts).float().numpy())  # float32 values

@@ -13,7 +13,7 @@
 #include <set>
 
 #include "diffusion/graph.h"
-#include "diffusion/loss.h"
+#include "diffusion/times.h"
 #include "diffusion/noise.h"
 #include "golden.h"
 #include "io/hdf5.h"

@@ -8,7 +8,7 @@
 #include "golden.h"
 #include <set>
 #include "io/hdf5.h"
-#include "diffusion/loss.h"
+#include "diffusion/times.h"
 #include "model/ddit.h"
 #include "objectives/objective.h"
 #include "test_util.h"

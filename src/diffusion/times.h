@@ -1,9 +1,6 @@
-// The score-entropy training loss (docs/DESIGN.md, "Objectives"): per sequence sigma'(t) * sum_l score_entropy_l.
+// Keyed training times: the uniforms of a batch's rows (iid, stratified or antithetic) and the time t they give.
 #pragma once
 #include <torch/torch.h>
-
-#include "diffusion/graph.h"
-#include "diffusion/noise.h"
 
 #include <string>
 
@@ -19,9 +16,5 @@ torch::Tensor training_time(const torch::Tensor& u, double eps = 1e-3);
 torch::Tensor time_uniforms(const std::string& mode, uint64_t seed, uint64_t step, const torch::Tensor& rows,
                             int64_t B);
 
-// log_score [B, L, dim] of the network at (xt, sigma(t)); returns the loss per sequence [B]
-// in the log-score's dtype.
-torch::Tensor sequence_loss(const Graph& graph, const Noise& noise, const torch::Tensor& log_score,
-                            const torch::Tensor& t, const torch::Tensor& xt, const torch::Tensor& x0);
 
 }  // namespace sedd

@@ -1,5 +1,5 @@
-// Training objective; see loss.h.
-#include "diffusion/loss.h"
+// Keyed training times; see times.h.
+#include "diffusion/times.h"
 
 #include "diffusion/keyed_random.h"
 
@@ -18,12 +18,5 @@ torch::Tensor time_uniforms(const std::string& mode, uint64_t seed, uint64_t ste
   return mode == "stratified" ? (rows.to(torch::kDouble) + u) / static_cast<double>(B) : u;
 }
 
-torch::Tensor sequence_loss(const Graph& graph, const Noise& noise, const torch::Tensor& log_score,
-                            const torch::Tensor& t, const torch::Tensor& xt, const torch::Tensor& x0) {
-  auto tt = t.to(log_score.scalar_type());
-  auto sigma = noise.total(tt), dsigma = noise.rate(tt);                       // [B]
-  auto per_pos = graph.score_entropy(log_score, sigma.unsqueeze(-1), xt, x0);  // [B, L]
-  return dsigma * per_pos.sum(-1);
-}
 
 }  // namespace sedd

@@ -1,5 +1,5 @@
 // Fused, chunked output layer + loss; see output_loss.h.
-#include "diffusion/output_loss.h"
+#include "objectives/output_loss.h"
 
 #include <ATen/autocast_mode.h>
 #include <torch/version.h>
