@@ -1,8 +1,8 @@
-// sedd-parity: our training step against the SEDD or MDLM authors' (docs/DESIGN.md, "Step parity").
+// sedd-parity: our training step against the authors' (SEDD, MDLM, flow_matching; docs/DESIGN.md, "Step parity").
 //   sedd-parity record --config FILE [--section.key value ...] --out OURS.h5 [--snapshots 1,2,21]
 //       one rank: trains train.steps steps and writes the data, initial weights, every step's
 //       batch and draws and our results (the input of tests/data/make_sedd_step_reference.py and,
-//       for diffusion.objective = mdlm, make_mdlm_step_reference.py)
+//       for diffusion.objective = mdlm, make_mdlm_step_reference.py; dfm, make_dfm_step_reference.py)
 //   mpirun -np W sedd-parity compare --reference REF.h5 [--fused-loss true|false] [--tolerance 1e-12]
 //       [--steps N] [--micro-batch-size M] [--zero-stage 1|2] [--json OUT] replays the reference's steps with our
 //       trainer (float64, ZeRO-1 or ZeRO-2 over W ranks) and compares, per step: batches, time and mask draws, loss, gradient norm, clip

@@ -5,8 +5,8 @@
 // draws (x0, t, xt), and per step what a trainer computed: loss, gradient norm, clip factor,
 // learning rate, and at snapshot steps the full gradient, clipped gradient, update, weights and
 // EMA. record_steps() writes a file from a run of ours (group /ours); the reference generator
-// (tests/data/make_sedd_step_reference.py, make_mdlm_step_reference.py) runs the authors' code on
-// the same inputs and adds group /authors; ParityCheck compares a new run of ours with /authors, step by step, as it goes.
+// (tests/data/make_sedd_step_reference.py, make_mdlm_step_reference.py,
+// make_dfm_step_reference.py) runs the authors' code on the same inputs and adds group /authors; ParityCheck compares a new run of ours with /authors, step by step, as it goes.
 #pragma once
 #include <torch/torch.h>
 
