@@ -70,15 +70,14 @@ bool generalized_kl(const ModelConfig& m) { return m.dfm_loss == "generalized_kl
 double final_time(const ModelConfig& m) { return generalized_kl(m) ? 1 - kGeneralizedKlTimeEps : 1.0; }
 
 // The path's source tokens and the move uniforms of x1 [B, L] under keyed streams.
-torch::Tensor keyed_path(const Graph& g, const torch::Tensor& x1, const torch::Tensor& kappa, const RandomStream& move,
-                         const RandomStream& redraw, const torch::Tensor& rows, const torch::Tensor& col_offset) {
+torch::Tensor keyed_path(const Graph& g, const torch::Tensor& x1, const torch::Tensor& kappa, const KeyedCorruption& k) {
   const int64_t L = x1.size(1);
-  auto u = keyed_uniform(move, rows, L, torch::kDouble, col_offset);
+  auto u = keyed_uniform(k.move, k.rows, L, torch::kDouble, k.col_offset);
   torch::Tensor x0;
   if (g.absorbing()) {
     x0 = torch::full_like(x1, g.tokens());
   } else {
-    auto r = keyed_uniform(redraw, rows, L, torch::kDouble, col_offset);
+    auto r = keyed_uniform(k.redraw, k.rows, L, torch::kDouble, k.col_offset);
     x0 = (r * static_cast<double>(g.tokens())).floor().clamp_max(static_cast<double>(g.tokens() - 1)).to(torch::kLong);
   }
   return dfm_path(x0, x1, kappa, u);
@@ -136,8 +135,7 @@ class Dfm final : public Objective {
 
   TrainingDraw draw(const Process& p, const torch::Tensor& x0, const LossDraws& d) const override {
     auto t = d.u.to(torch::kDouble) * final_time(p.model);
-    auto xt = keyed_path(p.graph, x0, dfm_kappa(t, p.model.kappa_power), RandomStream{d.seed, purpose::kCorrupt, d.step},
-                         RandomStream{d.seed, purpose::kRedraw, d.step}, d.rows, torch::Tensor());
+    auto xt = keyed_path(p.graph, x0, dfm_kappa(t, p.model.kappa_power), training_corruption(d));
     return {t, t, xt};
   }
   torch::Tensor loss(DDiT& model, const Process& p, const torch::Tensor& x1, const TrainingDraw& d,
@@ -187,7 +185,7 @@ class Dfm final : public Objective {
     pt.u = u;
     auto kappa = u.to(torch::kDouble);
     pt.conditioning = kappa.pow(1.0 / p.model.kappa_power);
-    pt.xt = keyed_path(p.graph, x0, kappa, k.move, k.redraw, k.rows, k.col_offset);
+    pt.xt = keyed_path(p.graph, x0, kappa, k);
     pt.weight = 1 / (1 - kappa);
     return pt;
   }
@@ -215,7 +213,6 @@ class Dfm final : public Objective {
   torch::Tensor sample(const Process& p, ScoreModel& model, int64_t L, const SamplerConfig& cfg,
                        const Constraint& constraint, const torch::Tensor& ids, torch::Device,
                        const std::function<void(int64_t, int64_t)>& progress) const override {
-    check_sampler(cfg);
     const Graph& graph = p.graph;
     const int64_t B = ids.size(0), V = p.model.vocab_dim();
     const double n = p.model.kappa_power;

@@ -60,6 +60,11 @@ torch::Tensor weighted_cross_entropy(DDiT& model, const DDiTHidden& hid, const t
   return per_seq.index_add_(0, torch::div(rows, L, "floor"), loss_rows * weights.to(loss_rows.scalar_type()));
 }
 
+KeyedCorruption training_corruption(const LossDraws& d) {
+  return {RandomStream{d.seed, purpose::kCorrupt, d.step}, RandomStream{d.seed, purpose::kRedraw, d.step}, d.rows,
+          torch::Tensor()};
+}
+
 void refuse_score_scaling(const ModelConfig& m, const std::string& objective) {
   SEDD_CHECK(!m.scale_by_sigma, "model.scale_by_sigma belongs to the score-entropy objective; set it to false for '{}'",
              objective);
@@ -71,8 +76,7 @@ void require_time_conditioning_off_absorbing(const ModelConfig& m) {
 }
 
 torch::Tensor corrupt_keyed(const Graph& g, const torch::Tensor& x0, const torch::Tensor& sigma, const LossDraws& d) {
-  return g.corrupt(x0, sigma, RandomStream{d.seed, purpose::kCorrupt, d.step}, RandomStream{d.seed, purpose::kRedraw, d.step},
-                   d.rows);
+  return corrupt_keyed(g, x0, sigma, training_corruption(d));
 }
 
 torch::Tensor corrupt_keyed(const Graph& g, const torch::Tensor& x0, const torch::Tensor& sigma,

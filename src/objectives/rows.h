@@ -39,6 +39,8 @@ torch::Tensor weighted_cross_entropy(DDiT& model, const DDiTHidden& hid, const t
 void refuse_score_scaling(const ModelConfig& m, const std::string& objective);  // scale_by_sigma is sedd's
 void require_time_conditioning_off_absorbing(const ModelConfig& m);  // uniform scores depend on the time
 
+// A micro-batch's corruption keys: streams (seed, corrupt / redraw, step), rows its global indices.
+KeyedCorruption training_corruption(const LossDraws& d);
 // x0 [B, L] corrupted by the graph at noise sigma [B] with a micro-batch's keyed draws.
 torch::Tensor corrupt_keyed(const Graph& g, const torch::Tensor& x0, const torch::Tensor& sigma, const LossDraws& d);
 // The same with a bound point's keys.

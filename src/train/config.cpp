@@ -3,6 +3,8 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
+#include <variant>
 
 #include "io/error.h"
 #include "objectives/objective.h"
@@ -112,7 +114,26 @@ int64_t checkpoint_interval(const std::string& setting) {
 }
 
 namespace {
-std::string flag_text(bool b) { return b ? "true" : "false"; }
+
+// The field behind each key an objective may default: one list serves reading and setting.
+using SettingField = std::variant<bool*, double*, std::string*>;
+SettingField objective_setting_field(TrainingConfig& c, const std::string& key) {
+  if (key == "model.time_conditioning") return &c.model.time_conditioning;
+  if (key == "model.scale_by_sigma") return &c.model.scale_by_sigma;
+  if (key == "train.time_sampling") return &c.train.time_sampling;
+  if (key == "train.warmup_from_zero") return &c.train.warmup_from_zero;
+  if (key == "train.loss_mean") return &c.train.loss_mean;
+  if (key == "train.schedule") return &c.train.schedule;
+  if (key == "train.ema") return &c.train.ema;
+  if (key == "train.beta2") return &c.train.beta2;
+  if (key == "train.min_lr_ratio") return &c.train.min_lr_ratio;
+  if (key == "diffusion.graph") return &c.model.graph;
+  if (key == "diffusion.source") return &c.model.source;
+  if (key == "diffusion.dfm_loss") return &c.model.dfm_loss;
+  if (key == "diffusion.kappa_power") return &c.model.kappa_power;
+  fail("{} is not a setting with an objective default", key);
+}
+
 }  // namespace
 
 std::vector<std::pair<std::string, std::string>> objective_defaults(const ModelConfig& m) {
@@ -120,47 +141,34 @@ std::vector<std::pair<std::string, std::string>> objective_defaults(const ModelC
 }
 
 void set_objective_setting(TrainingConfig& c, const std::string& key, const std::string& value) {
-  auto as_bool = [&] {
-    SEDD_CHECK(value == "true" || value == "false", "{}: '{}' is not true or false", key, value);
-    return value == "true";
-  };
-  auto as_number = [&] {
-    char* end = nullptr;
-    const double v = std::strtod(value.c_str(), &end);
-    SEDD_CHECK(end && *end == '\0' && !value.empty(), "{}: '{}' is not a number", key, value);
-    return v;
-  };
-  if (key == "model.time_conditioning") c.model.time_conditioning = as_bool();
-  else if (key == "model.scale_by_sigma") c.model.scale_by_sigma = as_bool();
-  else if (key == "train.time_sampling") c.train.time_sampling = value;
-  else if (key == "train.warmup_from_zero") c.train.warmup_from_zero = as_bool();
-  else if (key == "train.loss_mean") c.train.loss_mean = value;
-  else if (key == "diffusion.graph") c.model.graph = value;
-  else if (key == "diffusion.source") c.model.source = value;
-  else if (key == "diffusion.dfm_loss") c.model.dfm_loss = value;
-  else if (key == "train.schedule") c.train.schedule = value;
-  else if (key == "diffusion.kappa_power") c.model.kappa_power = as_number();
-  else if (key == "train.ema") c.train.ema = as_number();
-  else if (key == "train.beta2") c.train.beta2 = as_number();
-  else if (key == "train.min_lr_ratio") c.train.min_lr_ratio = as_number();
-  else fail("{} is not a setting with an objective default", key);
+  std::visit(
+      [&](auto* field) {
+        using T = std::remove_pointer_t<decltype(field)>;
+        if constexpr (std::is_same_v<T, bool>) {
+          SEDD_CHECK(value == "true" || value == "false", "{}: '{}' is not true or false", key, value);
+          *field = value == "true";
+        } else if constexpr (std::is_same_v<T, double>) {
+          char* end = nullptr;
+          const double v = std::strtod(value.c_str(), &end);
+          SEDD_CHECK(end && *end == '\0' && !value.empty(), "{}: '{}' is not a number", key, value);
+          *field = v;
+        } else {
+          *field = value;
+        }
+      },
+      objective_setting_field(c, key));
 }
 
 std::string objective_setting(const TrainingConfig& c, const std::string& key) {
-  if (key == "model.time_conditioning") return flag_text(c.model.time_conditioning);
-  if (key == "model.scale_by_sigma") return flag_text(c.model.scale_by_sigma);
-  if (key == "train.time_sampling") return c.train.time_sampling;
-  if (key == "train.warmup_from_zero") return flag_text(c.train.warmup_from_zero);
-  if (key == "train.loss_mean") return c.train.loss_mean;
-  if (key == "diffusion.graph") return c.model.graph;
-  if (key == "diffusion.source") return c.model.source;
-  if (key == "diffusion.dfm_loss") return c.model.dfm_loss;
-  if (key == "diffusion.kappa_power") return fmt::format("{}", c.model.kappa_power);
-  if (key == "train.schedule") return c.train.schedule;
-  if (key == "train.ema") return fmt::format("{}", c.train.ema);
-  if (key == "train.beta2") return fmt::format("{}", c.train.beta2);
-  if (key == "train.min_lr_ratio") return fmt::format("{}", c.train.min_lr_ratio);
-  fail("{} is not a setting with an objective default", key);
+  TrainingConfig copy = c;  // the field lookup hands out pointers into a mutable config
+  return std::visit(
+      [](auto* field) -> std::string {
+        using T = std::remove_pointer_t<decltype(field)>;
+        if constexpr (std::is_same_v<T, bool>) return *field ? "true" : "false";
+        else if constexpr (std::is_same_v<T, double>) return fmt::format("{}", *field);
+        else return *field;
+      },
+      objective_setting_field(copy, key));
 }
 
 std::vector<std::string> apply_objective_defaults(TrainingConfig& c, const std::set<std::string>& given) {

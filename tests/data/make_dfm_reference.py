@@ -115,7 +115,6 @@ logits; then per source and variant (plain, corrector): A, C, x_init (uniform on
 u_jump [S - 1, B, L], and a uniform for every position of the S - 1 jump steps of which u_new keeps the
 jumping ones. Rerun with the same seed it rewrites the file exactly.
 """
-import argparse
 import contextlib
 import itertools
 import math
@@ -128,7 +127,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import write_reference, compare, stub_torchdiffeq  # noqa: E402
+from reference_common import stub_torchdiffeq, golden_arguments, write_and_compare  # noqa: E402
 
 stub_torchdiffeq()
 
@@ -362,11 +361,7 @@ def replay(d, n, step, div_free, p_0, V, S):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--out', required=True)
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--compare', metavar='FILE', help='afterwards, compare every dataset and attribute with FILE')
-    a = ap.parse_args()
+    a = golden_arguments(__doc__)
     assert flow_matching.__version__ == VERSION, flow_matching.__version__
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
@@ -427,10 +422,7 @@ def main():
                     int((d['x_final'] == MASK).sum())))
         print('smallest distance between an injected uniform and its threshold: %.3g' % margin)
 
-    write_reference(a.out, out, a.seed, SOURCE)
-    print('wrote', a.out, os.path.getsize(a.out), 'bytes')
-    if a.compare:
-        sys.exit(compare(a.out, a.compare))
+    write_and_compare(a, out, SOURCE)
 
 
 if __name__ == '__main__':

@@ -112,7 +112,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat, stub_torchdiffeq, STEP_CONFIG_HEAD, write_authors  # noqa: E402
+from reference_common import record_our_run, flat, stub_torchdiffeq, STEP_CONFIG_HEAD, write_authors, copy_our_run  # noqa: E402
 
 stub_torchdiffeq()
 
@@ -323,12 +323,7 @@ def main():
 
     tmp = a.out + '.partial'
     with h5py.File(ours, 'r') as src, h5py.File(tmp, 'w') as dst:
-        for k, v in src.attrs.items():
-            dst.attrs[k] = v
-        for g in ('data', 'init', 'steps'):
-            src.copy(g, dst)
-        for k in ('loss', 'grad_norm', 'clip_coef', 'lr', 'snapshot_steps'):  # our recorded run, for reference
-            src.copy('ours/' + k, dst, name='ours/' + k)
+        copy_our_run(src, dst)
         dst.attrs['source'] = ('facebookresearch/flow_matching (commit %s, flow_matching %s): examples/text '
                                'model.Transformer(masked=True), logic.flow (mask source, PolynomialConvexScheduler(1), '
                                'MixturePathGeneralizedKL mean), logic.training.step and optimization_step (AdamW, '

@@ -52,7 +52,6 @@ frequencies with torch.arange(dtype=float32); while the float64 network (DIT64) 
 keeps float64 tensors float64 and that arange gives float64, so every operation of DIT64 is float64
 (its rotary inv_freq buffer keeps the float32 values, as in the float32 network and in our weights).
 """
-import argparse
 import contextlib
 import copy
 import os
@@ -63,7 +62,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import write_reference, compare  # noqa: E402
+from reference_common import golden_arguments, write_and_compare  # noqa: E402
 import mdlm_shims  # noqa: F401,E402  (stand-ins for flash_attn/lightning/...; MDLM_REF on sys.path)
 import diffusion, noise_schedule  # noqa: E402
 from models import dit  # noqa: E402
@@ -151,11 +150,7 @@ def with_masks(x, gen, fraction):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--out', required=True)
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--compare', metavar='FILE', help='afterwards, compare every dataset and attribute with FILE')
-    a = ap.parse_args()
+    a = golden_arguments(__doc__)
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)                    # the authors' initialisation (overwritten)
     gen = torch.Generator().manual_seed(a.seed)  # every input of this script
@@ -262,10 +257,7 @@ def main():
                 ddpm[variant + '/p_x0'] = p_used
         out['ddpm_step'] = (ddpm, dict(dt=DDPM_DT))
 
-    write_reference(a.out, out, a.seed, SOURCE)
-    print('wrote', a.out, os.path.getsize(a.out), 'bytes')
-    if a.compare:
-        sys.exit(compare(a.out, a.compare))
+    write_and_compare(a, out, SOURCE)
 
 
 if __name__ == '__main__':

@@ -48,7 +48,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD, write_authors  # noqa: E402
+from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD, write_authors, copy_our_run  # noqa: E402
 import mdlm_shims  # noqa: F401,E402  (stand-ins for flash_attn/lightning/hydra/...; MDLM_REF on sys.path)
 import diffusion  # noqa: E402
 import models  # noqa: E402
@@ -206,12 +206,7 @@ def main():
 
     tmp = a.out + '.partial'
     with h5py.File(ours, 'r') as src, h5py.File(tmp, 'w') as dst:
-        for k, v in src.attrs.items():
-            dst.attrs[k] = v
-        for g in ('data', 'init', 'steps'):
-            src.copy(g, dst)
-        for k in ('loss', 'grad_norm', 'clip_coef', 'lr', 'snapshot_steps'):  # our recorded run, for reference
-            src.copy('ours/' + k, dst, name='ours/' + k)
+        copy_our_run(src, dst)
         commit = os.environ.get('MDLM_REF_COMMIT', 'c112c52')
         dst.attrs['source'] = ('kuleshov-group/mdlm (commit %s): diffusion.Diffusion (subs, T = 0), models.dit.DIT, '
                                'noise_schedule.LogLinearNoise, configure_optimizers with constant_warmup '

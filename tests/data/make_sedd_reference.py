@@ -44,7 +44,6 @@ on the CPU); the graph and noise parts run with torch's default dtype set to flo
 authors' internal tensors (torch.ones / torch.zeros in Uniform.rate, Uniform.transition, Absorbing.score_entropy, the
 geometric schedule's sigmas) are float64 too.
 """
-import argparse
 import os
 import sys
 import types
@@ -54,7 +53,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import write_reference, compare  # noqa: E402
+from reference_common import golden_arguments, write_and_compare  # noqa: E402
 import reference_shims  # noqa: F401,E402  (stand-ins for einops/flash_attn/...; SEDD_REF on sys.path)
 import graph_lib, losses, noise_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -119,11 +118,7 @@ def noise_attrs(kind):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--out', required=True)
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--compare', metavar='FILE', help='afterwards, compare every dataset and attribute with FILE')
-    a = ap.parse_args()
+    a = golden_arguments(__doc__)
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)                    # the authors' own draws (sample_transition, initialisation)
     gen = torch.Generator().manual_seed(a.seed)  # this script's inputs
@@ -190,10 +185,7 @@ def main():
         out['model/%s/loss' % name] = (dict(x0=x0, t=t_loss, xt=xt, loss=loss), None)
         out['model/' + name] = ({}, attrs)
 
-    write_reference(a.out, out, a.seed, SOURCE)
-    print('wrote', a.out)
-    if a.compare:
-        sys.exit(compare(a.out, a.compare))
+    write_and_compare(a, out, SOURCE)
 
 
 if __name__ == '__main__':

@@ -41,7 +41,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD, write_authors  # noqa: E402
+from reference_common import record_our_run, flat, layer_norm_in_input_dtype, timestep_embedding_in_input_dtype, STEP_CONFIG_HEAD, write_authors, copy_our_run  # noqa: E402
 import reference_shims  # noqa: F401,E402  (stand-ins for einops/flash_attn/...; SEDD_REF on sys.path)
 import graph_lib, losses, noise_lib  # noqa: E402
 from model import transformer  # noqa: E402
@@ -169,12 +169,7 @@ def main():
 
     tmp = a.out + '.partial'
     with h5py.File(ours, 'r') as src, h5py.File(tmp, 'w') as dst:
-        for k, v in src.attrs.items():
-            dst.attrs[k] = v
-        for g in ('data', 'init', 'steps'):
-            src.copy(g, dst)
-        for k in ('loss', 'grad_norm', 'clip_coef', 'lr', 'snapshot_steps'):  # our recorded run, for reference
-            src.copy('ours/' + k, dst, name='ours/' + k)
+        copy_our_run(src, dst)
         commit = os.environ.get('SEDD_REF_COMMIT', 'unknown')
         dst.attrs['source'] = ('louaaron/Score-Entropy-Discrete-Diffusion (commit %s): SEDD, graph_lib, noise_lib, '
                                'losses.get_step_fn/optimization_manager/get_optimizer, model.ema; float64 with '

@@ -167,3 +167,32 @@ def write_authors(dst, out, snaps, law, seeds, cap, loss_per=None):
     lg.attrs['cap_per_seed'] = cap
     for n, parts in law.items():
         lg.create_dataset(n, data=torch.cat(parts).float().numpy())  # float32 values
+
+
+def copy_our_run(src, dst):
+    """Our side of a step reference, from the file `sedd-parity record` wrote (open h5py files): its
+    attributes, data, initial weights and per-step draws, and our per-step values for reference."""
+    for k, v in src.attrs.items():
+        dst.attrs[k] = v
+    for g in ('data', 'init', 'steps'):
+        src.copy(g, dst)
+    for k in ('loss', 'grad_norm', 'clip_coef', 'lr', 'snapshot_steps'):
+        src.copy('ours/' + k, dst, name='ours/' + k)
+
+
+def golden_arguments(doc):
+    """The command line every golden generator takes: --out, --seed, --compare."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.split('\n')[0])
+    ap.add_argument('--out', required=True)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--compare', metavar='FILE', help='afterwards, compare every dataset and attribute with FILE')
+    return ap.parse_args()
+
+
+def write_and_compare(a, out, source):
+    """Writes the reference `out` to a.out and, with --compare, exits with compare()'s status."""
+    write_reference(a.out, out, a.seed, source)
+    print('wrote', a.out, os.path.getsize(a.out), 'bytes')
+    if a.compare:
+        sys.exit(compare(a.out, a.compare))
