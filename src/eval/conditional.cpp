@@ -208,7 +208,7 @@ std::vector<ScoreResult> score_requests(const Graph& graph, const Noise& noise, 
   o.validate();
   SEDD_CHECK(keys.size() == requests.size(), "score_requests: one key per request");
   const int64_t n = static_cast<int64_t>(requests.size()), L = o.window;
-  const bool ar = objective_of(o.elbo.model).exact();  // exact: the causal model's one pass
+  const bool exact = objective_of(o.elbo.model).exact();  // the causal model's one pass
   // Batches of similar lengths: the autoregressive pass is as wide as its longest input.
   auto fit = [&](int64_t i) {
     return std::min<int64_t>(L, static_cast<int64_t>(requests[i]->context.size() + requests[i]->continuation.size()));
@@ -223,7 +223,7 @@ std::vector<ScoreResult> score_requests(const Graph& graph, const Noise& noise, 
     std::vector<int64_t> batch_keys;
     for (int64_t k = 0; k < B; ++k) batch.push_back(requests[order[first + k]]), batch_keys.push_back(keys[order[first + k]]);
     std::vector<ScoreResult> part(B);
-    if (ar) {
+    if (exact) {
       score_autoregressive_batch(model, batch, o, device, part.data());
     } else {
       std::vector<torch::Tensor> xs, ss;
