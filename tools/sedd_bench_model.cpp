@@ -1,5 +1,8 @@
 // Benchmark (not a test): forward+backward tokens/s of the DDiT score network for a tiny and a
 // GPT-2-small-shaped config, and the model FLOP/s that makes (DDiTImpl::flops_per_token).
+// bd3-split and bd3-mask: the tiny network as block diffusion (L 1024, blocks of 16) with each exact
+// form of its attention (model/block_attention.h); run one config per process to read its peak
+// memory (the process's maximum resident set, printed last).
 //   sedd-bench-model [--device cpu|cuda|all] [--precision auto|bf16|fp32] [--shapes tiny,gpt2-small]
 //                    [--steps N] [--tiny-batch B] [--small-batch B] [--json FILE]
 // --device all (the default): the CPU and, when one is visible, the GPU. Defaults where 0: 3 steps
@@ -13,7 +16,10 @@
 #include <sstream>
 #include <string>
 
+#include <sys/resource.h>
+
 #include "diffusion/times.h"
+#include "objectives/bd3.h"
 #include "objectives/sedd.h"
 #include "model/ddit.h"
 #include "tool_common.h"
@@ -36,8 +42,17 @@ double tokens_per_s(const Shape& s, torch::Device dev, bool bf16, int64_t steps,
   cfg.n_blocks = s.blocks;
   cfg.cond_dim = s.cond;
   cfg.length = s.length;
-  if (std::string(s.name) == "tiny") cfg.tokens = 256;
+  const std::string name = s.name;
+  const bool bd3 = name.rfind("bd3-", 0) == 0;
+  if (name == "tiny" || bd3) cfg.tokens = 256;
+  if (bd3) {
+    cfg.objective = "bd3";
+    cfg.block_size = 16;
+    cfg.time_conditioning = false;
+    cfg.scale_by_sigma = false;
+  }
   DDiT m(cfg);
+  if (bd3) m->set_block_attention(name == "bd3-mask" ? BlockAttention::Mask : BlockAttention::Split);
   m->to(dev);
   m->bf16 = bf16;
   auto graph = make_graph(cfg.graph, cfg.tokens);
@@ -46,9 +61,11 @@ double tokens_per_s(const Shape& s, torch::Device dev, bool bf16, int64_t steps,
   auto x0 = torch::randint(cfg.tokens, {s.batch, s.length}, gen, torch::kLong).to(dev);
   auto t = training_time(torch::rand({s.batch}, gen, torch::kDouble)).to(torch::kFloat).to(dev);
   auto xt = graph->sample_transition(x0, noise->total(t).unsqueeze(-1), gen);
+  auto t_pos = t.to(torch::kDouble).unsqueeze(1).expand({s.batch, s.length}).contiguous();
   auto step = [&] {
     m->zero_grad();
-    auto loss = sequence_loss(*graph, *noise, m->forward(xt, noise->total(t)), t, xt, x0).mean();
+    auto loss = bd3 ? bd3_sequence_loss(m, xt, x0, t_pos, nullptr, LossOptions{}).mean()
+                    : sequence_loss(*graph, *noise, m->forward(xt, noise->total(t)), t, xt, x0).mean();
     loss.backward();
   };
   step();  // warm-up
@@ -72,7 +89,7 @@ int main(int argc, char** argv) {
       "device", po::value(&device)->default_value(device), "cpu | cuda | all (the CPU, and the GPU when visible)")(
       "precision", po::value(&precision)->default_value(precision), "auto | bf16 | fp32 (auto: bf16 on GPUs)")(
       "shapes", po::value(&shape_list)->default_value(shape_list),
-      "the configs measured: tiny, gpt2-small (comma list)")(
+      "the configs measured: tiny, gpt2-small, bd3-split, bd3-mask (comma list)")(
       "steps", po::value(&steps)->default_value(0), "measured steps (0: 3 on the CPU, 20 on a GPU)")(
       "tiny-batch", po::value(&tiny_batch)->default_value(0),
       "sequences per step, tiny (0: 8 on the CPU, 128 on a GPU)")(
@@ -80,7 +97,10 @@ int main(int argc, char** argv) {
       "sequences per step, gpt2-small (0: 1 on the CPU, 16 on a GPU)")(
       "json", po::value(&json_out), "write the figures as JSON");
   if (int rc = tools::parse_options(tool, desc, argc, argv, /*root=*/true); rc >= 0) return rc;
-  const Shape known[] = {{"tiny", 128, 4, 2, 64, 128, 8}, {"gpt2-small", 768, 12, 12, 128, 1024, 1}};
+  const Shape known[] = {{"tiny", 128, 4, 2, 64, 128, 8},
+                         {"gpt2-small", 768, 12, 12, 128, 1024, 1},
+                         {"bd3-split", 128, 4, 2, 64, 1024, 2},
+                         {"bd3-mask", 128, 4, 2, 64, 1024, 2}};
   std::vector<Shape> shapes;
   std::vector<std::pair<torch::Device, bool>> devices;  // device, bf16
   try {
@@ -90,7 +110,8 @@ int main(int argc, char** argv) {
     std::stringstream ss(shape_list);
     for (std::string name; std::getline(ss, name, ',');) {
       auto s = std::find_if(std::begin(known), std::end(known), [&](const Shape& k) { return name == k.name; });
-      SEDD_CHECK_OPTION(s != std::end(known), "--shapes: unknown config '{}' (tiny, gpt2-small)", name);
+      SEDD_CHECK_OPTION(s != std::end(known), "--shapes: unknown config '{}' (tiny, gpt2-small, bd3-split, bd3-mask)",
+                        name);
       shapes.push_back(*s);
     }
     SEDD_CHECK_OPTION(!shapes.empty(), "--shapes names no config");
@@ -116,7 +137,7 @@ int main(int argc, char** argv) {
     nlohmann::json rows = nlohmann::json::array();
     for (const auto& [dev, bf16] : devices) {
       for (Shape run : shapes) {
-        const bool tiny = std::string(run.name) == "tiny";
+        const bool tiny = std::string(run.name) != "gpt2-small";
         const int64_t given = tiny ? tiny_batch : small_batch;
         run.batch = given > 0 ? given : run.batch * (dev.is_cuda() ? 16 : 1);
         const int64_t n = steps > 0 ? steps : dev.is_cuda() ? 20 : 3;
@@ -135,6 +156,9 @@ int main(int argc, char** argv) {
                         {"model_gflops_per_s", tps * fpt / 1e9}});
       }
     }
+    struct rusage usage {};
+    getrusage(RUSAGE_SELF, &usage);
+    std::printf("peak resident memory of this process: %.1f MB\n", usage.ru_maxrss / 1024.0);
     if (!json_out.empty()) {
       std::ofstream f(json_out);
       f << rows.dump(2) << "\n";

@@ -6,7 +6,9 @@
 // roundings, and a draw near a tie can go the other way). The equal-token fraction is reported.
 //   sedd-bench-sample [--device cpu|cuda|auto] [--model tiny|small] [--samples N] [--length L]
 //                     [--steps 64,256,1024] [--precision auto|bf16|fp32] [--json FILE]
-// tiny: the demo shape (2x128, 256 tokens, L 128); small: SEDD-small (12x768, GPT-2 vocabulary, L 1024).
+// tiny: the demo shape (2x128, 256 tokens, L 128); small: SEDD-small (12x768, GPT-2 vocabulary, L 1024);
+// bd3: the tiny shape as block diffusion (L 1024, --block-size 16), sampled by first hitting (or ddpm
+// at each --steps), its clean blocks' keys and values cached or computed again for every call.
 // Bad or unknown options exit 2 (tool_common.h).
 #include <boost/program_options.hpp>
 #include <chrono>
@@ -27,12 +29,13 @@ int main(int argc, char** argv) {
   Runtime& rt = Runtime::init(&argc, &argv, "cpu");
   const char* tool = "sedd-bench-sample";
   std::string device = "cpu", model = "tiny", steps_list, precision = "auto", json_out;
-  int64_t samples = 0, length = 0;
+  int64_t samples = 0, length = 0, block_size = 16;
   bool alter_cached = false;
   po::options_description desc("sedd-bench-sample: sampler throughput");
   desc.add_options()("help,h", "show this help")(
       "device", po::value(&device)->default_value("cpu"), "cpu | cuda | auto (GPU = local rank)")(
-      "model", po::value(&model)->default_value("tiny"), "tiny | small")(
+      "model", po::value(&model)->default_value("tiny"), "tiny | small | bd3")(
+      "block-size", po::value(&block_size)->default_value(16), "bd3: tokens per block")(
       "samples", po::value(&samples)->default_value(0), "samples per batch (0: 8 tiny, 16 small)")(
       "length", po::value(&length)->default_value(0), "tokens per sample (0: 128 tiny, 1024 small)")(
       "steps", po::value(&steps_list)->default_value(""), "comma-separated step counts (default 64,256,1024 / 128,1024)")(
@@ -45,9 +48,14 @@ int main(int argc, char** argv) {
   if (int rc = tools::agree(rt, tool, [&] {
         SEDD_CHECK_OPTION(rt.world == 1, "runs as one process (got {} ranks)", rt.world);
         tools::check_writable(json_out, "--json");
-        SEDD_CHECK_OPTION(model == "tiny" || model == "small", "--model must be tiny or small, got '{}'", model);
+        SEDD_CHECK_OPTION(model == "tiny" || model == "small" || model == "bd3",
+                          "--model must be tiny, small or bd3, got '{}'", model);
+        SEDD_CHECK_OPTION(block_size >= 1, "--block-size must be at least 1, got {}", block_size);
         SEDD_CHECK_OPTION(samples >= 0 && length >= 0, "--samples and --length must be >= 0 (0: the model's default)");
-        std::stringstream ss(steps_list.empty() ? (model == "small" ? "128,1024" : "64,256,1024") : steps_list);
+        // bd3 without --steps: first hitting (its steps are the tokens), written as step count 0.
+        if (model == "bd3" && steps_list.empty()) steps.push_back(0);
+        std::stringstream ss(steps_list.empty() ? (model == "small" ? "128,1024" : model == "bd3" ? "" : "64,256,1024")
+                                                : steps_list);
         for (std::string item; std::getline(ss, item, ',');) {
           size_t used = 0;
           int64_t n = 0;
@@ -64,16 +72,22 @@ int main(int argc, char** argv) {
       });
       rc >= 0)
     return rc;
-  const bool small = model == "small";
+  const bool small = model == "small", bd3 = model == "bd3";
   ModelConfig cfg;
   cfg.tokens = small ? 50257 : 256;
   cfg.hidden_size = small ? 768 : 128;
   cfg.n_heads = small ? 12 : 4;
   cfg.n_blocks = small ? 12 : 2;
   cfg.cond_dim = small ? 128 : 64;
-  cfg.length = length > 0 ? length : (small ? 1024 : 128);
+  cfg.length = length > 0 ? length : (small || bd3 ? 1024 : 128);
   cfg.time_conditioning = false;
-  if (samples <= 0) samples = small ? 16 : 8;
+  if (bd3) {
+    cfg.objective = "bd3";
+    cfg.block_size = block_size;
+    cfg.scale_by_sigma = false;
+    cfg.bos = 0;
+  }
+  if (samples <= 0) samples = small ? 16 : bd3 ? 4 : 8;
   bool all_passed = true;
   try {
     torch::manual_seed(0);
@@ -105,7 +119,9 @@ int main(int argc, char** argv) {
       for (int cached = 0; cached < 2; ++cached) {
         DDiTScore score(m, cached == 1);
         SamplerConfig sc;
-        sc.steps = n;
+        sc.model = cfg;
+        sc.steps = std::max<int64_t>(n, 1);
+        sc.block_sampler = n == 0 ? "first-hitting" : "ddpm";
         sc.seed = 1;
         if (rt.device.is_cuda()) torch::cuda::synchronize(rt.device.index());
         auto t0 = std::chrono::steady_clock::now();

@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
   if (refused >= 0) return refused;
   try {
     const auto& cfg = m.model->cfg;
-    const bool exact = objective_of(cfg).exact();
+    const bool exact = objective_of(cfg).exact(cfg);
     DDiTScore score(m.model, /*cache=*/false);
     const std::string weights = raw_weights || !m.info.has_ema ? "raw" : "EMA";
     if (rt.is_root())

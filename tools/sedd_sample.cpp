@@ -80,8 +80,9 @@ int main(int argc, char** argv) {
   std::string checkpoint, predictor = "analytic", prefix, suffix, fixed, out, device = "auto", precision = "auto";
   std::string score_with, stats_json;
   int64_t num_samples = 4, steps = 128, length = 0, seed = 0, batch = 16, block_size = 0, score_mc = 8;
-  double temperature = 1.0, top_p = 1.0;
-  bool float64 = false, no_cache = false, raw_weights = false, float32_draws = false;
+  double temperature = 1.0, top_p = 1.0, stop_entropy = 0;
+  bool float64 = false, no_cache = false, raw_weights = false, float32_draws = false, stop_at_eot = false;
+  std::string block_sampler = "first-hitting";
   std::string corrector;
   po::options_description desc("sedd-sample: text from a trained SEDD model");
   desc.add_options()("help,h", "show this help")(
@@ -90,7 +91,14 @@ int main(int argc, char** argv) {
       "steps", po::value(&steps)->default_value(128), "reverse-process steps")(
       "predictor", po::value(&predictor)->default_value("analytic"), "euler | analytic (score-entropy models)")(
       "temperature", po::value(&temperature)->default_value(1.0), "autoregressive models: logits / temperature")(
-      "top-p", po::value(&top_p)->default_value(1.0), "autoregressive models: nucleus sampling (1: off)")(
+      "top-p", po::value(&top_p)->default_value(1.0),
+      "autoregressive and block diffusion models: nucleus sampling (1: off)")(
+      "block-sampler", po::value(&block_sampler)->default_value("first-hitting"),
+      "block diffusion models: first-hitting (one token per network call) | ddpm (--steps per block)")(
+      "stop-at-eot", po::bool_switch(&stop_at_eot),
+      "block diffusion models: end a sample at its first end-of-text (the rest: end-of-text)")(
+      "stop-entropy", po::value(&stop_entropy)->default_value(0),
+      "block diffusion models: end a sample when its last 256 tokens have less entropy (nats; 4 as the authors; 0: off)")(
       "length", po::value(&length)->default_value(0),
       "tokens per sample (0: the training length; longer: generated block by block)")(
       "block-size", po::value(&block_size)->default_value(0),
@@ -135,7 +143,8 @@ int main(int argc, char** argv) {
     const auto& cfg = m.model->cfg;
     // Options for another kind of model are refused, never silently ignored.
     std::set<std::string> sampler_options;
-    for (const char* opt : {"predictor", "temperature", "top-p", "corrector", "float32-draws"})
+    for (const char* opt :
+         {"predictor", "temperature", "top-p", "corrector", "float32-draws", "block-sampler", "stop-at-eot", "stop-entropy"})
       if (set(opt)) sampler_options.insert(opt);
     check_sampler_options(cfg, sampler_options, m.path);
     if (length <= 0) length = cfg.length;
@@ -161,6 +170,14 @@ int main(int argc, char** argv) {
     sc.steps = steps;
     sc.float64 = float64;
     sc.float32_draws = float32_draws;
+    sc.block_sampler = block_sampler;
+    sc.stop_at_eot = stop_at_eot;
+    sc.stop_entropy = stop_entropy;
+    const bool any_length = objective_of(cfg).samples_any_length();
+    SEDD_CHECK_OPTION(!any_length || !set("block-size"),
+                      "--block-size: {} is a {} model, which generates in its trained blocks of {} tokens; --block-size "
+                      "is for the other models' generation past the window",
+                      m.path, cfg.objective, cfg.block_size);
     if (!corrector.empty()) {
       std::vector<double> abc;
       for (const auto& part : fs::split_nonempty(corrector, ',')) {
@@ -176,7 +193,7 @@ int main(int argc, char** argv) {
     sc.validate();
     cons.validate(length, cfg.tokens);
     if (block_size <= 0) block_size = cfg.length / 2;
-    SEDD_CHECK_OPTION(length <= cfg.length || !(!suffix.empty() || !fixed.empty()),
+    SEDD_CHECK_OPTION(length <= cfg.length || any_length || !(!suffix.empty() || !fixed.empty()),
                       "--suffix and --fix need --length <= the training length ({}): block generation conditions the "
                       "first block only (use --prefix)",
                       cfg.length);
@@ -221,7 +238,7 @@ int main(int argc, char** argv) {
                      tty ? "   " : "\n");
       };
       auto sample_ids = torch::arange(b, b + n, torch::kLong);
-      auto x = (length > cfg.length ? sample_blocks(*graph, *noise, score, length, cfg.length, block_size, sc, cons,
+      auto x = (length > cfg.length && !objective.samples_any_length() ? sample_blocks(*graph, *noise, score, length, cfg.length, block_size, sc, cons,
                                                     sample_ids, rt.device, progress)
                                     : sample(*graph, *noise, score, length, sc, cons, sample_ids, rt.device, progress))
                    .cpu()
@@ -299,7 +316,7 @@ int main(int argc, char** argv) {
         stats["gen_perplexity_sd"] = p_sd;
         stats["gen_nats_per_token_sd"] = nll_sd;
         std::fprintf(stderr, "[sample] generative perplexity under %s (%s): %.3f (per sample %.3f +- %.3f)\n",
-                     scorer.path.c_str(), objective_of(scorer.model->cfg).exact() ? "exact" : "its bound", std::exp(nll),
+                     scorer.path.c_str(), objective_of(scorer.model->cfg).exact(scorer.model->cfg) ? "exact" : "its bound", std::exp(nll),
                      p, p_sd);
       }
       std::fprintf(stderr, "[sample] unigram entropy per sample: %.3f +- %.3f nats\n", h, h_sd);

@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
     o.batch_size = batch;
     o.window = cfg.length;
     o.pad_id = cfg.bos >= 0 ? cfg.bos : m.tokenizer() ? m.tokenizer()->eot_id() : -1;
-    o.uniform_graph = !cfg.network().mask_state && !objective_of(cfg).exact();
+    o.uniform_graph = !cfg.network().mask_state && !cfg.causal();
     o.validate();
     requests = read_score_requests(requests_path, m.tokenizer(), cfg.tokens, cfg.length);
   });
@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
     if (rt.is_root())
       std::fprintf(stderr, "[score] %s (%s): %zu requests (%lld refused); %s; %d ranks on %s (%s)\n", m.path.c_str(),
                    cfg.objective.c_str(), requests.size(), static_cast<long long>(bad),
-                   objective_of(cfg).exact() ? "exact likelihood"
+                   cfg.causal() ? "exact likelihood"
                                          : fmt::format("bound, {} {} draws per request", mc, sampling).c_str(),
                    rt.world, rt.device_name().c_str(), m.model->bf16 ? "bf16" : "fp32");
     auto start = std::chrono::steady_clock::now();

@@ -57,6 +57,10 @@ void build_train_options(OptionTable& t, TrainingConfig& c) {
   add(t, "diffusion.source", &c.model.source, "dfm: mask | uniform (default mask; sets the graph)");
   add(t, "diffusion.kappa_power", &c.model.kappa_power, "dfm: n of the scheduler kappa_t = t^n (default 1)");
   add(t, "diffusion.dfm_loss", &c.model.dfm_loss, "dfm: generalized_kl | cross_entropy (default generalized_kl)");
+  add(t, "diffusion.block_size", &c.model.block_size, "bd3: tokens per block L' (divides data.seq_len)");
+  add(t, "diffusion.clip", &c.model.clip, "bd3: clipped schedule 'beta,omega' (default 1e-3,1; 1,1 for block_size 1)");
+  add(t, "diffusion.clip_search_every", &c.train.clip_search_every,
+      "bd3: choose the clipped window again every this many steps (EMA weights, data.valid; 0: never)");
   add(t, "diffusion.eps", &c.model.noise.eps, "log-linear / cosine schedule epsilon");
   add(t, "diffusion.sigma_min", &c.model.noise.sigma_min, "geometric schedule sigma_min");
   add(t, "diffusion.sigma_max", &c.model.noise.sigma_max, "geometric schedule sigma_max");

@@ -82,7 +82,7 @@ std::vector<ScoreRequest> read_score_requests(const std::string& path, const Tok
 }
 
 void ScoreOptions::validate() const {
-  if (!objective_of(elbo.model).exact()) elbo.validate();
+  if (!elbo.model.causal()) elbo.validate();
   SEDD_CHECK_OPTION(batch_size > 0, "--batch-size must be positive, got {}", batch_size);
   SEDD_CHECK_OPTION(window > 0, "the model's window must be positive, got {}", window);
   SEDD_CHECK_OPTION(pad_id >= 0, "the model has no end-of-text id (neither its config nor its tokenizer says one)");
@@ -208,7 +208,7 @@ std::vector<ScoreResult> score_requests(const Graph& graph, const Noise& noise, 
   o.validate();
   SEDD_CHECK(keys.size() == requests.size(), "score_requests: one key per request");
   const int64_t n = static_cast<int64_t>(requests.size()), L = o.window;
-  const bool exact = objective_of(o.elbo.model).exact();  // the causal model's one pass
+  const bool exact = o.elbo.model.causal();  // the causal model's one pass
   // Batches of similar lengths: the autoregressive pass is as wide as its longest input.
   auto fit = [&](int64_t i) {
     return std::min<int64_t>(L, static_cast<int64_t>(requests[i]->context.size() + requests[i]->continuation.size()));

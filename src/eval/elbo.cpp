@@ -57,22 +57,30 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
   const int64_t chunk = std::max<int64_t>(1, cfg.chunk_elems / dim);
   const Objective& obj = objective_of(cfg.model);
   const Process proc{graph, noise, cfg.model};
+  // An exact likelihood replaces the bound's points (a conditional one keeps them: bd3 with blocks
+  // of one token draws t = 1 at every point, so they agree without Monte Carlo error).
+  const bool exact = obj.exact(cfg.model) && !conditional;
   auto flat_x0 = x0.reshape({-1});
   auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(device);
-  if (obj.exact()) {  // one pass, the same value in every column (no Monte Carlo error)
+  if (exact) {  // one pass, the same value in every column (no Monte Carlo error)
     auto all = masked ? flat_loss_mask.nonzero().squeeze(1) : torch::arange(B * L, lopts);
     values.copy_(obj.exact_nll(proc, model, x0, all, chunk).unsqueeze(1).expand({B, K}));
   }
   const bool masked_rows_only = obj.bound_on_masked_rows(proc);
-  for (int64_t k = 0; k < K && !obj.exact(); ++k) {
+  for (int64_t k = 0; k < K && !exact; ++k) {
     auto u = times.select(1, k).contiguous();
     auto offset = torch::full({B}, k * L, lopts);
     KeyedCorruption keys{RandomStream{cfg.seed, purpose::kEvalCorrupt, 0}, RandomStream{cfg.seed, purpose::kEvalRedraw, 0},
                          indices, offset};
     BoundPoint pt = obj.bound_point(proc, u, x0, keys);
     if (conditional) pt.xt = torch::where(scored, pt.xt, x0);  // the condition stays clean at every time
-    model.evaluate(pt.xt, pt.conditioning);
+    if (pt.clean.defined()) {
+      model.evaluate_with_clean(pt.xt, pt.conditioning, pt.clean);
+    } else {
+      model.evaluate(pt.xt, pt.conditioning);
+    }
     auto flat_xt = pt.xt.view({-1});
+    auto flat_weight = pt.position_weight.defined() ? pt.position_weight.reshape({-1}) : torch::Tensor();
     // Unscored positions (loss_mask false) are corrupted and seen like the others, never scored.
     torch::Tensor rows = masked_rows_only ? (masked ? (flat_xt == graph.tokens()).logical_and(flat_loss_mask)
                                                     : (flat_xt == graph.tokens())).nonzero().squeeze(1)
@@ -84,8 +92,9 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
       auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
       auto batch = torch::div(r, L, "floor");
       auto out = model.rows(r).to(torch::kDouble);
-      per_seq.index_add_(0, batch,
-                         obj.bound_terms(proc, pt, out, batch, flat_xt.index_select(0, r), flat_x0.index_select(0, r)));
+      auto terms = obj.bound_terms(proc, pt, out, batch, flat_xt.index_select(0, r), flat_x0.index_select(0, r));
+      if (flat_weight.defined()) terms = terms * flat_weight.index_select(0, r);
+      per_seq.index_add_(0, batch, terms);
     }
     values.select(1, k).copy_(pt.weight * per_seq);
   }
@@ -93,14 +102,14 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
   ElboResult r;
   const double prior_per_token = obj.prior_nats_per_token(proc);
   r.prior_nats = prior_per_token * static_cast<double>(L);
-  const bool per_row_prior = conditional || (masked && !obj.exact());
+  const bool per_row_prior = conditional || (masked && !exact);
   if (per_row_prior) {  // each row's own prior term, in its draws, so the results below include it
     r.prior_nats = prior_per_token;
     const auto& counted = conditional ? scored : loss_mask;
     values += (counted.sum(1).to(torch::kDouble).cpu() * r.prior_nats).unsqueeze(1);
   }
   const double prior_added = per_row_prior ? 0.0 : r.prior_nats;
-  if (obj.exact()) {  // no Monte Carlo error
+  if (exact) {  // no Monte Carlo error
     r.bound = values.select(1, 0).clone();
     r.mc_variance = torch::zeros_like(r.bound);
   } else if (cfg.sampling == "antithetic" && K > 2) {  // the independent units are the pairs
@@ -133,7 +142,7 @@ ElboResult elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model,
 ElboResult conditional_elbo_batch(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
                                   const torch::Tensor& scored, const torch::Tensor& indices, const ElboConfig& cfg,
                                   torch::Device device) {
-  SEDD_CHECK(!objective_of(cfg.model).exact(), "conditional_elbo_batch: the {} likelihood is exact; no bound",
+  SEDD_CHECK(!cfg.model.causal(), "conditional_elbo_batch: the {} likelihood is exact; no bound",
              cfg.model.objective);
   SEDD_CHECK(scored.sizes() == x0.sizes() && indices.size(0) == x0.size(0),
              "conditional_elbo_batch: scored must be shaped like x0 and indices hold one key per row");

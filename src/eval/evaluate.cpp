@@ -88,6 +88,7 @@ EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const st
   // bound, MC variance, windows, sum bound^2, sum bound*scored, sum scored^2, scored tokens
   std::vector<double> sums(7, 0.0);
   const int64_t stride = o.batch_size * W, L = cfg.length;
+  const int64_t unscored = objective_of(cfg).unscored_positions(cfg);
   const StoredReader read = [&](int64_t b, int64_t c, int64_t* out) { dataset.read(b, c, out); };
   for (int64_t first = 0; first < n; first += stride) {
     const int64_t row0 = first + r * o.batch_size, rows = std::clamp<int64_t>(n - row0, 0, o.batch_size);
@@ -96,6 +97,8 @@ EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const st
       auto scored = torch::empty({rows, L}, torch::kUInt8);
       for (int64_t i = 0; i < rows; ++i)
         fill_window(plan, row0 + i, read, x0[i].data_ptr<int64_t>(), scored[i].data_ptr<uint8_t>());
+      // Positions the objective's bound never scores (bd3's position 0) do not count as tokens.
+      scored.narrow(1, 0, unscored).zero_();
       auto res = elbo_batch(*graph, *noise, model, x0, row0, o.elbo, device,
                             padded ? scored.to(torch::kBool) : torch::Tensor());
       auto counts = scored.sum(1).to(torch::kDouble);
@@ -128,7 +131,7 @@ EvalSummary evaluate_dataset(ScoreModel& model, const ModelConfig& cfg, const st
   s.stderr_data = windows > 1 ? std::sqrt(residual * windows / (windows - 1)) / tokens : 0.0;
   const Objective& objective = objective_of(o.elbo.model);
   s.prior_nats_per_token = objective.prior_nats_per_token(Process{*graph, *noise, o.elbo.model});
-  s.exact = objective.exact();
+  s.exact = objective.exact(o.elbo.model);
   s.tokenizer_check = tokenizer_check;
   s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return s;

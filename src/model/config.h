@@ -14,6 +14,9 @@ struct NetworkShape {
   bool log_score = false;   // outputs are log concrete scores (else logits of the clean/next token)
   bool mask_in_softmax = false;  // the clean token's distribution keeps the mask column (dfm)
   double embedding_std = 0;  // > 0: token embedding drawn N(0, std^2) (else kaiming uniform, as SEDD's)
+  // > 0: block diffusion's attention (bd3): the network reads x_t followed by x_0 (2L positions) with
+  // blocks of this many tokens (model/block_attention.h).
+  int64_t block_size = 0;
 };
 
 struct ModelConfig {
@@ -41,6 +44,10 @@ struct ModelConfig {
   std::string source;
   double kappa_power = 0;
   std::string dfm_loss;
+  // bd3: tokens per block L' (divides length) and the clipped schedule "beta,omega" (t drawn in
+  // [beta, omega]; empty: the objective's default). Unset (0, empty) for the other objectives.
+  int64_t block_size = 0;
+  std::string clip;
 
   // The objective's choices (defined with the objectives, src/objectives/registry.cpp).
   NetworkShape network() const;

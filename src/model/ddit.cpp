@@ -7,6 +7,7 @@
 #include <cmath>
 #include <optional>
 
+#include "io/error.h"
 #include "model/fused_ops.h"
 
 namespace sedd {
@@ -163,9 +164,9 @@ RotaryImpl::RotaryImpl(int64_t head_dim, double base) {
   inv_freq = register_buffer("inv_freq", 1.0 / torch::pow(base, exps));
 }
 
-torch::Tensor RotaryImpl::apply(const torch::Tensor& x) const {
+torch::Tensor RotaryImpl::apply(const torch::Tensor& x, int64_t offset) const {
   const int64_t L = x.size(1);
-  auto t = torch::arange(L, inv_freq.options());
+  auto t = torch::arange(offset, offset + L, inv_freq.options());
   auto freqs = torch::outer(t, inv_freq);                         // [L, Dh/2]
   auto emb = torch::cat({freqs, freqs}, -1).view({1, L, 1, -1});  // [1, L, 1, Dh]
   auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
@@ -189,20 +190,46 @@ DDiTBlockImpl::DDiTBlockImpl(int64_t idx, int64_t dim, int64_t heads, int64_t co
 
 torch::Tensor DDiTBlockImpl::forward(const torch::Tensor& x_in, const Rotary& rotary, const torch::Tensor& c,
                                      const DropoutKey* key, bool fused) {
-  const int64_t B = x_in.size(0), L = x_in.size(1), D = x_in.size(2);
+  const int64_t B = x_in.size(0), L = x_in.size(1), D = x_in.size(2), Dh = D / n_heads;
   auto mod = adaLN_modulation->forward(c).unsqueeze(1).chunk(6, 2);  // 6 x [B, 1, D]
-  auto &shift_msa = mod[0], &scale_msa = mod[1], &gate_msa = mod[2];
-  auto &shift_mlp = mod[3], &scale_mlp = mod[4], &gate_mlp = mod[5];
-  const bool training = is_training();
-
-  torch::Tensor x = fused ? layer_norm_modulate(x_in, norm1->weight, shift_msa, scale_msa)
-                          : modulate(norm1->forward(x_in), shift_msa, scale_msa);
-  auto qkv = attn_qkv->forward(x).view({B, L, 3, n_heads, D / n_heads});  // [B, L, 3, H, Dh]
+  torch::Tensor x = fused ? layer_norm_modulate(x_in, norm1->weight, mod[0], mod[1])
+                          : modulate(norm1->forward(x_in), mod[0], mod[1]);
+  auto qkv = attn_qkv->forward(x).view({B, L, 3, n_heads, Dh});  // [B, L, 3, H, Dh]
   auto rope = [&](const torch::Tensor& t) { return fused ? sedd::rotary(t, rotary->inv_freq) : rotary->apply(t); };
-  auto q = rope(qkv.select(2, 0)), k = rope(qkv.select(2, 1)), v = qkv.select(2, 2);
-  // [B, H, L, Dh]; attention over the whole sequence (diffusion) or the earlier positions (autoregressive).
-  auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, causal);
-  attn = attn.transpose(1, 2).reshape({B, L, D});
+  torch::Tensor attn;
+  if (block_size > 0) {
+    // x_t then x_0: the rotary positions restart for each half (x_t[i] and x_0[i] both sit at i).
+    const int64_t n = L / 2;
+    auto rope_halves = [&](const torch::Tensor& t) { return rope(t.reshape({2 * B, n, n_heads, Dh})).view({B, L, n_heads, Dh}); };
+    auto q = rope_halves(qkv.select(2, 0)), k = rope_halves(qkv.select(2, 1)), v = qkv.select(2, 2);
+    attn = block_diffusion_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_size, block_attention);
+  } else {
+    auto q = rope(qkv.select(2, 0)), k = rope(qkv.select(2, 1)), v = qkv.select(2, 2);
+    // [B, H, L, Dh]; attention over the whole sequence (diffusion) or the earlier positions (autoregressive).
+    attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, causal);
+  }
+  return residual_tail(x_in, attn.transpose(1, 2).reshape({B, L, D}), mod, key, fused);
+}
+
+torch::Tensor DDiTBlockImpl::forward_on_context(const torch::Tensor& x_in, const Rotary& rotary, const torch::Tensor& c,
+                                                int64_t offset, const torch::Tensor& k_ctx, const torch::Tensor& v_ctx,
+                                                torch::Tensor* k_out, torch::Tensor* v_out) {
+  const int64_t B = x_in.size(0), T = x_in.size(1), D = x_in.size(2), Dh = D / n_heads;
+  auto mod = adaLN_modulation->forward(c).unsqueeze(1).chunk(6, 2);
+  auto qkv = attn_qkv->forward(modulate(norm1->forward(x_in), mod[0], mod[1])).view({B, T, 3, n_heads, Dh});
+  auto q = rotary->apply(qkv.select(2, 0), offset).transpose(1, 2);
+  auto k = rotary->apply(qkv.select(2, 1), offset).transpose(1, 2);
+  auto v = qkv.select(2, 2).transpose(1, 2);
+  auto attn = context_attention(q, k_ctx, v_ctx, k, v);
+  if (k_out) *k_out = k.contiguous();
+  if (v_out) *v_out = v.contiguous();
+  return residual_tail(x_in, attn.transpose(1, 2).reshape({B, T, D}), mod, nullptr, false);
+}
+
+torch::Tensor DDiTBlockImpl::residual_tail(const torch::Tensor& x_in, const torch::Tensor& attn,
+                                           const std::vector<torch::Tensor>& mod, const DropoutKey* key, bool fused) {
+  auto &gate_msa = mod[2], &shift_mlp = mod[3], &scale_mlp = mod[4], &gate_mlp = mod[5];
+  const bool training = is_training();
   if (!fused) {
     torch::Tensor h = x_in + gate_msa * keyed_dropout(attn_out->forward(attn), dropout, training, key, 2 * index);
     auto branch = mlp->forward(modulate(norm2->forward(h), shift_mlp, scale_mlp));
@@ -260,6 +287,7 @@ DDiTImpl::DDiTImpl(ModelConfig c) : cfg(std::move(c)) {
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < cfg.n_blocks; ++i)
     blocks->push_back(DDiTBlock(i, cfg.hidden_size, cfg.n_heads, cfg.cond_dim, cfg.dropout, cfg.causal()));
+  set_block_attention(BlockAttention::Split);
   output_layer = register_module("output_layer", FinalLayer(cfg.hidden_size, cfg.vocab_dim(), cfg.cond_dim));
 }
 
@@ -332,6 +360,39 @@ torch::Tensor DDiTImpl::finish(const torch::Tensor& raw, const torch::Tensor& in
   return torch::scatter(x, -1, indices.unsqueeze(-1), torch::zeros_like(x.narrow(-1, 0, 1)));
 }
 
+void DDiTImpl::set_block_attention(BlockAttention form) {
+  const int64_t block = cfg.network().block_size;
+  for (size_t i = 0; i < blocks->size(); ++i) {
+    auto* b = blocks[i]->as<DDiTBlock>();
+    b->block_size = block;
+    b->block_attention = form;
+  }
+}
+
+DDiTHidden DDiTImpl::forward_on_context(const torch::Tensor& tokens, const torch::Tensor& sigma, BlockContext& context,
+                                        bool extend) {
+  SEDD_CHECK(cfg.network().block_size > 0, "forward_on_context: a {} model has no block-diffusion attention",
+             cfg.objective);
+  const int64_t offset = context.length();
+  torch::Tensor x = vocab_embed->forward(tokens);
+  torch::Tensor c = F::silu(sigma_map->forward(cfg.time_conditioning ? sigma : torch::zeros_like(sigma)));
+  CudaAutocast autocast(bf16 && x.is_cuda());
+  const size_t layers = blocks->size();
+  if (extend && context.k.empty()) context.k.resize(layers), context.v.resize(layers);
+  for (size_t i = 0; i < layers; ++i) {
+    auto* block = blocks[i]->as<DDiTBlock>();
+    torch::Tensor k_ctx = offset > 0 ? context.k[i] : torch::Tensor(), v_ctx = offset > 0 ? context.v[i] : torch::Tensor();
+    torch::Tensor k_new, v_new;
+    x = block->forward_on_context(x, rotary_emb, c, offset, k_ctx, v_ctx, extend ? &k_new : nullptr,
+                                  extend ? &v_new : nullptr);
+    if (extend) {
+      context.k[i] = offset > 0 ? torch::cat({k_ctx, k_new}, 2) : k_new;
+      context.v[i] = offset > 0 ? torch::cat({v_ctx, v_new}, 2) : v_new;
+    }
+  }
+  return {at_least_float(x), c};
+}
+
 int64_t DDiTImpl::parameter_count() const {
   int64_t n = 0;
   for (const auto& p : parameters()) n += p.numel();
@@ -342,7 +403,10 @@ double DDiTImpl::flops_per_token(int64_t seq_len) const {
   const double D = static_cast<double>(cfg.hidden_size), L = static_cast<double>(seq_len),
                V = static_cast<double>(cfg.vocab_dim()), C = static_cast<double>(cfg.cond_dim),
                F = static_cast<double>(sigma_map->frequencies), blocks = static_cast<double>(cfg.n_blocks);
-  const double per_token = blocks * (24 * D * D + 4 * L * D) + 2 * D * V;
+  // Block diffusion runs the blocks over x_t and x_0 (2L positions, a 2L window) for each trained
+  // token; the output layer reads the L positions of x_t.
+  const double halves = cfg.network().block_size > 0 ? 2 : 1;
+  const double per_token = halves * blocks * (24 * D * D + 4 * halves * L * D) + 2 * D * V;
   // The conditioning is computed once per sequence, not per position.
   const double per_sequence = 2 * (F * C + C * C) + 2 * C * (6 * blocks + 2) * D;
   return 3 * (per_token + per_sequence / L);

@@ -6,6 +6,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include "model/block_attention.h"
 #include "model/config.h"
 #include "model/dropout.h"
 
@@ -32,8 +33,8 @@ TORCH_MODULE(SigmaEmbedder);
 // Rotary position embedding; inv_freq is a buffer (saved with the weights, as in PyTorch).
 struct RotaryImpl : torch::nn::Module {
   explicit RotaryImpl(int64_t head_dim, double base = 10000.0);
-  // q or k: [B, L, H, Dh]
-  torch::Tensor apply(const torch::Tensor& x) const;
+  // q or k: [B, L, H, Dh] at positions offset, ..., offset + L - 1.
+  torch::Tensor apply(const torch::Tensor& x, int64_t offset = 0) const;
   torch::Tensor inv_freq;
 };
 TORCH_MODULE(Rotary);
@@ -46,9 +47,22 @@ struct DDiTBlockImpl : torch::nn::Module {
   // kernels); the caller decides (DDiTImpl::fused_kernels).
   torch::Tensor forward(const torch::Tensor& x, const Rotary& rotary, const torch::Tensor& c,
                         const DropoutKey* dropout_key = nullptr, bool fused = false);
+  // Block diffusion's sampling (no dropout, no fused ops): x [B, T, D], one block at positions
+  // offset.. after the clean context whose keys and values (after rotary) are k_ctx, v_ctx
+  // [B, H, offset, Dh] (undefined when offset = 0); see context_attention. With k_out, v_out the
+  // block's keys and values are handed back (to extend the context).
+  torch::Tensor forward_on_context(const torch::Tensor& x, const Rotary& rotary, const torch::Tensor& c,
+                                   int64_t offset, const torch::Tensor& k_ctx, const torch::Tensor& v_ctx,
+                                   torch::Tensor* k_out, torch::Tensor* v_out);
+  // The attention's output projection, gated residuals and MLP; mod: the six adaLN chunks.
+  torch::Tensor residual_tail(const torch::Tensor& x_in, const torch::Tensor& attn, const std::vector<torch::Tensor>& mod,
+                              const DropoutKey* dropout_key, bool fused);
   int64_t index, n_heads;
   double dropout;
   bool causal;  // attention to earlier positions only (the autoregressive baseline)
+  // Block diffusion (> 0): x is x_t followed by x_0 with blocks of this many tokens (block_attention.h).
+  int64_t block_size = 0;
+  BlockAttention block_attention = BlockAttention::Split;
   BiasFreeLayerNorm norm1{nullptr}, norm2{nullptr};
   torch::nn::Linear attn_qkv{nullptr}, attn_out{nullptr}, adaLN_modulation{nullptr};
   torch::nn::Sequential mlp{nullptr};
@@ -81,6 +95,13 @@ struct DDiTHidden {
   torch::Tensor c;  // [B, cond_dim] conditioning, silu(sigma_map(sigma))
 };
 
+// Block diffusion's sampling cache: per layer the keys and values [B, H, C, Dh] (after rotary, in the
+// model's compute dtype) of the C clean context tokens.
+struct BlockContext {
+  std::vector<torch::Tensor> k, v;
+  int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
+};
+
 struct DDiTImpl : torch::nn::Module {
   explicit DDiTImpl(ModelConfig cfg);
   // indices [B, L] int64, sigma [B] -> log-score [B, L, vocab_dim] (float32; the entry of the
@@ -104,12 +125,19 @@ struct DDiTImpl : torch::nn::Module {
   torch::Tensor finish(const torch::Tensor& raw, const torch::Tensor& indices, const torch::Tensor& sigma) const;
   // The scale_by_sigma shift -log(e^sigma - 1) - log(vocab_dim - 1) per sigma [...] (0 when off).
   torch::Tensor score_shift(const torch::Tensor& sigma) const;
+  // Block diffusion's sampler: runs one block of tokens [B, T] placed after the context's clean
+  // tokens, attending to the context and to the whole block. With `extend` the block is clean and
+  // its keys and values join the context (a context built block by block is the x_0 stream).
+  DDiTHidden forward_on_context(const torch::Tensor& tokens, const torch::Tensor& sigma, BlockContext& context,
+                                bool extend);
+  // Which exact form computes block diffusion's training attention (block_attention.h).
+  void set_block_attention(BlockAttention form);
   int64_t parameter_count() const;
   // Model FLOPs of one training token (forward + backward = 3 x forward) for MFU, by the usual
   // convention (PaLM, appendix B): 2 per multiply-add of every matrix product the network needs,
   // the attention over the full window and the output layer over the full vocabulary at every
   // position, whatever the implementation skips (the masked-rows loss projects masked rows only);
-  // elementwise ops, norms, softmax and recomputation are not counted. Per token: 24 D^2 per block
+  // elementwise ops, norms, softmax and recomputation are not counted. Block diffusion: see ddit.cpp. Per token: 24 D^2 per block
   // (qkv, attention output, MLP) + 4 L D per block (scores, values) + 2 D V (output layer); per
   // sequence, divided by L: the sigma embedding 2 (256 C + C^2) and the adaLN modulations
   // 2 C (6 blocks + 2) D.

@@ -90,6 +90,8 @@ ModelConfig read_model_config(const h5::File& f, const std::string& obj) {
   if (f.has_attr(obj, "source")) c.source = f.attr_string(obj, "source");
   if (f.has_attr(obj, "kappa_power")) c.kappa_power = f.attr_double(obj, "kappa_power");
   if (f.has_attr(obj, "dfm_loss")) c.dfm_loss = f.attr_string(obj, "dfm_loss");
+  if (f.has_attr(obj, "block_size")) c.block_size = f.attr_int(obj, "block_size");
+  if (f.has_attr(obj, "clip")) c.clip = f.attr_string(obj, "clip");
   try {
     c.validate();
   } catch (const Error& e) {
@@ -116,6 +118,10 @@ void write_model_config(h5::File& f, const std::string& obj, const ModelConfig& 
   f.set_attr(obj, "objective", c.objective);
   f.set_attr(obj, "timesteps", c.timesteps);
   f.set_attr(obj, "bos", c.bos);
+  if (c.block_size > 0) {  // bd3's settings (the clip window the training chose last)
+    f.set_attr(obj, "block_size", c.block_size);
+    f.set_attr(obj, "clip", c.clip);
+  }
   if (!c.source.empty()) {  // dfm's settings (the other objectives leave them unset)
     f.set_attr(obj, "source", c.source);
     f.set_attr(obj, "kappa_power", c.kappa_power);

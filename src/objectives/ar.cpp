@@ -80,7 +80,7 @@ class Ar final : public Objective {
         .to(dtype);
   }
 
-  bool exact() const override { return true; }
+  bool exact(const ModelConfig&) const override { return true; }
   torch::Tensor exact_nll(const Process& p, ScoreModel& model, const torch::Tensor& x0, const torch::Tensor& rows,
                           int64_t chunk) const override {
     const int64_t B = x0.size(0), L = x0.size(1);

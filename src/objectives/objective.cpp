@@ -7,6 +7,10 @@
 
 namespace sedd {
 
+torch::Tensor Objective::group_losses(DDiT&, const Process&, const torch::Tensor&, const TrainingDraw&) const {
+  fail("objective '{}' searches no schedule", name());
+}
+
 std::string Objective::describe(const ModelConfig&) const { return name(); }
 
 torch::Tensor Objective::exact_nll(const Process&, ScoreModel&, const torch::Tensor&, const torch::Tensor&,

@@ -48,6 +48,10 @@ struct LossOptions {
 struct LossDraws {
   uint64_t seed = 0, step = 0;
   torch::Tensor rows, u;
+  // How u was drawn (train.time_sampling) over a batch of `batch` rows: objectives with more than
+  // one time per row (bd3: one per block) draw theirs the same way.
+  std::string sampling = "iid";
+  int64_t batch = 0;
 };
 
 // What draw() made: the time t [B] float64 (continuous objectives; the step index for d3pm), the
@@ -60,6 +64,8 @@ struct TrainingDraw {
 struct BoundPoint {
   torch::Tensor u, conditioning, xt;
   torch::Tensor weight;  // [B] float64: the integrand's factor (sigma'(t), ...)
+  torch::Tensor position_weight;  // [B, L] float64 or undefined: a factor per position (bd3: 1/t of its block)
+  torch::Tensor clean;   // [B, L] or undefined: the clean sequence the network reads beside xt (bd3)
   torch::Tensor sigma, sigma_prev;  // [B] noise levels the row terms read (objective-specific)
 };
 
@@ -95,10 +101,16 @@ class Objective {
                              const DropoutKey* dropout, const LossOptions& o) const = 0;
   // Whether only masked rows carry a loss (memory planning).
   virtual bool loss_on_masked_rows(const ModelConfig&) const { return false; }
+  // A schedule searched while training (bd3's clipped window, every diffusion.clip_search_every
+  // steps): the candidate configs (empty: none to search) and, at a draw, the loss of each group
+  // the search compares [B, G] (bd3: the mean over each block's positions).
+  virtual std::vector<ModelConfig> schedule_candidates(const ModelConfig&) const { return {}; }
+  virtual torch::Tensor group_losses(DDiT& model, const Process& p, const torch::Tensor& x0,
+                                     const TrainingDraw& draw) const;
 
   // ---- The likelihood bound (docs/DESIGN.md, "Likelihood bound").
   // Exact likelihood (one pass, no Monte Carlo): exact_nll() replaces the bound's points.
-  virtual bool exact() const { return false; }
+  virtual bool exact(const ModelConfig&) const { return false; }
   virtual torch::Tensor exact_nll(const Process&, ScoreModel&, const torch::Tensor& /*x0*/,
                                   const torch::Tensor& /*rows*/, int64_t /*chunk*/) const;
   virtual BoundPoint bound_point(const Process& p, const torch::Tensor& u, const torch::Tensor& x0,
@@ -111,6 +123,9 @@ class Objective {
                                     const torch::Tensor& x0_rows) const = 0;
   // The prior term KL(p_1(.|x0) || p_base) per position.
   virtual double prior_nats_per_token(const Process& p) const;
+  // Leading positions of a window its bound never scores (bd3: position 0, as its authors'
+  // ignore_bos); per-token figures divide by the scored positions.
+  virtual int64_t unscored_positions(const ModelConfig&) const { return 0; }
 
   // ---- Sampling.
   // Its name in messages ("sedd (score entropy)") and how it samples ("ancestrally").
@@ -125,6 +140,8 @@ class Objective {
   virtual std::string sampler_name(const SamplerConfig& cfg) const = 0;
   // Model calls per sample of `length` tokens at cfg.steps (for logs).
   virtual int64_t sampler_steps(const SamplerConfig& cfg, int64_t /*length*/) const { return cfg.steps; }
+  // Whether sample() makes any length itself (else lengths beyond the window go through sample_blocks).
+  virtual bool samples_any_length() const { return false; }
   virtual torch::Tensor sample(const Process& p, ScoreModel& model, int64_t length, const SamplerConfig& cfg,
                                const Constraint& constraint, const torch::Tensor& ids, torch::Device device,
                                const std::function<void(int64_t, int64_t)>& progress) const = 0;

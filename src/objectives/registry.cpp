@@ -1,5 +1,7 @@
 // The objectives by name: the one place that lists them all. Adding an objective is one file
 // beside this one, one line below, one test file and one docs/DESIGN.md section.
+#include <algorithm>
+
 #include "io/error.h"
 #include "objectives/objective.h"
 
@@ -10,12 +12,13 @@ const Objective& mdlm_objective();
 const Objective& d3pm_objective();
 const Objective& ar_objective();
 const Objective& dfm_objective();
+const Objective& bd3_objective();
 
 namespace {
 
 const std::vector<const Objective*>& all() {
   static const std::vector<const Objective*> list = {&sedd_objective(), &mdlm_objective(), &d3pm_objective(),
-                                                     &ar_objective(), &dfm_objective()};
+                                                     &ar_objective(), &dfm_objective(), &bd3_objective()};
   return list;
 }
 
@@ -49,8 +52,9 @@ void check_sampler_options(const ModelConfig& m, const std::set<std::string>& gi
   const Objective& own = objective_of(m);
   for (const auto* o : all()) {
     if (o == &own) continue;
+    const auto mine = own.sampler_options();
     for (const auto& opt : o->sampler_options())
-      SEDD_CHECK_OPTION(!given.count(opt), "--{}: {} is a {} model, which samples {}; --{} applies to {} models only",
+      SEDD_CHECK_OPTION(!given.count(opt) || std::find(mine.begin(), mine.end(), opt) != mine.end(), "--{}: {} is a {} model, which samples {}; --{} applies to {} models only",
                         opt, path, own.name(), own.sampling_manner(), opt, o->title());
   }
 }

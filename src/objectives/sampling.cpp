@@ -14,12 +14,24 @@ torch::Tensor ScoreModel::log_score(const torch::Tensor& x, const torch::Tensor&
   return out.view({x.size(0), x.size(1), out.size(-1)});
 }
 
+void ScoreModel::evaluate_with_clean(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&) {
+  fail("this network does not read a clean sequence beside x_t (block diffusion only)");
+}
+void ScoreModel::set_context(const torch::Tensor&) { fail("this network has no block-diffusion context"); }
+void ScoreModel::evaluate_block(const torch::Tensor&, const torch::Tensor&) {
+  fail("this network has no block-diffusion context");
+}
+
 void SamplerConfig::validate() const {
   SEDD_CHECK_OPTION(predictor == "euler" || predictor == "analytic",
                     "--predictor must be euler or analytic, got '{}'", predictor);
   SEDD_CHECK_OPTION(temperature > 0, "--temperature must be positive, got {}", temperature);
   SEDD_CHECK_OPTION(top_p > 0 && top_p <= 1, "--top-p must be in (0, 1], got {}", top_p);
   SEDD_CHECK_OPTION(steps >= 1, "--steps must be at least 1, got {}", steps);
+  SEDD_CHECK_OPTION(block_sampler == "first-hitting" || block_sampler == "ddpm",
+                    "--block-sampler must be first-hitting or ddpm, got '{}'", block_sampler);
+  SEDD_CHECK_OPTION(std::isfinite(stop_entropy) && stop_entropy >= 0,
+                    "--stop-entropy must be a finite number >= 0 (0: off), got {}", stop_entropy);
   SEDD_CHECK_OPTION(eps > 0 && eps < 1, "sampling eps must be in (0, 1)");
   SEDD_CHECK_OPTION(chunk_elems > 0, "sampler chunk must be positive");
   SEDD_CHECK_OPTION(std::isfinite(corrector_a) && corrector_a >= 0 && std::isfinite(corrector_b) &&

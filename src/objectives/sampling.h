@@ -34,6 +34,14 @@ class ScoreModel {
   virtual torch::Tensor rows(const torch::Tensor& rows) = 0;
   // The whole log-score [B, L, dim].
   torch::Tensor log_score(const torch::Tensor& x, const torch::Tensor& sigma);
+
+  // Block diffusion (bd3), whose network reads x_t with the clean x_0 beside it:
+  // evaluate_with_clean runs x_t [B, L] with x0 [B, L]; rows() then indexes x_t's [B * L] positions.
+  virtual void evaluate_with_clean(const torch::Tensor& xt, const torch::Tensor& sigma, const torch::Tensor& x0);
+  // The sampler's clean context [B, C] (its blocks, oldest first); evaluate_block then runs a
+  // block [B, T] after it, and rows() indexes the block's [B * T] positions.
+  virtual void set_context(const torch::Tensor& clean);
+  virtual void evaluate_block(const torch::Tensor& block, const torch::Tensor& sigma);
 };
 
 struct SamplerConfig {
@@ -46,12 +54,18 @@ struct SamplerConfig {
   uint64_t seed = 0;
   int64_t chunk_elems = int64_t{1} << 27;  // bound on rows x dim per model call
   double temperature = 1.0;            // ar: logits / temperature
-  double top_p = 1.0;                  // ar: nucleus sampling (1: off)
+  double top_p = 1.0;                  // ar, bd3: nucleus sampling (1: off)
   // dfm: the divergence-free corrector coefficient c(t) = a t^b (1 - t)^c (a = 0: none; b > 0, as
   // the solver divides by kappa_0 = 0 where c(0) > 0), and float32 categorical draws (float64 by
   // default, as in the authors' text example).
   double corrector_a = 0, corrector_b = 0, corrector_c = 0;
   bool float32_draws = false;
+  // bd3: first-hitting (one position unmasked per network call, exact) or ddpm (`steps` ancestral
+  // steps per block); stop a sample at its first end-of-text after position 0, or when the entropy
+  // of its last 256 tokens falls below stop_entropy (> 0; the authors use 4), the rest end-of-text.
+  std::string block_sampler = "first-hitting";
+  bool stop_at_eot = false;
+  double stop_entropy = 0;
   void validate() const;
 };
 

@@ -1,6 +1,8 @@
 // DDiTScore; see score.h.
 #include "objectives/score.h"
 
+#include "io/error.h"
+
 
 namespace sedd {
 
@@ -35,12 +37,65 @@ void DDiTScore::evaluate(const torch::Tensor& x, const torch::Tensor& sigma) {
     rows_reused_ += B - changed.numel();
   }
   last_x_ = x.clone();
+  pair_length_ = 0;
+}
+
+void DDiTScore::evaluate_with_clean(const torch::Tensor& xt, const torch::Tensor& sigma, const torch::Tensor& x0) {
+  torch::NoGradGuard ng;
+  const bool f64 = model_->vocab_embed->embedding.scalar_type() == torch::kDouble;
+  sigma_ = sigma.to(f64 ? torch::kDouble : torch::kFloat);
+  hidden_ = model_->forward_hidden(torch::cat({xt, x0}, 1), sigma_);
+  forwards_++;
+  rows_evaluated_ += xt.size(0);
+  last_x_ = xt.clone();
+  pair_length_ = xt.size(1);
+}
+
+void DDiTScore::build_context(BlockContext& kv, int64_t from, const torch::Tensor& sigma) {
+  const int64_t C = context_.size(1), b = model_->cfg.network().block_size;
+  for (int64_t s = from; s < C; s += b) {
+    model_->forward_on_context(context_.narrow(1, s, std::min(b, C - s)), sigma, kv, /*extend=*/true);
+    context_tokens_ += context_.size(0) * std::min(b, C - s);
+  }
+}
+
+void DDiTScore::set_context(const torch::Tensor& clean) {
+  torch::NoGradGuard ng;
+  const bool extends = cache_ && context_.defined() && clean.size(0) == context_.size(0) &&
+                       clean.size(1) >= kv_tokens_ &&
+                       context_.narrow(1, 0, kv_tokens_).equal(clean.narrow(1, 0, kv_tokens_));
+  context_ = clean.clone();
+  if (!cache_) return;
+  if (!extends) kv_ = BlockContext{}, kv_tokens_ = 0;
+  auto sigma = torch::zeros({clean.size(0)}, torch::TensorOptions().dtype(torch::kFloat).device(clean.device()));
+  build_context(kv_, kv_tokens_, sigma);
+  kv_tokens_ = clean.size(1);
+}
+
+void DDiTScore::evaluate_block(const torch::Tensor& block, const torch::Tensor& sigma) {
+  torch::NoGradGuard ng;
+  const bool f64 = model_->vocab_embed->embedding.scalar_type() == torch::kDouble;
+  sigma_ = sigma.to(f64 ? torch::kDouble : torch::kFloat);
+  SEDD_CHECK(context_.defined(), "evaluate_block: no context was set");
+  if (cache_) {
+    hidden_ = model_->forward_on_context(block, sigma_, kv_, /*extend=*/false);
+  } else {  // the context's keys and values again, the same block-by-block computation
+    BlockContext kv;
+    build_context(kv, 0, sigma_);
+    hidden_ = model_->forward_on_context(block, sigma_, kv, /*extend=*/false);
+  }
+  forwards_++;
+  rows_evaluated_ += block.size(0);
+  last_x_ = block.clone();
+  pair_length_ = 0;
 }
 
 torch::Tensor DDiTScore::rows(const torch::Tensor& rows) {
   torch::NoGradGuard ng;
   const int64_t L = last_x_.size(1);
-  auto raw = model_->output_logits(model_->output_features(hidden_, rows));  // [R, dim] float32
+  // x_t beside x_0: row b * L + l of x_t is row b * 2L + l of the network's output.
+  const torch::Tensor net_rows = pair_length_ > 0 ? rows + torch::div(rows, L, "floor") * L : rows;
+  auto raw = model_->output_logits(model_->output_features(hidden_, net_rows));  // [R, dim] float32
   if (!log_score_) return torch::log_softmax(raw.narrow(1, 0, width_), 1);
   auto batch = torch::div(rows, L, "floor");
   if (model_->cfg.scale_by_sigma) raw = raw + model_->score_shift(sigma_.index_select(0, batch)).unsqueeze(1);

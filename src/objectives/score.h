@@ -25,6 +25,12 @@ class DDiTScore final : public ScoreModel {
   DDiTScore(DDiT model, bool cache);
   void evaluate(const torch::Tensor& x, const torch::Tensor& sigma) override;
   torch::Tensor rows(const torch::Tensor& rows) override;
+  void evaluate_with_clean(const torch::Tensor& xt, const torch::Tensor& sigma, const torch::Tensor& x0) override;
+  // With caching the context's keys and values stay cached and grow by whole blocks; without,
+  // every evaluate_block() builds them again (the same computation, block by block).
+  void set_context(const torch::Tensor& clean) override;
+  void evaluate_block(const torch::Tensor& block, const torch::Tensor& sigma) override;
+  int64_t context_tokens_computed() const { return context_tokens_; }  // tokens pushed through for contexts
   bool caching() const { return cache_; }
   int64_t forwards() const { return forwards_; }          // evaluate() calls that ran the body
   int64_t rows_evaluated() const { return rows_evaluated_; }  // samples pushed through the body
@@ -37,6 +43,13 @@ class DDiTScore final : public ScoreModel {
   int64_t width_;
   torch::Tensor last_x_, sigma_;
   DDiTHidden hidden_;
+  int64_t pair_length_ = 0;  // > 0: hidden_ holds x_t and x_0 of this length each (rows() maps into x_t)
+  // Block diffusion's context: its tokens and (caching) their keys and values.
+  torch::Tensor context_;
+  BlockContext kv_;
+  int64_t kv_tokens_ = 0;  // context tokens kv_ covers
+  int64_t context_tokens_ = 0;
+  void build_context(BlockContext& kv, int64_t from, const torch::Tensor& sigma);
   int64_t forwards_ = 0, rows_evaluated_ = 0, rows_reused_ = 0;
 };
 

@@ -223,6 +223,8 @@ TrainState Checkpointer::load(const std::string& dir, DDiT& model, ShardedAdamW&
     StateDict ema = mf.is_group("/ema") ? read_state_dict(mf, "/ema") : weights;
     opt.load_ema(flatten(model, ema));
   }
+  // A schedule the run chose while training (bd3's clipped window) continues as saved.
+  if (model->cfg.block_size > 0 && mf.has_attr("/", "clip")) model->cfg.clip = mf.attr_string("/", "clip");
 
   // Moments: copy every saved piece that overlaps one of this rank's pieces (any old world size).
   const auto& own = opt.own_pieces();

@@ -74,6 +74,13 @@ void TrainingConfig::validate(int world) const {
              "train.zero2_reduce must be micro_batch or step, got '{}'", train.zero2_reduce);
   SEDD_CHECK(train.time_sampling == "iid" || train.time_sampling == "antithetic" || train.time_sampling == "stratified",
              "train.time_sampling must be iid, antithetic or stratified, got '{}'", train.time_sampling);
+  SEDD_CHECK(train.clip_search_every >= 0, "diffusion.clip_search_every must be >= 0 (0: never), got {}",
+             train.clip_search_every);
+  SEDD_CHECK(train.clip_search_every == 0 || !objective_of(model).schedule_candidates(model).empty(),
+             "diffusion.clip_search_every: '{}' has no schedule to search (bd3 with diffusion.block_size > 1 has)",
+             model.objective_summary());
+  SEDD_CHECK(train.clip_search_every == 0 || !data.valid.empty(),
+             "diffusion.clip_search_every needs validation data (data.valid) to score the windows on");
   SEDD_CHECK(train.loss_mean == "sequence" || train.loss_mean == "token",
              "train.loss_mean must be sequence or token, got '{}'", train.loss_mean);
   SEDD_CHECK(train.time_sampling != "antithetic" || train.batch_size % 2 == 0,
@@ -98,7 +105,9 @@ void TrainingConfig::validate(int world) const {
   SEDD_CHECK(plan.world_size >= 0, "plan.world_size must be >= 0 (0: the launched world size), got {}",
              plan.world_size);
   SEDD_CHECK(plan.vocab >= 0, "plan.vocab must be >= 0 (0: the data's vocabulary), got {}", plan.vocab);
-  model.validate();
+  ModelConfig trained = model;  // the network's window is the data's sequence length
+  trained.length = data.seq_len;
+  trained.validate();
 }
 
 int64_t checkpoint_interval(const std::string& setting) {

@@ -47,6 +47,10 @@ struct TrainSection {
   int64_t log_every = 10;
   int64_t eval_every = 0;             // 0: never
   int64_t eval_batches = 4;
+  // bd3: every this many steps the clipped window is chosen again from the search's candidates, by
+  // the variance of the per-block loss over eval_batches validation batches, with the EMA weights
+  // (0: never; the window stays diffusion.clip).
+  int64_t clip_search_every = 0;
   int64_t ckpt_every = 0;             // 0: only at the end; < 0: never (benchmarks)
   int64_t keep_ckpts = 3;
   int64_t bucket_elems = int64_t{1} << 22;  // gradient bucket reduced while backward still runs

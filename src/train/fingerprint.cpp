@@ -14,6 +14,7 @@ namespace {
 
 const char* const kKeys[] = {"diffusion.objective", "diffusion.timesteps",  "diffusion.lambda_ce",
                              "diffusion.source",    "diffusion.kappa_power", "diffusion.dfm_loss",
+                             "diffusion.block_size", "diffusion.clip",
                              "model.hidden_size",   "model.n_heads",        "model.n_blocks",
                              "model.cond_dim",      "model.dropout",        "model.scale_by_sigma",
                              "model.time_conditioning", "diffusion.graph",  "diffusion.noise",

@@ -47,11 +47,13 @@ int64_t activation_bytes(const TrainingConfig& cfg, int64_t b, int64_t checkpoin
   const auto& m = cfg.model;
   const int64_t L = cfg.data.seq_len, D = m.hidden_size, H = m.n_heads, V = m.vocab_dim(), n = m.n_blocks;
   const int64_t e = cfg.train.precision == "fp64" ? 8 : 4;
-  const int64_t N = b * L * D;
+  // Block diffusion's blocks run over x_t and x_0: 2L positions (the output layer reads L).
+  const int64_t P = m.network().block_size > 0 ? 2 * L : L;
+  const int64_t N = b * P * D;
   const bool bf16 = gpu && cfg.train.precision == "bf16";
   int64_t block = bf16 ? 68 * N : 24 * N * e;
   if (m.dropout > 0) block += 2 * N * 4;
-  block += b * H * L * 4;  // attention log-sum-exp
+  block += b * H * P * 4;  // attention log-sum-exp
   const int64_t block_in = N * (bf16 ? 4 : e);
   // Backward's working set on top of what is kept: the gradient of the residual stream and of the
   // MLP hidden (1 + 4 + 1 elements of the stream).
@@ -65,7 +67,7 @@ int64_t activation_bytes(const TrainingConfig& cfg, int64_t b, int64_t checkpoin
   // there as b grows; the other objectives score every position.
   const bool masked_rows = objective_of(m).loss_on_masked_rows(m);
   const int64_t R = masked_rows ? (b * L + 1) / 2 : b * L;
-  int64_t head = N * e + 6 * R * D * e, loss_transient = 0;
+  int64_t head = b * L * D * e + 6 * R * D * e, loss_transient = 0;
   if (cfg.train.fused_loss)
     loss_transient = 3 * std::min(R * V, cfg.train.loss_chunk_elems) * 4;
   else

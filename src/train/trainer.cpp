@@ -262,7 +262,7 @@ torch::Tensor Trainer::micro_batch(const torch::Tensor& x0, int64_t first_row, u
   const int64_t n = x0.size(0);
   auto rows = torch::arange(first_row, first_row + n, torch::TensorOptions().dtype(torch::kLong).device(x0.device()));
   auto u = time_uniforms(train ? cfg_.train.time_sampling : "iid", cfg_.run.seed, step_key, rows, cfg_.train.batch_size);
-  LossDraws draws{cfg_.run.seed, step_key, rows, u};
+  LossDraws draws{cfg_.run.seed, step_key, rows, u, train ? cfg_.train.time_sampling : "iid", cfg_.train.batch_size};
   DropoutKey key{cfg_.run.seed, step_key, rows};
   auto seq_loss = training_loss(model_, *graph_, *noise_, x0, draws, train ? &key : nullptr, loss_options_);
   auto total = seq_loss.sum();
@@ -285,6 +285,64 @@ double Trainer::validation_loss(int64_t batches) {
   model_->train();
   double total = control_.sum(sum.item<double>(), "validation loss");
   return total / static_cast<double>(batches * cfg_.train.batch_size * cfg_.data.seq_len);
+}
+
+void Trainer::search_schedule() {
+  const Objective& objective = objective_of(model_->cfg);
+  const auto candidates = objective.schedule_candidates(model_->cfg);
+  if (candidates.empty() || !valid_) return;
+  torch::NoGradGuard ng;
+  // The EMA weights score the windows (as the authors' search runs on them); the weights come back after.
+  auto weights = flat_parameters(*model_);
+  auto load = [&](const torch::Tensor& flat) {
+    int64_t at = 0;
+    for (auto& p : model_->parameters()) {
+      p.copy_(flat.narrow(0, at, p.numel()).view_as(p));
+      at += p.numel();
+    }
+  };
+  load(opt_->gather_ema().to(torch::kCPU, torch::kDouble));
+  model_->eval();
+  valid_->seek(0);
+  const int64_t rows = cfg_.rows_per_rank(comm_.size()), mb = cfg_.micro_batch(comm_.size());
+  std::vector<double> variance(candidates.size(), 0.0);
+  for (int64_t b = 0; b < cfg_.train.eval_batches; ++b) {
+    auto x0 = valid_->next().to(rt_.device);
+    // Per window: the count, sum and sum of squares of the per-block losses over every rank, in
+    // float64; each batch adds its variance (their sum of per-batch variances of all-gathered losses).
+    std::vector<double> sums(3 * candidates.size(), 0.0);
+    for (size_t w = 0; w < candidates.size(); ++w) {
+      const Process p{*graph_, *noise_, candidates[w]};
+      for (int64_t m = 0; m < rows; m += mb) {
+        auto part = x0.narrow(0, m, mb);
+        const int64_t first = b * cfg_.train.batch_size + comm_.rank() * rows + m;
+        auto ids = torch::arange(first, first + mb, torch::TensorOptions().dtype(torch::kLong).device(rt_.device));
+        auto u = time_uniforms("iid", cfg_.run.seed, kValidKey, ids, cfg_.train.batch_size);
+        auto d = objective.draw(p, part, LossDraws{cfg_.run.seed, kValidKey, ids, u, cfg_.train.time_sampling,
+                                                   cfg_.train.batch_size});
+        auto g = objective.group_losses(model_, p, part, d).to(torch::kDouble);
+        sums[3 * w] += static_cast<double>(g.numel());
+        sums[3 * w + 1] += g.sum().item<double>();
+        sums[3 * w + 2] += g.square().sum().item<double>();
+      }
+    }
+    sums = control_.sum(sums, "clip search");
+    for (size_t w = 0; w < candidates.size(); ++w) {
+      const double n = sums[3 * w], s = sums[3 * w + 1], q = sums[3 * w + 2];
+      variance[w] += n > 1 ? (q - s * s / n) / (n - 1) : 0.0;
+    }
+  }
+  load(weights);
+  model_->train();
+  size_t best = 0;
+  for (size_t w = 1; w < variance.size(); ++w)
+    if (variance[w] < variance[best]) best = w;
+  model_->cfg.clip = cfg_.model.clip = candidates[best].clip;
+  if (comm_.rank() == 0)
+    std::printf("[train] step %lld: clipped schedule (%s) chosen, loss variance %.6g over %zu windows (%.6g at "
+                "(1e-3, 1))\n",
+                static_cast<long long>(step_), candidates[best].clip.c_str(), variance[best], variance.size(),
+                variance[0]);
 }
 
 void Trainer::save_checkpoint(bool stopped_for_requeue) {
@@ -447,7 +505,8 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
       // time, ar, leaves them out).
       auto ids = torch::arange(tr.first_row, tr.first_row + rows, x0.options());
       auto u = time_uniforms(cfg_.train.time_sampling, cfg_.run.seed, static_cast<uint64_t>(step), ids, B);
-      auto d = training_draw(cfg_.model, *graph_, *noise_, x0, LossDraws{cfg_.run.seed, static_cast<uint64_t>(step), ids, u});
+      auto d = training_draw(cfg_.model, *graph_, *noise_, x0,
+                             LossDraws{cfg_.run.seed, static_cast<uint64_t>(step), ids, u, cfg_.train.time_sampling, B});
       if (d.t.defined()) {
         tr.t = d.t.to(torch::kCPU, torch::kDouble);
         tr.xt = d.xt.cpu();
@@ -462,6 +521,7 @@ TrainOutcome Trainer::run(const std::atomic<int>* stop_signal, int64_t until_ste
     }
     log_->window_tokens += B * L;
     double valid = std::nan("");
+    if (cfg_.train.clip_search_every > 0 && step_ % cfg_.train.clip_search_every == 0) search_schedule();
     if (cfg_.train.eval_every > 0 && step_ % cfg_.train.eval_every == 0) valid = validation_loss(cfg_.train.eval_batches);
     if (step_ % cfg_.train.log_every == 0 || step_ == log_->first_step + 1 || std::isfinite(valid) ||
         step_ == cfg_.train.steps)

@@ -63,6 +63,8 @@ class Trainer {
   int64_t step() const { return step_; }
   // Mean loss in nats/token over `batches` validation batches (same draws every call).
   double validation_loss(int64_t batches);
+  // bd3's clipped-schedule search (train.clip_search_every): sets the model's window.
+  void search_schedule();
   // Wall time of the phases of run() so far, for benchmarks (only measured when timing is on:
   // it synchronises the device after each phase).
   struct PhaseTimes {

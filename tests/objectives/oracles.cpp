@@ -41,12 +41,12 @@ double unigram_entropy(const torch::Tensor& tokens, int64_t vocab) {
   return -(f * f.log()).sum().item<double>();
 }
 
+}  // namespace
+
 std::string objective_train(const std::string& data, const std::string& dir, const std::string& objective,
                             int64_t steps) {
   return tiny_sedd().set("train.steps", steps).set("model.scale_by_sigma", "false").command(2, data, dir, objective);
 }
-
-}  // namespace
 
 void expect_clean_token_oracle_is_exact(const char* objective, const char* graph) {
   const int64_t L = 5, N = 5;

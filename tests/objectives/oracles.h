@@ -56,6 +56,9 @@ void expect_clean_token_oracle_is_exact(const char* objective, const char* graph
 // as one shard in `tmp`; returns its glob (and the tokens in *tokens when given).
 std::string objective_data(const TempDir& tmp, torch::Tensor* tokens = nullptr);
 
+// The tiny recipe's sedd-train command on two ranks for `steps` steps with `flags` (an objective and its options).
+std::string objective_train(const std::string& data, const std::string& dir, const std::string& flags, int64_t steps);
+
 // Trains the tiny recipe with `flags` (an objective and its options) on a motif corpus and checks
 // that the loss falls, resume repeats the straight run, sampling on two ranks honours --fix and the
 // evaluated bound beats a model without context.
