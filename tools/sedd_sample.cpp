@@ -213,10 +213,11 @@ int main(int argc, char** argv) {
     auto noise = make_noise(cfg.noise);
     auto mine = shard_range(num_samples, rt.world, rt.rank);
     DDiTScore score(m.model, !no_cache);
+    const int64_t model_calls = objective.sampler_steps(sc, length);  // a row's "steps"
     if (rt.is_root())
       std::fprintf(stderr, "[sample] %s: %lld samples x %lld tokens, %s, %lld steps, %d ranks on %s (%s)%s\n",
                    m.path.c_str(), static_cast<long long>(num_samples), static_cast<long long>(length),
-                   sampler.c_str(), static_cast<long long>(objective.sampler_steps(sc, length)), rt.world, rt.device_name().c_str(),
+                   sampler.c_str(), static_cast<long long>(model_calls), rt.world, rt.device_name().c_str(),
                    m.model->bf16 ? "bf16" : "fp32", score.caching() ? ", exact caching" : "");
     const bool tty = isatty(STDERR_FILENO);
     auto start = std::chrono::steady_clock::now();
@@ -281,7 +282,7 @@ int main(int argc, char** argv) {
       }
       for (int64_t i = 0; i < num_samples; ++i) {
         std::vector<int64_t> row(all.begin() + i * length, all.begin() + (i + 1) * length);
-        nlohmann::ordered_json j = {{"index", i}, {"seed", seed}, {"steps", steps}, {"predictor", sampler}};
+        nlohmann::ordered_json j = {{"index", i}, {"seed", seed}, {"steps", model_calls}, {"predictor", sampler}};
         j["unigram_entropy"] = sample_entropy[i];
         if (!score_with.empty()) j["gen_perplexity"] = std::exp(sample_nll[i]);
         if (m.tokenizer()) j["text"] = m.tokenizer()->decode(row);

@@ -167,7 +167,7 @@ void score_autoregressive_batch(ScoreModel& model, const std::vector<const Score
 // continuation (the absorbing graph masks a position with probability 1 - e^-sigma), capped at
 // sigma(1). Returns [B] bool.
 torch::Tensor score_greedy_reproduces(const Graph& graph, const Noise& noise, ScoreModel& model, const torch::Tensor& x0,
-                                const torch::Tensor& scored, torch::Device device) {
+                                const torch::Tensor& scored, bool clean_beside, torch::Device device) {
   torch::NoGradGuard ng;
   const int64_t B = x0.size(0), L = x0.size(1), N = graph.tokens();
   const auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(device);
@@ -182,7 +182,11 @@ torch::Tensor score_greedy_reproduces(const Graph& graph, const Noise& noise, Sc
     if (!active.any().item<bool>()) break;
     auto frac = remaining.sum(1).to(torch::kDouble) / length.clamp_min(1);
     auto sigma = (-torch::log1p(-frac.clamp_max(1 - 1e-12))).clamp_max(sigma_max).to(dopts);
-    model.evaluate(x, sigma);
+    if (clean_beside) {  // bd3: the true text in the clean stream, as teacher forcing gives an AR model
+      model.evaluate_with_clean(x, sigma, x0);
+    } else {
+      model.evaluate(x, sigma);
+    }
     auto rows = (remaining & active.unsqueeze(1)).reshape({-1}).nonzero().squeeze(1);
     auto logp = torch::log_softmax(model.rows(rows).to(torch::kDouble).narrow(1, 0, N), 1);
     auto [conf, arg] = logp.max(1);
@@ -236,7 +240,8 @@ std::vector<ScoreResult> score_requests(const Graph& graph, const Noise& noise, 
       auto res = conditional_elbo_batch(graph, noise, model, x0, scored, torch::tensor(batch_keys, torch::kLong), o.elbo,
                                         device);
       torch::Tensor greedy;
-      if (!o.uniform_graph) greedy = score_greedy_reproduces(graph, noise, model, x0, scored, device);
+      if (!o.uniform_graph)
+        greedy = score_greedy_reproduces(graph, noise, model, x0, scored, o.elbo.model.network().block_size > 0, device);
       for (int64_t k = 0; k < B; ++k)
         part[k] = ScoreResult{-res.bound[k].item<double>(), std::sqrt(res.mc_variance[k].item<double>()),
                               o.uniform_graph ? -1 : static_cast<int>(greedy[k].item<bool>()),

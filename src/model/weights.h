@@ -29,7 +29,7 @@ void write_state_dict(h5::File& f, const std::string& group, const StateDict& sd
 
 // Config <-> attributes of `obj`. Keys: objective, tokens, graph, hidden_size, n_heads, n_blocks,
 // cond_dim, length, dropout, scale_by_sigma, time_conditioning, noise, eps, sigma_min, sigma_max,
-// timesteps, bos, and dfm's source, kappa_power, dfm_loss (objective absent: "sedd", as in files
+// timesteps, bos, dfm's source, kappa_power, dfm_loss and bd3's block_size, clip (objective absent: "sedd", as in files
 // converted from the official SEDD weights).
 ModelConfig read_model_config(const h5::File& f, const std::string& obj);
 void write_model_config(h5::File& f, const std::string& obj, const ModelConfig& cfg);

@@ -83,17 +83,10 @@ class Ar final : public Objective {
   bool exact(const ModelConfig&) const override { return true; }
   torch::Tensor exact_nll(const Process& p, ScoreModel& model, const torch::Tensor& x0, const torch::Tensor& rows,
                           int64_t chunk) const override {
-    const int64_t B = x0.size(0), L = x0.size(1);
+    const int64_t B = x0.size(0);
     auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(x0.device());
     model.evaluate(autoregressive_input(x0, p.model.bos), torch::zeros({B}, dopts));
-    auto flat_x0 = x0.reshape({-1});
-    auto per_seq = torch::zeros({B}, dopts);
-    for (int64_t i = 0; i < rows.size(0); i += chunk) {
-      auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
-      auto logp = model.rows(r).to(torch::kDouble);
-      per_seq.index_add_(0, torch::div(r, L, "floor"), -logp.gather(1, flat_x0.index_select(0, r).unsqueeze(1)).squeeze(1));
-    }
-    return per_seq;
+    return clean_token_nll(model, x0, rows, chunk);
   }
   BoundPoint bound_point(const Process&, const torch::Tensor&, const torch::Tensor&,
                          const KeyedCorruption&) const override {

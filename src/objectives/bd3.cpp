@@ -179,13 +179,9 @@ class Bd3 final : public Objective {
     SEDD_CHECK(m.clip.empty(), "diffusion.clip belongs to block diffusion; it is ignored by '{}': remove it",
                m.objective);
   }
-  // The authors' bd3lm recipe (configs/algo/bd3lm.yaml, config.yaml).
+  // The authors' bd3lm recipe (configs/algo/bd3lm.yaml, config.yaml): MDLM's.
   std::vector<std::pair<std::string, std::string>> defaults(const ModelConfig&) const override {
-    return {{"model.time_conditioning", "false"},
-            {"model.scale_by_sigma", "false"},
-            {"train.time_sampling", "stratified"},
-            {"train.warmup_from_zero", "true"},
-            {"train.loss_mean", "token"}};
+    return masked_diffusion_defaults();
   }
   void fingerprint(const ModelConfig& m, double, nlohmann::json& f) const override {
     f["diffusion.block_size"] = m.block_size;
@@ -230,15 +226,7 @@ class Bd3 final : public Objective {
     auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(x0.device());
     auto xt = bd3_corrupt(x0, torch::ones({B, L}, dopts), torch::zeros({B, L}, dopts), p.graph.tokens());
     model.evaluate_with_clean(xt, torch::zeros({B}, dopts), x0);
-    auto scored = rows.index_select(0, (torch::remainder(rows, L) != 0).nonzero().squeeze(1));
-    auto flat_x0 = x0.reshape({-1});
-    auto per_seq = torch::zeros({B}, dopts);
-    for (int64_t i = 0; i < scored.size(0); i += chunk) {
-      auto r = scored.narrow(0, i, std::min(chunk, scored.size(0) - i));
-      auto logp = model.rows(r).to(torch::kDouble);
-      per_seq.index_add_(0, torch::div(r, L, "floor"), -logp.gather(1, flat_x0.index_select(0, r).unsqueeze(1)).squeeze(1));
-    }
-    return per_seq;
+    return clean_token_nll(model, x0, rows.index_select(0, (torch::remainder(rows, L) != 0).nonzero().squeeze(1)), chunk);
   }
   BoundPoint bound_point(const Process& p, const torch::Tensor& u, const torch::Tensor& x0,
                          const KeyedCorruption& k) const override {

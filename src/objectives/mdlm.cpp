@@ -40,11 +40,7 @@ class Mdlm final : public Objective {
   }
   // MDLM's recipe (its config.yaml and diffusion.py).
   std::vector<std::pair<std::string, std::string>> defaults(const ModelConfig&) const override {
-    return {{"model.time_conditioning", "false"},
-            {"model.scale_by_sigma", "false"},
-            {"train.time_sampling", "stratified"},
-            {"train.warmup_from_zero", "true"},
-            {"train.loss_mean", "token"}};
+    return masked_diffusion_defaults();
   }
 
   TrainingDraw draw(const Process& p, const torch::Tensor& x0, const LossDraws& d) const override {

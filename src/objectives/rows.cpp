@@ -60,6 +60,26 @@ torch::Tensor weighted_cross_entropy(DDiT& model, const DDiTHidden& hid, const t
   return per_seq.index_add_(0, torch::div(rows, L, "floor"), loss_rows * weights.to(loss_rows.scalar_type()));
 }
 
+std::vector<std::pair<std::string, std::string>> masked_diffusion_defaults() {
+  return {{"model.time_conditioning", "false"},
+          {"model.scale_by_sigma", "false"},
+          {"train.time_sampling", "stratified"},
+          {"train.warmup_from_zero", "true"},
+          {"train.loss_mean", "token"}};
+}
+
+torch::Tensor clean_token_nll(ScoreModel& model, const torch::Tensor& x0, const torch::Tensor& rows, int64_t chunk) {
+  const int64_t B = x0.size(0), L = x0.size(1);
+  auto flat_x0 = x0.reshape({-1});
+  auto per_seq = torch::zeros({B}, x0.options().dtype(torch::kDouble));
+  for (int64_t i = 0; i < rows.size(0); i += chunk) {
+    auto r = rows.narrow(0, i, std::min(chunk, rows.size(0) - i));
+    auto logp = model.rows(r).to(torch::kDouble);
+    per_seq.index_add_(0, torch::div(r, L, "floor"), -logp.gather(1, flat_x0.index_select(0, r).unsqueeze(1)).squeeze(1));
+  }
+  return per_seq;
+}
+
 KeyedCorruption training_corruption(const LossDraws& d) {
   return {RandomStream{d.seed, purpose::kCorrupt, d.step}, RandomStream{d.seed, purpose::kRedraw, d.step}, d.rows,
           torch::Tensor()};

@@ -35,6 +35,14 @@ torch::Tensor weighted_cross_entropy(DDiT& model, const DDiTHidden& hid, const t
                                      const torch::Tensor& targets, const torch::Tensor& weights, int64_t B,
                                      const LossOptions& o, int64_t width = -1);
 
+// Masked diffusion's recipe (MDLM's config.yaml and diffusion.py; bd3lms keeps it): no time input,
+// no score shift, stratified times, the first warm-up step at lr 0, the per-token mean loss.
+std::vector<std::pair<std::string, std::string>> masked_diffusion_defaults();
+
+// Per sequence [B], the sum over `rows` (flat ids into x0 [B, L]) of -log p(x0) from the model's
+// last evaluation, `chunk` rows at a time (an exact likelihood's one pass).
+torch::Tensor clean_token_nll(ScoreModel& model, const torch::Tensor& x0, const torch::Tensor& rows, int64_t chunk);
+
 // Option rules several objectives share (sedd::Error naming the key).
 void refuse_score_scaling(const ModelConfig& m, const std::string& objective);  // scale_by_sigma is sedd's
 void require_time_conditioning_off_absorbing(const ModelConfig& m);  // uniform scores depend on the time

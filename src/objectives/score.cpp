@@ -16,6 +16,8 @@ DDiTScore::DDiTScore(DDiT model, bool cache)
 
 void DDiTScore::evaluate(const torch::Tensor& x, const torch::Tensor& sigma) {
   torch::NoGradGuard ng;
+  SEDD_CHECK(model_->cfg.network().block_size == 0,
+             "a block-diffusion network reads x_t beside the clean sequence (evaluate_with_clean, evaluate_block)");
   // A float64 model is conditioned on the float64 sigma (float32 rounding moved its log-probabilities by 3e-9).
   const bool f64 = model_->vocab_embed->embedding.scalar_type() == torch::kDouble;
   sigma_ = sigma.to(f64 ? torch::kDouble : torch::kFloat);

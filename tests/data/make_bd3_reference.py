@@ -118,7 +118,7 @@ try:  # the real packages (their DIT's einops patterns; mdlm_shims.py reads sys.
 except ImportError:
     sys.exit('needs einops and omegaconf: pip install --target /tmp/bd3-deps einops==0.8.1 omegaconf==2.3.0, '
              'then PYTHONPATH=/tmp/bd3-deps')
-from reference_common import golden_arguments, write_and_compare  # noqa: E402
+from reference_common import authors_diffusion, golden_arguments, write_and_compare  # noqa: E402
 import reference_shims  # noqa: E402
 import mdlm_shims  # noqa: E402  (stand-ins for flash_attn/lightning/hydra/timm/torchmetrics)
 reference_shims.install([('transformers', mdlm_shims._Anything('transformers'))])  # imported, never called
@@ -205,14 +205,7 @@ def dit_config(block_size):
 
 
 def make_diffusion(backbone, block_size, eps_min=1e-3, eps_max=1.0, first_hitting=True, nucleus_p=1.0):
-    d = diffusion.Diffusion.__new__(diffusion.Diffusion)
-    torch.nn.Module.__init__(d)
-    d.backbone = backbone
-    d.noise = noise_schedule.LogLinearNoise()
-    d.vocab_size = VOCAB
-    d.mask_index = TOKENS
-    d.neg_infinity = -1000000.0
-    d.parameterization = 'subs'
+    d = authors_diffusion(diffusion, noise_schedule, backbone, TOKENS, VOCAB)
     d.time_conditioning = False
     d.cross_attn = True
     d.ignore_bos = True

@@ -62,7 +62,7 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from reference_common import golden_arguments, write_and_compare  # noqa: E402
+from reference_common import authors_diffusion, golden_arguments, write_and_compare  # noqa: E402
 import mdlm_shims  # noqa: F401,E402  (stand-ins for flash_attn/lightning/...; MDLM_REF on sys.path)
 import diffusion, noise_schedule  # noqa: E402
 from models import dit  # noqa: E402
@@ -126,14 +126,7 @@ def rand_returns(values):
 
 
 def make_diffusion(backbone, time_conditioning, antithetic=True):
-    d = diffusion.Diffusion.__new__(diffusion.Diffusion)
-    torch.nn.Module.__init__(d)
-    d.backbone = backbone
-    d.noise = noise_schedule.LogLinearNoise()
-    d.vocab_size = VOCAB
-    d.mask_index = TOKENS
-    d.neg_infinity = -1000000.0
-    d.parameterization = 'subs'
+    d = authors_diffusion(diffusion, noise_schedule, backbone, TOKENS, VOCAB)
     d.time_conditioning = time_conditioning
     d.T = 0
     d.sampling_eps = SAMPLING_EPS

@@ -14,6 +14,20 @@ import torch
 import torch.nn.functional as F
 
 
+def authors_diffusion(diffusion_module, noise_schedule_module, backbone, tokens, vocab):
+    """The MDLM and BD3-LM authors' Diffusion without its __init__ (which downloads a tokenizer): the
+    fields every method used here reads; the caller sets the rest."""
+    d = diffusion_module.Diffusion.__new__(diffusion_module.Diffusion)
+    torch.nn.Module.__init__(d)
+    d.backbone = backbone
+    d.noise = noise_schedule_module.LogLinearNoise()
+    d.vocab_size = vocab
+    d.mask_index = tokens
+    d.neg_infinity = -1000000.0
+    d.parameterization = 'subs'
+    return d
+
+
 def write(group, datasets, attrs=None):
     for k, v in (attrs or {}).items():
         group.attrs[k] = v

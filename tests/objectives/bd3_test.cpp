@@ -22,6 +22,9 @@
 #include "objectives/mdlm.h"
 #include "objectives/oracles.h"
 #include "objectives/score.h"
+#include "recipes.h"
+#include "train/config.h"
+#include "train/memory_plan.h"
 #include "test_util.h"
 
 using namespace sedd;
@@ -42,6 +45,17 @@ ModelConfig bd3_config(int64_t tokens, int64_t length, int64_t block) {
   m.scale_by_sigma = false;
   m.noise = NoiseConfig{"loglinear"};
   return m;
+}
+
+SamplerConfig bd3_sampler(const ModelConfig& cfg, const char* sampler, int64_t steps, uint64_t seed,
+                          double top_p = 1.0) {
+  SamplerConfig sc;
+  sc.model = cfg;
+  sc.block_sampler = sampler;
+  sc.steps = steps;
+  sc.seed = seed;
+  sc.top_p = top_p;
+  return sc;
 }
 
 DDiT bd3_random_model(const ModelConfig& cfg, torch::ScalarType dtype, uint64_t seed) {
@@ -336,11 +350,7 @@ TEST(Bd3Sampler, SamplersDrawTheChain) {
   cfg.bos = 0;
   auto noise = make_noise(cfg.noise);
   for (const char* sampler : {"first-hitting", "ddpm"}) {
-    SamplerConfig sc;
-    sc.model = cfg;
-    sc.block_sampler = sampler;
-    sc.steps = 64;
-    sc.seed = 8;
+    const SamplerConfig sc = bd3_sampler(cfg, sampler, 64, 8);
     auto x = sample(*graph, *noise, oracle, L, sc, Constraint{}, torch::arange(n), torch::kCPU);
     EXPECT_TRUE(x.select(1, 0).eq(0).all().item<bool>()) << "position 0 is the end-of-text id";
     const double chi2 = chi_square_of_draws(oracle, x, V);
@@ -358,12 +368,7 @@ TEST(Bd3Sampler, CacheGivesTheSameSamplesPastTheWindow) {
     auto graph = make_graph("absorb", 13);
     auto noise = make_noise(cfg.noise);
     for (const char* sampler : {"first-hitting", "ddpm"}) {
-      SamplerConfig sc;
-      sc.model = cfg;
-      sc.block_sampler = sampler;
-      sc.steps = 5;
-      sc.top_p = 0.9;
-      sc.seed = 3;
+      const SamplerConfig sc = bd3_sampler(cfg, sampler, 5, 3, 0.9);
       DDiTScore cached(model, true), plain(model, false);
       auto a = sample(*graph, *noise, cached, 21, sc, Constraint{}, torch::arange(4), torch::kCPU);
       auto b = sample(*graph, *noise, plain, 21, sc, Constraint{}, torch::arange(4), torch::kCPU);
@@ -511,6 +516,145 @@ TEST(Bd3Run, ClipSearchChoosesAWindowThatResumeKeeps) {
             2)
       << refused;
   EXPECT_NE(refused.find("diffusion.clip_search_every needs validation data"), std::string::npos) << refused;
+}
+
+TEST(Bd3Run, ResumesOnOneRankWithActivationCheckpointing) {
+  TempDir tmp;
+  const std::string data = objective_data(tmp);
+  const std::string flags = "--diffusion.objective bd3 --diffusion.block_size 4";
+  std::string out;
+  ASSERT_EQ(run(objective_train(data, tmp / "straight", flags, 8), &out), 0) << out;
+  ASSERT_EQ(run(objective_train(data, tmp / "cut", flags, 4), &out), 0) << out;
+  // Steps 5 to 8 on one rank, every block recomputed in backward: the same run.
+  ASSERT_EQ(run(tiny_sedd().set("train.steps", 8).set("model.scale_by_sigma", "false").command(
+                    1, data, tmp / "cut", flags + " --train.activation_checkpointing blocks"),
+                &out),
+            0)
+      << out;
+  auto s = run_losses(tmp / "straight"), c = run_losses(tmp / "cut");
+  ASSERT_EQ(s.size(), c.size());
+  for (size_t i = 0; i < s.size(); ++i) EXPECT_NEAR(s[i], c[i], 1e-5 * std::abs(s[i])) << "step " << i + 1;
+}
+
+TEST(Bd3Run, RefusedOptionsExitTwoNamingTheKey) {
+  TempDir tmp;
+  const std::string data = objective_data(tmp);
+  std::string out;
+  auto train = [&](const std::string& flags) {
+    return run(tiny_sedd().set("train.steps", 2).set("model.scale_by_sigma", "false").command(1, data, tmp / "bad", flags),
+               &out);
+  };
+  for (const auto& [flags, says] : std::vector<std::pair<std::string, std::string>>{
+           {"--diffusion.objective bd3 --diffusion.block_size 5", "diffusion.block_size = 5 does not divide"},
+           {"--diffusion.objective bd3 --diffusion.block_size 4 --diffusion.graph uniform", "diffusion.graph = absorb"},
+           {"--diffusion.objective bd3 --diffusion.block_size 4 --diffusion.clip 0.5,0.2", "beta must be below omega"},
+           {"--diffusion.objective bd3 --diffusion.block_size 4 --diffusion.clip 0,1", "(0, 1]"},
+           {"--diffusion.objective bd3 --diffusion.block_size 4 --model.time_conditioning true", "model.time_conditioning"},
+           {"--diffusion.objective mdlm --diffusion.block_size 4", "diffusion.block_size belongs to block diffusion"},
+       }) {
+    EXPECT_EQ(train(flags), 2) << flags << "\n" << out;
+    EXPECT_NE(out.find(says), std::string::npos) << flags << "\n" << out;
+  }
+  // A bd3 model: the sampler options of other models, a bad --top-p and --block-size are refused.
+  const std::string dir = tmp / "run";
+  ASSERT_EQ(run(objective_train(data, dir, "--diffusion.objective bd3 --diffusion.block_size 4", 2), &out), 0) << out;
+  for (const auto& [flags, says] : std::vector<std::pair<std::string, std::string>>{
+           {"--top-p 1.5", "--top-p must be in (0, 1]"},
+           {"--predictor euler", "--predictor applies to"},
+           {"--block-size 8", "--block-size: "},
+           {"--block-sampler euler", "--block-sampler must be first-hitting or ddpm"},
+           {"--stop-entropy -1", "--stop-entropy"},
+       }) {
+    EXPECT_EQ(run(fmt::format("{}/sedd-sample --checkpoint {} --device cpu --num-samples 1 {}", bin_dir(), dir, flags), &out), 2)
+        << flags << "\n" << out;
+    EXPECT_NE(out.find(says), std::string::npos) << flags << "\n" << out;
+  }
+}
+
+TEST(Bd3Plan, ActivationsCountBothHalves) {
+  TrainingConfig c;
+  c.data.seq_len = 256;
+  c.train.batch_size = 8;
+  c.model.objective = "mdlm";
+  c.model.time_conditioning = false;
+  c.model.scale_by_sigma = false;
+  const int64_t mdlm = activation_bytes(c, 8, 0, false);
+  c.model.objective = "bd3";
+  c.model.block_size = 16;
+  const int64_t bd3 = activation_bytes(c, 8, 0, false);
+  std::cout << "activations per micro-batch: mdlm " << mdlm << " B, bd3 " << bd3 << " B\n";
+  // The blocks run over 2L positions; the output layer and the loss read L.
+  EXPECT_GT(bd3, 1.7 * mdlm);
+  EXPECT_LT(bd3, 2.0 * mdlm);
+}
+
+// The CUDA path: both attention forms in bf16 against float32, and the KV cache on the device.
+TEST(Bd3Gpu, AttentionFormsAndCacheOnTheDevice) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Device gpu(torch::kCUDA, 0);
+  auto cfg = bd3_config(101, 256, 16);
+  cfg.hidden_size = 128;
+  DDiT model = bd3_random_model(cfg, torch::kFloat, 5);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : model->parameters()) p.mul_(0.1);
+  }
+  model->to(gpu);
+  auto [x0, xt] = masked_pair(4, 256, 101, 7);
+  x0 = x0.to(gpu), xt = xt.to(gpu);
+  torch::NoGradGuard ng;
+  auto zeros = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat).device(gpu));
+  auto reference = model->forward_hidden(torch::cat({xt, x0}, 1), zeros).h;
+  model->bf16 = true;
+  for (auto form : {BlockAttention::Split, BlockAttention::Mask}) {
+    model->set_block_attention(form);
+    auto h = model->forward_hidden(torch::cat({xt, x0}, 1), zeros).h;
+    const double err = error_of_scale(h, reference);
+    std::cout << (form == BlockAttention::Split ? "split" : "mask") << " bf16 vs fp32: " << err << "\n";
+    EXPECT_LT(err, 3e-2);
+  }
+  model->set_block_attention(BlockAttention::Split);
+  auto graph = make_graph("absorb", 101);
+  auto noise = make_noise(cfg.noise);
+  SamplerConfig sc;
+  sc.model = cfg;
+  sc.seed = 2;
+  DDiTScore cached(model, true), plain(model, false);
+  auto a = sample(*graph, *noise, cached, 320, sc, Constraint{}, torch::arange(4), gpu).cpu();
+  auto b = sample(*graph, *noise, plain, 320, sc, Constraint{}, torch::arange(4), gpu).cpu();
+  const double equal = a.eq(b).to(torch::kDouble).mean().item<double>();
+  std::cout << "bf16 cached vs plain: " << equal << " of the tokens equal\n";
+  EXPECT_GE(equal, 0.99);
+}
+
+TEST(Bd3Run, ScoresContinuationsTheSameOnOneAndTwoRanks) {
+  TempDir tmp;
+  const std::string data = objective_data(tmp), dir = tmp / "run";
+  std::string out;
+  ASSERT_EQ(run(objective_train(data, dir, "--diffusion.objective bd3 --diffusion.block_size 4", 20), &out), 0) << out;
+  std::ofstream(tmp / "req.jsonl") << "{\"id\": \"a\", \"context_ids\": [1, 2, 3, 4, 5], \"continuation_ids\": [6, 7, 8]}\n"
+                                   << "{\"id\": \"b\", \"context_ids\": [9], \"continuation_ids\": [10, 11, 12, 13, 14]}\n";
+  std::vector<std::vector<nlohmann::json>> rows;
+  for (int np : {1, 2}) {
+    const std::string file = tmp / fmt::format("scores{}.jsonl", np);
+    ASSERT_EQ(run(fmt::format("{} -np {} {}/sedd-score --checkpoint {} --requests {} --out {} --device cpu --mc-samples 8",
+                              kMpirun, np, bin_dir(), dir, tmp / "req.jsonl", file),
+                  &out),
+              0)
+        << out;
+    rows.push_back(read_jsonl(file));
+  }
+  ASSERT_EQ(rows[0].size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const double logprob = rows[0][i]["logprob"].get<double>();
+    EXPECT_LT(logprob, 0.0) << rows[0][i];
+    EXPECT_TRUE(std::isfinite(logprob)) << rows[0][i];
+    EXPECT_TRUE(rows[0][i]["is_greedy"].is_boolean()) << rows[0][i];
+    // Keyed draws: the same rows on any number of ranks (to float32 rounding: other batches).
+    EXPECT_NEAR(logprob, rows[1][i]["logprob"].get<double>(), 1e-6 * std::abs(logprob)) << rows[1][i];
+    EXPECT_EQ(rows[0][i]["is_greedy"], rows[1][i]["is_greedy"]);
+    EXPECT_EQ(rows[0][i]["tokens"], rows[1][i]["tokens"]);
+  }
 }
 
 }  // namespace
