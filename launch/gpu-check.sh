@@ -23,7 +23,9 @@
 #               only; racecheck over the LayerNorm kernels
 #   training    sedd-bench-train, configs/sedd-small.ini, bf16: batch 32 and 64; batch 32 with the
 #               fused kernels off and with the fused loss off (fewer steps)
-#   sampling    sedd-bench-sample --model small, 16 x 1024 tokens, 128 and 1024 steps
+#   sampling    sedd-bench-sample --model small, 16 x 1024 tokens, 128 and 1024 steps; --model bd3
+#               (block diffusion, 8 x 1024 tokens, first hitting, with and without its KV cache)
+#   attention   sedd-bench-model --shapes bd3-split, then bd3-mask (block diffusion's two forms)
 #   eval        sedd-prepare -> a 20-step sedd-small run -> sedd-eval with K = 2 and 16
 #   suite       (--with-suite only) every CPU CTest entry in the background
 # Each part runs in a session of its own; when it ends, is cut or the script is stopped, whatever
@@ -102,7 +104,8 @@ smi=$(find_tool nvidia-smi) || smi=""
 entries=$bin/sedd-test-entries.tsv
 
 # --- dependency check ---------------------------------------------------------------------------
-required_bins=(sedd-train sedd-sample sedd-eval sedd-prepare sedd-bench-train sedd-bench-sample sedd_tests sedd_mpi_tests)
+required_bins=(sedd-train sedd-sample sedd-eval sedd-prepare sedd-bench-train sedd-bench-sample sedd-bench-model sedd_tests
+               sedd_mpi_tests)
 required_files=(configs/sedd-small.ini tools/gpu_check_report.py)
 missing=()
 dep() {  # NAME KIND REQUIRED(1|0) PATH-or-empty NOTE: one row of deps.tsv (\x1f-separated: a tab
@@ -399,6 +402,12 @@ part sample_128 35 "sedd-bench-sample mpirun" "${mpi[@]}" -np 1 "$bin/sedd-bench
   --samples 16 --length 1024 --steps 128 --json "$work/bench/sample_128.json"
 part sample_1024 90 "sedd-bench-sample mpirun" "${mpi[@]}" -np 1 "$bin/sedd-bench-sample" --device cuda --model small \
   --samples 16 --length 1024 --steps 1024 --json "$work/bench/sample_1024.json"
+part sample_bd3 25 "sedd-bench-sample mpirun" "${mpi[@]}" -np 1 "$bin/sedd-bench-sample" --device cuda --model bd3 \
+  --samples 8 --json "$work/bench/sample_bd3.json"
+for form in split mask; do  # one process each: its peak memory is its own
+  part "attention_bd3_$form" 15 "sedd-bench-model" "$bin/sedd-bench-model" --device cuda --shapes "bd3-$form" \
+    --json "$work/bench/attention_bd3_$form.json"
+done
 
 # --- evaluation: data from this tree's text, a short sedd-small run, sedd-eval x K ---------------
 mapfile -t texts < <(find "$repo/src" "$repo/tools" "$repo/docs" -type f \

@@ -265,7 +265,7 @@ TEST(ToolsBench, SampleBenchmarkRefusesBadOptionsAndFailsAFailedIdentityCheck) {
   std::string out;
   auto bench = [&](const std::string& args) { return run(mpi(1, "sedd-bench-sample", args), &out); };
   EXPECT_EQ(bench("--model medium"), 2);
-  EXPECT_NE(out.find("--model must be tiny or small, got 'medium'"), std::string::npos) << out;
+  EXPECT_NE(out.find("--model must be tiny, small or bd3, got 'medium'"), std::string::npos) << out;
   EXPECT_EQ(bench("--precision fp16"), 2);
   EXPECT_NE(out.find("--precision must be auto, bf16 or fp32"), std::string::npos) << out;
   EXPECT_EQ(bench("--device cpu --precision bf16"), 2);

@@ -17,6 +17,9 @@
 #include <string>
 
 #include <sys/resource.h>
+#ifdef SEDD_HAVE_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include "diffusion/times.h"
 #include "objectives/bd3.h"
@@ -34,7 +37,23 @@ struct Shape {
   int64_t hidden, heads, blocks, cond, length, batch;
 };
 
-double tokens_per_s(const Shape& s, torch::Device dev, bool bf16, int64_t steps, double* flops_per_token) {
+// Peak bytes the caching allocator held for tensors on a CUDA device since the last reset (0 on the CPU).
+int64_t cuda_peak_bytes(torch::Device dev, bool reset) {
+#ifdef SEDD_HAVE_CUDA
+  if (dev.is_cuda()) {
+    if (reset) c10::cuda::CUDACachingAllocator::resetPeakStats(dev.index());
+    return c10::cuda::CUDACachingAllocator::getDeviceStats(dev.index())
+        .allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
+        .peak;
+  }
+#endif
+  (void)dev, (void)reset;
+  return 0;
+}
+
+double tokens_per_s(const Shape& s, torch::Device dev, bool bf16, int64_t steps, double* flops_per_token,
+                    int64_t* peak_bytes) {
+  cuda_peak_bytes(dev, true);
   ModelConfig cfg;
   cfg.tokens = 50257;
   cfg.hidden_size = s.hidden;
@@ -75,6 +94,7 @@ double tokens_per_s(const Shape& s, torch::Device dev, bool bf16, int64_t steps,
   if (dev.is_cuda()) torch::cuda::synchronize(dev.index());  // this device, not the current one
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   *flops_per_token = m->flops_per_token(s.length);
+  *peak_bytes = cuda_peak_bytes(dev, false);
   return steps * s.batch * s.length / secs;
 }
 
@@ -142,9 +162,12 @@ int main(int argc, char** argv) {
         run.batch = given > 0 ? given : run.batch * (dev.is_cuda() ? 16 : 1);
         const int64_t n = steps > 0 ? steps : dev.is_cuda() ? 20 : 3;
         double fpt = 0;
-        double tps = tokens_per_s(run, dev, bf16, n, &fpt);
-        std::printf("%-11s %-6s %-9s %8lld %14.1f %22.1f\n", run.name, dev.is_cuda() ? "cuda" : "cpu",
+        int64_t peak = 0;
+        double tps = tokens_per_s(run, dev, bf16, n, &fpt, &peak);
+        std::printf("%-11s %-6s %-9s %8lld %14.1f %22.1f", run.name, dev.is_cuda() ? "cuda" : "cpu",
                     bf16 ? "bf16" : "fp32", static_cast<long long>(run.batch), tps, tps * fpt / 1e9);
+        if (dev.is_cuda()) std::printf("   peak GPU memory %.1f MB", peak / 1048576.0);
+        std::printf("\n");
         rows.push_back({{"config", run.name},
                         {"device", dev.is_cuda() ? "cuda" : "cpu"},
                         {"precision", bf16 ? "bf16" : "fp32"},
@@ -153,7 +176,8 @@ int main(int argc, char** argv) {
                         {"steps", n},
                         {"tokens_per_s", tps},
                         {"model_flops_per_token", fpt},
-                        {"model_gflops_per_s", tps * fpt / 1e9}});
+                        {"model_gflops_per_s", tps * fpt / 1e9},
+                        {"cuda_peak_bytes", peak}});
       }
     }
     struct rusage usage {};

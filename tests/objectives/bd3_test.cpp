@@ -558,6 +558,13 @@ TEST(Bd3Run, RefusedOptionsExitTwoNamingTheKey) {
   // A bd3 model: the sampler options of other models, a bad --top-p and --block-size are refused.
   const std::string dir = tmp / "run";
   ASSERT_EQ(run(objective_train(data, dir, "--diffusion.objective bd3 --diffusion.block_size 4", 2), &out), 0) << out;
+  // Block size and clip are in the fingerprint: a resume that changes them is refused.
+  for (const std::string change : {"--diffusion.block_size 8", "--diffusion.block_size 4 --diffusion.clip 0.3,0.8"}) {
+    EXPECT_EQ(run(objective_train(data, dir, "--diffusion.objective bd3 " + change, 4), &out), 2) << change << "\n" << out;
+    EXPECT_NE(out.find(change.find("clip") != std::string::npos ? "diffusion.clip" : "diffusion.block_size"),
+              std::string::npos)
+        << out;
+  }
   for (const auto& [flags, says] : std::vector<std::pair<std::string, std::string>>{
            {"--top-p 1.5", "--top-p must be in (0, 1]"},
            {"--predictor euler", "--predictor applies to"},
