@@ -182,11 +182,8 @@ torch::Tensor score_greedy_reproduces(const Graph& graph, const Noise& noise, Sc
     if (!active.any().item<bool>()) break;
     auto frac = remaining.sum(1).to(torch::kDouble) / length.clamp_min(1);
     auto sigma = (-torch::log1p(-frac.clamp_max(1 - 1e-12))).clamp_max(sigma_max).to(dopts);
-    if (clean_beside) {  // bd3: the true text in the clean stream, as teacher forcing gives an AR model
-      model.evaluate_with_clean(x, sigma, x0);
-    } else {
-      model.evaluate(x, sigma);
-    }
+    // bd3: the true text in the clean stream, as teacher forcing gives an AR model.
+    model.evaluate_point(x, sigma, clean_beside ? x0 : torch::Tensor());
     auto rows = (remaining & active.unsqueeze(1)).reshape({-1}).nonzero().squeeze(1);
     auto logp = torch::log_softmax(model.rows(rows).to(torch::kDouble).narrow(1, 0, N), 1);
     auto [conf, arg] = logp.max(1);

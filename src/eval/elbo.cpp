@@ -74,11 +74,7 @@ ElboResult elbo_keyed_rows(const Graph& graph, const Noise& noise, ScoreModel& m
                          indices, offset};
     BoundPoint pt = obj.bound_point(proc, u, x0, keys);
     if (conditional) pt.xt = torch::where(scored, pt.xt, x0);  // the condition stays clean at every time
-    if (pt.clean.defined()) {
-      model.evaluate_with_clean(pt.xt, pt.conditioning, pt.clean);
-    } else {
-      model.evaluate(pt.xt, pt.conditioning);
-    }
+    model.evaluate_point(pt.xt, pt.conditioning, pt.clean);
     auto flat_xt = pt.xt.view({-1});
     auto flat_weight = pt.position_weight.defined() ? pt.position_weight.reshape({-1}) : torch::Tensor();
     // Unscored positions (loss_mask false) are corrupted and seen like the others, never scored.

@@ -48,6 +48,10 @@ torch::Tensor sdpa(const torch::Tensor& q, const torch::Tensor& k, const torch::
 
 }  // namespace
 
+torch::Tensor block_diffusion_xt_rows(const torch::Tensor& rows, int64_t n) {
+  return rows + torch::div(rows, n, "floor") * n;
+}
+
 torch::Tensor block_diffusion_mask(int64_t n, int64_t block) {
   auto pos = torch::arange(2 * n);
   auto x0 = pos >= n;

@@ -17,6 +17,9 @@ namespace sedd {
 
 enum class BlockAttention { Split, Mask };
 
+// The network's output rows of x_t's flat positions `rows` (b n + l in [B, n]): b 2n + l in [B, 2n].
+torch::Tensor block_diffusion_xt_rows(const torch::Tensor& rows, int64_t n);
+
 // The authors' mask as booleans [2n, 2n] (true: attends).
 torch::Tensor block_diffusion_mask(int64_t n, int64_t block);
 

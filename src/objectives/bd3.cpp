@@ -11,6 +11,7 @@
 // and values cached (objectives/score.h), any length (a sliding window of whole blocks).
 #include "objectives/bd3.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 
@@ -69,8 +70,7 @@ torch::Tensor bd3_sequence_loss(DDiT& model, const torch::Tensor& xt, const torc
   PendingMaskedRows masked(xt, N);
   DDiTHidden hid = model->forward_hidden(torch::cat({xt, x0}, 1), torch::zeros({B}, xt.options().dtype(dtype)), dropout);
   auto rows = masked.rows();
-  // Row b * L + l of x_t is row b * 2L + l of the network's 2L outputs.
-  auto net_rows = rows + torch::div(rows, L, "floor") * L;
+  auto net_rows = block_diffusion_xt_rows(rows, L);
   auto weight = 1.0 / t.to(torch::kDouble).reshape({-1}).index_select(0, rows);
   return weighted_cross_entropy(model, hid, net_rows, x0.reshape({-1}).index_select(0, rows), weight, B, o).to(dtype);
 }
@@ -81,7 +81,7 @@ torch::Tensor bd3_block_losses(DDiT& model, const torch::Tensor& xt, const torch
   const int64_t B = xt.size(0), L = xt.size(1), N = model->cfg.tokens;
   DDiTHidden hid = model->forward_hidden(torch::cat({xt, x0}, 1), torch::zeros({B}, torch::kDouble).to(xt.device()));
   auto rows = (xt.reshape({-1}) == N).nonzero().squeeze(1);
-  auto net_rows = rows + torch::div(rows, L, "floor") * L;
+  auto net_rows = block_diffusion_xt_rows(rows, L);
   auto logp = torch::log_softmax(model->output_logits(model->output_features(hid, net_rows)).narrow(1, 0, N).to(torch::kDouble), 1);
   auto nll = -logp.gather(1, x0.reshape({-1}).index_select(0, rows).unsqueeze(1)).squeeze(1) /
              t.to(torch::kDouble).reshape({-1}).index_select(0, rows);
@@ -124,15 +124,10 @@ std::vector<std::pair<double, double>> bd3_clip_windows() {
 }
 
 size_t bd3_pick_window(const std::vector<double>& variance) {
-  size_t best = 0;
-  for (size_t i = 1; i < variance.size(); ++i)
-    if (variance[i] < variance[best]) best = i;
-  return best;
+  return static_cast<size_t>(std::min_element(variance.begin(), variance.end()) - variance.begin());
 }
 
 namespace {
-
-int64_t block_of(const ModelConfig& m) { return m.block_size; }
 
 // Entropy (nats) of the token counts of each row of x [B, n].
 std::vector<double> token_entropy(const torch::Tensor& x) {
@@ -190,7 +185,7 @@ class Bd3 final : public Objective {
   std::string describe(const ModelConfig& m) const override { return fmt::format("bd3-{}", m.block_size); }
 
   TrainingDraw draw(const Process& p, const torch::Tensor& x0, const LossDraws& d) const override {
-    const int64_t L = x0.size(1), b = block_of(p.model), N = L / b;
+    const int64_t L = x0.size(1), b = p.model.block_size, N = L / b;
     const auto [beta, omega] = bd3_clip(p.model);
     auto eps = keyed_uniform(RandomStream{d.seed, purpose::kTrainTime, d.step}, d.rows, N, torch::kDouble);
     auto t = bd3_times(eps, d.rows, std::max<int64_t>(d.batch, x0.size(0)), d.sampling == "stratified", beta, omega)
@@ -230,7 +225,7 @@ class Bd3 final : public Objective {
   }
   BoundPoint bound_point(const Process& p, const torch::Tensor& u, const torch::Tensor& x0,
                          const KeyedCorruption& k) const override {
-    const int64_t B = x0.size(0), L = x0.size(1), b = block_of(p.model), N = L / b;
+    const int64_t B = x0.size(0), L = x0.size(1), b = p.model.block_size, N = L / b;
     auto dopts = torch::TensorOptions().dtype(torch::kDouble).device(x0.device());
     auto shift = torch::arange(N, dopts).unsqueeze(0) / static_cast<double>(N);
     auto t = (torch::remainder(u.to(dopts).unsqueeze(1) + shift, 1.0) * (1 - 1e-3) + 1e-3).repeat_interleave(b, 1);

@@ -17,6 +17,14 @@ torch::Tensor ScoreModel::log_score(const torch::Tensor& x, const torch::Tensor&
 void ScoreModel::evaluate_with_clean(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&) {
   fail("this network does not read a clean sequence beside x_t (block diffusion only)");
 }
+void ScoreModel::evaluate_point(const torch::Tensor& xt, const torch::Tensor& sigma, const torch::Tensor& x0) {
+  if (x0.defined()) {
+    evaluate_with_clean(xt, sigma, x0);
+  } else {
+    evaluate(xt, sigma);
+  }
+}
+
 void ScoreModel::set_context(const torch::Tensor&) { fail("this network has no block-diffusion context"); }
 void ScoreModel::evaluate_block(const torch::Tensor&, const torch::Tensor&) {
   fail("this network has no block-diffusion context");

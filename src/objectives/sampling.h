@@ -38,6 +38,8 @@ class ScoreModel {
   // Block diffusion (bd3), whose network reads x_t with the clean x_0 beside it:
   // evaluate_with_clean runs x_t [B, L] with x0 [B, L]; rows() then indexes x_t's [B * L] positions.
   virtual void evaluate_with_clean(const torch::Tensor& xt, const torch::Tensor& sigma, const torch::Tensor& x0);
+  // evaluate_with_clean when x0 is defined, else evaluate.
+  void evaluate_point(const torch::Tensor& xt, const torch::Tensor& sigma, const torch::Tensor& x0);
   // The sampler's clean context [B, C] (its blocks, oldest first); evaluate_block then runs a
   // block [B, T] after it, and rows() indexes the block's [B * T] positions.
   virtual void set_context(const torch::Tensor& clean);

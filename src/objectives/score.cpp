@@ -14,13 +14,17 @@ DDiTScore::DDiTScore(DDiT model, bool cache)
   width_ = shape.log_score ? model_->cfg.vocab_dim() : model_->cfg.tokens + (shape.mask_in_softmax ? 1 : 0);
 }
 
+void DDiTScore::set_sigma(const torch::Tensor& sigma) {
+  // A float64 model is conditioned on the float64 sigma (float32 rounding moved its log-probabilities by 3e-9).
+  const bool f64 = model_->vocab_embed->embedding.scalar_type() == torch::kDouble;
+  sigma_ = sigma.to(f64 ? torch::kDouble : torch::kFloat);
+}
+
 void DDiTScore::evaluate(const torch::Tensor& x, const torch::Tensor& sigma) {
   torch::NoGradGuard ng;
   SEDD_CHECK(model_->cfg.network().block_size == 0,
              "a block-diffusion network reads x_t beside the clean sequence (evaluate_with_clean, evaluate_block)");
-  // A float64 model is conditioned on the float64 sigma (float32 rounding moved its log-probabilities by 3e-9).
-  const bool f64 = model_->vocab_embed->embedding.scalar_type() == torch::kDouble;
-  sigma_ = sigma.to(f64 ? torch::kDouble : torch::kFloat);
+  set_sigma(sigma);
   const int64_t B = x.size(0);
   if (!cache_ || !last_x_.defined() || last_x_.sizes() != x.sizes()) {
     hidden_ = model_->forward_hidden(x, sigma_);
@@ -44,8 +48,7 @@ void DDiTScore::evaluate(const torch::Tensor& x, const torch::Tensor& sigma) {
 
 void DDiTScore::evaluate_with_clean(const torch::Tensor& xt, const torch::Tensor& sigma, const torch::Tensor& x0) {
   torch::NoGradGuard ng;
-  const bool f64 = model_->vocab_embed->embedding.scalar_type() == torch::kDouble;
-  sigma_ = sigma.to(f64 ? torch::kDouble : torch::kFloat);
+  set_sigma(sigma);
   hidden_ = model_->forward_hidden(torch::cat({xt, x0}, 1), sigma_);
   forwards_++;
   rows_evaluated_ += xt.size(0);
@@ -76,8 +79,7 @@ void DDiTScore::set_context(const torch::Tensor& clean) {
 
 void DDiTScore::evaluate_block(const torch::Tensor& block, const torch::Tensor& sigma) {
   torch::NoGradGuard ng;
-  const bool f64 = model_->vocab_embed->embedding.scalar_type() == torch::kDouble;
-  sigma_ = sigma.to(f64 ? torch::kDouble : torch::kFloat);
+  set_sigma(sigma);
   SEDD_CHECK(context_.defined(), "evaluate_block: no context was set");
   if (cache_) {
     hidden_ = model_->forward_on_context(block, sigma_, kv_, /*extend=*/false);
@@ -95,8 +97,7 @@ void DDiTScore::evaluate_block(const torch::Tensor& block, const torch::Tensor& 
 torch::Tensor DDiTScore::rows(const torch::Tensor& rows) {
   torch::NoGradGuard ng;
   const int64_t L = last_x_.size(1);
-  // x_t beside x_0: row b * L + l of x_t is row b * 2L + l of the network's output.
-  const torch::Tensor net_rows = pair_length_ > 0 ? rows + torch::div(rows, L, "floor") * L : rows;
+  const torch::Tensor net_rows = pair_length_ > 0 ? block_diffusion_xt_rows(rows, L) : rows;  // x_t beside x_0
   auto raw = model_->output_logits(model_->output_features(hidden_, net_rows));  // [R, dim] float32
   if (!log_score_) return torch::log_softmax(raw.narrow(1, 0, width_), 1);
   auto batch = torch::div(rows, L, "floor");

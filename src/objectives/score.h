@@ -50,6 +50,7 @@ class DDiTScore final : public ScoreModel {
   int64_t kv_tokens_ = 0;  // context tokens kv_ covers
   int64_t context_tokens_ = 0;
   void build_context(BlockContext& kv, int64_t from, const torch::Tensor& sigma);
+  void set_sigma(const torch::Tensor& sigma);  // sigma_ in the model's conditioning dtype
   int64_t forwards_ = 0, rows_evaluated_ = 0, rows_reused_ = 0;
 };
 

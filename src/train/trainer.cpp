@@ -1,6 +1,7 @@
 // Trainer; see trainer.h.
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -261,8 +262,9 @@ torch::Tensor Trainer::micro_batch(const torch::Tensor& x0, int64_t first_row, u
                                    bool train) {
   const int64_t n = x0.size(0);
   auto rows = torch::arange(first_row, first_row + n, torch::TensorOptions().dtype(torch::kLong).device(x0.device()));
-  auto u = time_uniforms(train ? cfg_.train.time_sampling : "iid", cfg_.run.seed, step_key, rows, cfg_.train.batch_size);
-  LossDraws draws{cfg_.run.seed, step_key, rows, u, train ? cfg_.train.time_sampling : "iid", cfg_.train.batch_size};
+  const std::string sampling = train ? cfg_.train.time_sampling : "iid";
+  auto u = time_uniforms(sampling, cfg_.run.seed, step_key, rows, cfg_.train.batch_size);
+  LossDraws draws{cfg_.run.seed, step_key, rows, u, sampling, cfg_.train.batch_size};
   DropoutKey key{cfg_.run.seed, step_key, rows};
   auto seq_loss = training_loss(model_, *graph_, *noise_, x0, draws, train ? &key : nullptr, loss_options_);
   auto total = seq_loss.sum();
@@ -334,9 +336,8 @@ void Trainer::search_schedule() {
   }
   load(weights);
   model_->train();
-  size_t best = 0;
-  for (size_t w = 1; w < variance.size(); ++w)
-    if (variance[w] < variance[best]) best = w;
+  // The least variance, the first on ties (the authors' strict < over their windows in order).
+  const size_t best = static_cast<size_t>(std::min_element(variance.begin(), variance.end()) - variance.begin());
   model_->cfg.clip = cfg_.model.clip = candidates[best].clip;
   if (comm_.rank() == 0)
     std::printf("[train] step %lld: clipped schedule (%s) chosen, loss variance %.6g over %zu windows (%.6g at "
